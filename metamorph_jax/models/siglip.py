@@ -268,8 +268,7 @@ def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     Source coordinate ``(dst + 0.5) * in/out - 0.5`` (not clamped, unlike bilinear),
     four taps at floor-1 .. floor+2 clamped to the border, Keys weights with A = -0.75.
     """
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = vt.torch_source_index(in_size, out_size)
     base = np.floor(src)
     weights = _cubic_weights((src - base).astype(np.float32))
     matrix = np.zeros((out_size, in_size), dtype=np.float32)

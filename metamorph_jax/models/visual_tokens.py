@@ -35,21 +35,31 @@ def grid_side(num_tokens: int, what: str = "num_tokens") -> int:
     return side
 
 
+def torch_source_index(in_size: int, out_size: int) -> np.ndarray:
+    """fp32 source coordinates ``(dst + 0.5) * (in/out) - 0.5`` rounded as PyTorch's CPU kernel.
+
+    The fp32 scale times the fp32 ``dst + 0.5`` minus 0.5 is rounded to fp32 once (a
+    fused multiply-add); rounding the product first moves some weights by an ulp,
+    which shows as ~5e-6 errors on unit-scale features.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    # float64 holds the fp32 x fp32 product exactly, so this is one rounding, as FMA.
+    return (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)
+
+
 def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """The [out_size, in_size] fp32 matrix of 1-D linear interpolation as PyTorch does it.
 
     Follows ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``
     with an output size (not a scale factor): source coordinate
-    ``(dst + 0.5) * in/out - 0.5`` computed in fp32, clamped below at 0, then the
+    ``(dst + 0.5) * in/out - 0.5`` (see torch_source_index), clamped below at 0, then the
     two neighbours ``floor(src)`` and ``min(floor(src) + 1, in - 1)`` weighted by
     ``1 - frac`` and ``frac``.
     """
     if in_size <= 0 or out_size <= 0:
         raise ValueError(f"resize sizes must be positive, got in_size={in_size}, out_size={out_size}")
-    # PyTorch keeps the scale and the source index in the input's precision (fp32 here).
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(out_size, dtype=np.float32)
-    src = (dst + np.float32(0.5)) * scale - np.float32(0.5)
+    src = torch_source_index(in_size, out_size)
     src = np.maximum(src, np.float32(0.0))
     low = np.floor(src).astype(np.int64)
     low = np.minimum(low, in_size - 1)
