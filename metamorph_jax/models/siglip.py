@@ -114,10 +114,8 @@ class SiglipConfig:
                 f"hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-            )
+        # image_size need not be a multiple of patch_size (So400m: 384 / 14): the
+        # stride-p VALID convolution drops the remainder, as in transformers.
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         if self.remat_policy != "none" and self.remat_policy not in layers.REMAT_POLICIES:
@@ -137,7 +135,7 @@ class SiglipConfig:
 
     @property
     def grid_size(self) -> int:
-        """Patches per side at the configured image size (27 for So400m/14@384)."""
+        """Patches per side at the configured image size (27 for So400m/14@384, remainder dropped)."""
         return self.image_size // self.patch_size
 
     @property
