@@ -9,9 +9,25 @@ dtypes, pickle policy) is convert/core.py; this file is data.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from convert.spec import ModelSpec, Rule
 from metamorph_jax.models import siglip
+
+# Where the vision tower's tensors sit under "vision_model.": a full SiglipModel checkpoint,
+# and SiglipVisionModel checkpoints saved by transformers 4.x. transformers 5 saves a
+# SiglipVisionModel without it; both are read, and to-hf writes the transformers-5 names.
+OPTIONAL_HF_PREFIX = "vision_model."
+
+
+@dataclasses.dataclass(frozen=True)
+class _SiglipRule(Rule):
+    """A Rule whose HF name may carry the optional "vision_model." prefix when read."""
+
+    @property
+    def hf_regex(self) -> re.Pattern:
+        return re.compile(r"(?:" + re.escape(OPTIONAL_HF_PREFIX) + r")?" + super().hf_regex.pattern)
+
 
 # Per encoder block: (HF name under encoder.layers.{i}., Flax path under the block, kind, n_in).
 _BLOCK_TABLE = (
@@ -60,33 +76,24 @@ _HEAD_TABLE = (
 
 def rules(config: siglip.SiglipConfig) -> list[Rule]:
     """The full table for ``config``: scanned blocks map {i} onto the stacked "layers" axis."""
-    table = [Rule(hf=hf, flax=fx, kind=kind, n_in=n_in) for hf, fx, kind, n_in in _STEM_TABLE]
+    table = [_SiglipRule(hf=hf, flax=fx, kind=kind, n_in=n_in) for hf, fx, kind, n_in in _STEM_TABLE]
     for hf, fx, kind, n_in in _BLOCK_TABLE:
         if config.scan_layers:
-            table.append(Rule(hf=f"encoder.layers.{{i}}.{hf}", flax=f"encoder/layers/{fx}",
+            table.append(_SiglipRule(hf=f"encoder.layers.{{i}}.{hf}", flax=f"encoder/layers/{fx}",
                               kind=kind, n_in=n_in, stacked="i"))
         else:
-            table.append(Rule(hf=f"encoder.layers.{{i}}.{hf}", flax=f"encoder/layers_{{i}}/{fx}",
+            table.append(_SiglipRule(hf=f"encoder.layers.{{i}}.{hf}", flax=f"encoder/layers_{{i}}/{fx}",
                               kind=kind, n_in=n_in))
     if config.use_head:
-        table += [Rule(hf=hf, flax=fx, kind=kind, n_in=n_in) for hf, fx, kind, n_in in _HEAD_TABLE]
+        table += [_SiglipRule(hf=hf, flax=fx, kind=kind, n_in=n_in) for hf, fx, kind, n_in in _HEAD_TABLE]
     return table
-
-
-def config_from_dict(data: dict) -> siglip.SiglipConfig:
-    """Our saved config dict (dataclasses.asdict) -> SiglipConfig; unknown fields are an error."""
-    known = {field.name for field in dataclasses.fields(siglip.SiglipConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown SiglipConfig fields: {unknown}")
-    return siglip.SiglipConfig(**data)
 
 
 SPEC = ModelSpec(
     name="siglip",
     config_from_hf=siglip.SiglipConfig.from_hf,
     config_to_hf=siglip.SiglipConfig.to_hf,
-    config_from_dict=config_from_dict,
+    config_from_dict=siglip.SiglipConfig.from_dict,
     rules=rules,
     param_shapes=siglip.param_shapes,
     # A full SiglipModel checkpoint: the text tower and the contrastive logit scale/bias.

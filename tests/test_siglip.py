@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 from transformers import SiglipConfig as HFSiglipConfig
 from transformers import SiglipVisionConfig
 from transformers import SiglipVisionModel as HFSiglipVisionModel
 
-from convert import spec as spec_lib
 from convert.siglip import SPEC
 from metamorph_jax.models import siglip
+from tests.helpers import params_through_rules, torch_state_to_numpy
 
 TOLERANCE = 1e-4
 
@@ -42,28 +42,9 @@ def make_torch_model(hf_config: SiglipVisionConfig, seed: int = 0) -> HFSiglipVi
 
 
 def params_from_torch(model: HFSiglipVisionModel, config: siglip.SiglipConfig) -> dict:
-    """Apply the converter's table in memory: torch state_dict -> unboxed Flax params."""
-    shapes = {"/".join(k): v.shape for k, v in flatten_dict(SPEC.param_shapes(config)).items()}
-    rules = SPEC.rules(config)
-    params: dict[str, np.ndarray] = {}
-    for name, tensor in model.state_dict().items():
-        matches = [(rule, rule.hf_regex.match(name)) for rule in rules]
-        matches = [(rule, match) for rule, match in matches if match]
-        assert len(matches) == 1, f"{name} matched {len(matches)} rules"
-        rule, match = matches[0]
-        groups = match.groupdict()
-        index = groups.pop(rule.stacked) if rule.stacked else None
-        path = rule.flax.format(**groups)
-        array = tensor.numpy()
-        if index is None:
-            params[path] = spec_lib.to_flax(rule, array, shapes[path])
-        else:
-            stacked = params.setdefault(path, np.zeros(shapes[path], array.dtype))
-            stacked[int(index)] = spec_lib.to_flax(rule, array, shapes[path][1:])
-    assert set(params) == set(shapes), set(params) ^ set(shapes)
-    for path, array in params.items():
-        assert array.shape == shapes[path], path
-    return unflatten_dict({tuple(path.split("/")): jnp.asarray(a) for path, a in params.items()})
+    """The converter's table applied in memory: torch state_dict -> Flax params."""
+    params = params_through_rules(SPEC.rules(config), torch_state_to_numpy(model), SPEC.param_shapes(config))
+    return jax.tree.map(jnp.asarray, params)
 
 
 def random_images(batch, height, width, channels=3, seed=0) -> np.ndarray:

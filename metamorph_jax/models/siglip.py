@@ -30,35 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metamorph_jax.models import layers
 from metamorph_jax.models import visual_tokens as vt
-
-
-
-class layers:  # TEMPORARY stand-in for metamorph_jax.models.layers until it lands on main.
-    @staticmethod
-    def to_dtype(name):
-        return jnp.dtype(name)
-
-    @staticmethod
-    def dot_product_attention(query, key, value, *, implementation=None):
-        if implementation == "reference":
-            implementation = None
-        return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
-
-    REMAT_POLICIES = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        "everything": jax.checkpoint_policies.everything_saveable,
-    }
-
-    @staticmethod
-    def maybe_remat(module_cls, policy, static_argnums=(), prevent_cse=True):
-        if policy == "none":
-            return module_cls
-        return nn.remat(module_cls, policy=layers.REMAT_POLICIES[policy], prevent_cse=prevent_cse,
-                        static_argnums=static_argnums)
-
 
 # Defaults of transformers' SiglipVisionConfig: a config.json omits fields left at these.
 HF_VISION_DEFAULTS: dict[str, Any] = {
@@ -146,6 +119,20 @@ class SiglipConfig:
     def visual_token_layer_index(self) -> int:
         """visual_token_layer as a non-negative index into [embeddings, block 1, ..., block N]."""
         return self.visual_token_layer % (self.num_hidden_layers + 1)
+
+    def replace(self, **changes) -> "SiglipConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SiglipConfig":
+        """Inverse of to_dict; unknown fields are an error."""
+        unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown SiglipConfig fields: {unknown}")
+        return cls(**data)
 
     @classmethod
     def from_hf(cls, config: str | os.PathLike | Mapping[str, Any], **overrides) -> "SiglipConfig":
