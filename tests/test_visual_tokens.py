@@ -52,6 +52,17 @@ def test_interpolation_weights_equal_torch_bit_for_bit():
                                           err_msg=f"{size_in} -> {size_out}")
 
 
+def test_bicubic_weights_match_torch():
+    """Position-embedding resize weights: torch's bicubic to ~1 ulp of the weights."""
+    for size_in in range(2, 30, 3):
+        basis = torch.eye(size_in).reshape(size_in, 1, size_in, 1)
+        for size_out in range(2, 40, 3):
+            torch_weights = F.interpolate(basis, size=(size_out, 1), mode="bicubic",
+                                          align_corners=False)[:, 0, :, 0].T.numpy()
+            np.testing.assert_allclose(vt.bicubic_resize_matrix(size_in, size_out), torch_weights,
+                                       rtol=0, atol=2e-6, err_msg=f"{size_in} -> {size_out}")
+
+
 def test_jax_image_resize_would_not_match():
     """Why the resize is hand-written: jax.image.resize antialiases when downsampling."""
     rng = np.random.default_rng(0)

@@ -55,6 +55,7 @@ _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 
+
 @dataclasses.dataclass(frozen=True)
 class SiglipConfig:
     """SigLIP vision tower + MetaMorph visual-token settings. Defaults: So400m/14@384."""
@@ -234,36 +235,6 @@ def _layer_norm(config: SiglipConfig, name: str) -> nn.LayerNorm:
     )
 
 
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """Keys' cubic convolution weights (A = -0.75, PyTorch's bicubic) for offsets -1, 0, 1, 2."""
-    a = np.float32(-0.75)
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1).astype(np.float32)
-
-
-def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out_size, in_size] matrix of torch's bicubic F.interpolate (align_corners=False).
-
-    Source coordinate ``(dst + 0.5) * in/out - 0.5`` (not clamped, unlike bilinear),
-    four taps at floor-1 .. floor+2 clamped to the border, Keys weights with A = -0.75.
-    """
-    src = vt.torch_source_index(in_size, out_size)
-    base = np.floor(src)
-    weights = _cubic_weights((src - base).astype(np.float32))
-    matrix = np.zeros((out_size, in_size), dtype=np.float32)
-    rows = np.arange(out_size)
-    for tap in range(4):
-        cols = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
-        np.add.at(matrix, (rows, cols), weights[:, tap])
-    return matrix
-
-
 def resize_position_embedding(table: jnp.ndarray, new_grid: tuple[int, int]) -> jnp.ndarray:
     """Resize a [side*side, C] position-embedding table to a (height, width) patch grid.
 
@@ -277,8 +248,8 @@ def resize_position_embedding(table: jnp.ndarray, new_grid: tuple[int, int]) -> 
     if (height, width) == (side, side):
         return table
     grid = table.astype(jnp.float32).reshape(side, side, channels)
-    rows = jnp.asarray(bicubic_resize_matrix(side, height))
-    cols = jnp.asarray(bicubic_resize_matrix(side, width))
+    rows = jnp.asarray(vt.bicubic_resize_matrix(side, height))
+    cols = jnp.asarray(vt.bicubic_resize_matrix(side, width))
     grid = jnp.einsum("oh,hwc->owc", rows, grid, precision="highest")
     grid = jnp.einsum("pw,owc->opc", cols, grid, precision="highest")
     return grid.reshape(height * width, channels).astype(table.dtype)
@@ -332,6 +303,38 @@ class SiglipEmbeddings(nn.Module):
         return nn.with_logical_constraint(embeddings, ("batch", "length", "embed"))
 
 
+class MultiAxisDense(nn.Module):
+    """A dense layer contracting the last ``num_in`` input axes into ``features`` axes.
+
+    Same parameters as nn.DenseGeneral (kernel [*in_axes, *features], bias [*features]),
+    but the kernel is initialised in its full shape: DenseGeneral initialises a
+    flattened 2-D kernel, and a logical-partitioning initialiser then constrains that
+    2-D value with a rank-3 spec, which fails under a mesh with axis rules. The
+    checkpoint contract is unchanged.
+    """
+
+    features: tuple[int, ...]
+    axis_names: tuple[str | None, ...]  # logical names of the kernel's axes, inputs first
+    num_in: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        in_shape = inputs.shape[inputs.ndim - self.num_in:]
+        num_out = len(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform",
+            in_axis=tuple(range(self.num_in)), out_axis=tuple(range(self.num_in, self.num_in + num_out)))
+        kernel = self.param("kernel", _partitioned(init, self.axis_names), (*in_shape, *self.features),
+                            self.param_dtype)
+        bias = self.param("bias", _partitioned(nn.initializers.zeros, self.axis_names[self.num_in:]),
+                          self.features, self.param_dtype)
+        contract = (tuple(range(inputs.ndim - self.num_in, inputs.ndim)), tuple(range(self.num_in)))
+        out = jax.lax.dot_general(inputs.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        return out + bias.astype(self.dtype)
+
+
 class SiglipAttention(nn.Module):
     """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
@@ -343,14 +346,8 @@ class SiglipAttention(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def project(name):
-            return nn.DenseGeneral(
-                features=(cfg.num_attention_heads, cfg.head_dim),
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=_partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "head_dim")),
-                bias_init=_partitioned(nn.initializers.zeros, ("heads", "head_dim")),
-                name=name,
-            )(hidden)
+            return MultiAxisDense((cfg.num_attention_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                                  dtype=dtype, param_dtype=param_dtype, name=name)(hidden)
 
         axes = ("batch", "length", "heads", "head_dim")
         query = nn.with_logical_constraint(project("q_proj"), axes)
@@ -358,15 +355,8 @@ class SiglipAttention(nn.Module):
         value = nn.with_logical_constraint(project("v_proj"), axes)
         attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
         attended = nn.with_logical_constraint(attended, axes)
-        return nn.DenseGeneral(
-            features=cfg.hidden_size,
-            axis=(-2, -1),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=_partitioned(nn.initializers.xavier_uniform(), ("heads", "head_dim", "embed")),
-            bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-            name="out_proj",
-        )(attended)
+        return MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
+                              dtype=dtype, param_dtype=param_dtype, name="out_proj")(attended)
 
 
 class SiglipMLP(nn.Module):
@@ -452,6 +442,34 @@ class SiglipEncoder(nn.Module):
         return hidden, (jnp.stack(outputs) if collect_hidden else None)
 
 
+class _PackedMultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention (batch_first, no mask) with a packed in-projection."""
+
+    config: SiglipConfig
+
+    @nn.compact
+    def __call__(self, queries: jnp.ndarray, memory: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
+        packed = (3, cfg.num_attention_heads, cfg.head_dim)
+        kernel = self.param(
+            "in_proj_kernel",
+            _partitioned(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)),
+                         ("embed", None, "heads", "head_dim")),
+            (cfg.hidden_size, *packed),
+            param_dtype,
+        ).astype(dtype)
+        bias = self.param(
+            "in_proj_bias", _partitioned(nn.initializers.zeros, (None, "heads", "head_dim")), packed, param_dtype
+        ).astype(dtype)
+        query = jnp.einsum("btc,chd->bthd", queries, kernel[:, 0]) + bias[0]
+        key = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 1]) + bias[1]
+        value = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 2]) + bias[2]
+        attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
+        return MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
+                              dtype=dtype, param_dtype=param_dtype, name="out_proj")(attended)
+
+
 class SiglipAttentionPoolingHead(nn.Module):
     """Multi-head attention pooling: a learned probe attends over the tokens, then an MLP.
 
@@ -477,41 +495,6 @@ class SiglipAttentionPoolingHead(nn.Module):
         normed = _layer_norm(cfg, "layernorm")(pooled).astype(dtype)
         pooled = pooled + SiglipMLP(cfg, name="mlp")(normed)
         return pooled[:, 0]
-
-
-class _PackedMultiheadAttention(nn.Module):
-    """torch.nn.MultiheadAttention (batch_first, no mask) with a packed in-projection."""
-
-    config: SiglipConfig
-
-    @nn.compact
-    def __call__(self, queries: jnp.ndarray, memory: jnp.ndarray) -> jnp.ndarray:
-        cfg = self.config
-        dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
-        packed = (3, cfg.num_attention_heads, cfg.head_dim)
-        kernel = self.param(
-            "in_proj_kernel",
-            _partitioned(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3)),
-                         ("embed", None, "heads", "head_dim")),
-            (cfg.hidden_size, *packed),
-            param_dtype,
-        ).astype(dtype)
-        bias = self.param(
-            "in_proj_bias", _partitioned(nn.initializers.zeros, (None, "heads", "head_dim")), packed, param_dtype
-        ).astype(dtype)
-        query = jnp.einsum("btc,chd->bthd", queries, kernel[:, 0]) + bias[0]
-        key = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 1]) + bias[1]
-        value = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 2]) + bias[2]
-        attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
-        return nn.DenseGeneral(
-            features=cfg.hidden_size,
-            axis=(-2, -1),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=_partitioned(nn.initializers.lecun_normal(), ("heads", "head_dim", "embed")),
-            bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-            name="out_proj",
-        )(attended)
 
 
 class SiglipVisionModel(nn.Module):

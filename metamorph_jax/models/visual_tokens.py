@@ -8,7 +8,9 @@ small interpolation matrices (one per spatial axis) whose weights follow PyTorch
 source-index rule, which makes the result match PyTorch to fp32 rounding.
 
 Everything here is pure jnp on arrays shaped [batch, tokens, channels]; the weight
-matrices depend only on static shapes and are built with numpy at trace time.
+matrices depend only on static shapes and are built with numpy at trace time. The
+bicubic matrix (torch's bicubic F.interpolate) lives here too, beside its bilinear
+sibling; siglip.py uses it to resize position embeddings.
 """
 from __future__ import annotations
 
@@ -70,6 +72,38 @@ def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     # When low == high (right border) the two weights land on the same column and sum to 1.
     np.add.at(matrix, (rows, low), np.float32(1.0) - frac)
     np.add.at(matrix, (rows, high), frac)
+    return matrix
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution weights (A = -0.75, PyTorch's bicubic) for offsets -1, 0, 1, 2."""
+    a = np.float32(-0.75)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1).astype(np.float32)
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] matrix of torch's bicubic F.interpolate (align_corners=False).
+
+    Source coordinate ``(dst + 0.5) * in/out - 0.5`` (not clamped, unlike bilinear),
+    four taps at floor-1 .. floor+2 clamped to the border, Keys weights with A = -0.75.
+    Matches torch's weights to ~1e-6 (not bit for bit: torch rounds the cubic
+    polynomials differently); used for position embeddings, not visual tokens.
+    """
+    src = torch_source_index(in_size, out_size)
+    base = np.floor(src)
+    weights = _cubic_weights((src - base).astype(np.float32))
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    rows = np.arange(out_size)
+    for tap in range(4):
+        cols = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
+        np.add.at(matrix, (rows, cols), weights[:, tap])
     return matrix
 
 
