@@ -7,6 +7,7 @@ from flax import traverse_util
 
 from convert import llama as llama_convert
 from convert.spec import to_flax
+from metamorph_jax.tiny import tiny_tokenizer  # noqa: F401  (re-exported for tests)
 
 
 def tiny_llama_hf_config(**overrides) -> dict:
@@ -47,3 +48,4 @@ def params_through_rules(spec_rules, state: dict[str, np.ndarray], shapes: dict)
 def llama_params_from_torch(model: torch.nn.Module, cfg) -> dict:
     return params_through_rules(llama_convert.rules(cfg), torch_state_to_numpy(model),
                                 llama_convert.param_shapes(cfg))
+
