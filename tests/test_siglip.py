@@ -233,6 +233,8 @@ def test_from_hf_reads_files_and_names_bad_fields(tmp_path):
     path.write_text(json.dumps({"model_type": "clip_vision_model"}))
     with pytest.raises(ValueError, match=r"config\.json: field 'model_type'"):
         siglip.SiglipConfig.from_hf(path)
+    with pytest.raises(ValueError, match=r"field 'vision_config.hidden_act'='relu'"):
+        siglip.SiglipConfig.from_hf({"model_type": "siglip", "vision_config": {"hidden_act": "relu"}})
     with pytest.raises(ValueError, match="num_visual_tokens=60 is not a square"):
         siglip.SiglipConfig(num_visual_tokens=60)
 

@@ -144,40 +144,40 @@ class SiglipConfig:
         the fields that are not in the checkpoint (dtype, scan_layers, visual tokens...).
         Unsupported values raise ValueError naming the file and the field.
         """
-        source = "<dict>"
+        where, nest = "", ""  # error prefix (the file, when read from one) and field prefix
         if not isinstance(config, Mapping):
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            source = path
+            where = f"{path}: "
             with open(path) as f:
                 config = json.load(f)
         config = dict(config)
         if config.get("model_type") == "siglip" or "vision_config" in config:
             if not isinstance(config.get("vision_config"), Mapping):
-                raise ValueError(f"{source}: field 'vision_config' is missing from a full SigLIP config")
+                raise ValueError(f"{where}field 'vision_config' is missing from a full SigLIP config")
             config = dict(config["vision_config"])
-            source += ":vision_config"
+            nest = "vision_config."
         elif config.get("model_type", "siglip_vision_model") != "siglip_vision_model":
             raise ValueError(
-                f"{source}: field 'model_type' is {config['model_type']!r}, expected "
+                f"{where}field 'model_type' is {config['model_type']!r}, expected "
                 f"'siglip_vision_model' or 'siglip'"
             )
         values = {k: config.get(k, default) for k, default in HF_VISION_DEFAULTS.items()}
         if values["attention_dropout"]:
             raise ValueError(
-                f"{source}: field 'attention_dropout'={values['attention_dropout']} is not supported "
+                f"{where}field '{nest}attention_dropout'={values['attention_dropout']} is not supported "
                 f"(the tower is inference/frozen only; dropout is not implemented)"
             )
         if values["hidden_act"] not in _ACTIVATIONS:
             raise ValueError(
-                f"{source}: field 'hidden_act'={values['hidden_act']!r} is not supported; "
+                f"{where}field '{nest}hidden_act'={values['hidden_act']!r} is not supported; "
                 f"use one of {sorted(_ACTIVATIONS)}"
             )
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_channels", "image_size", "patch_size"):
             if not isinstance(values[key], int) or values[key] <= 0:
-                raise ValueError(f"{source}: field {key!r}={values[key]!r} must be a positive integer")
+                raise ValueError(f"{where}field '{nest}{key}'={values[key]!r} must be a positive integer")
         kwargs = dict(
             hidden_size=values["hidden_size"],
             intermediate_size=values["intermediate_size"],
@@ -194,7 +194,7 @@ class SiglipConfig:
         try:
             return cls(**kwargs)
         except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
+            raise ValueError(f"{where}{error}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers loads as a SiglipVisionModel."""
