@@ -24,7 +24,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 
 from convert.siglip import SPEC  # noqa: E402
 from metamorph_jax.models import siglip  # noqa: E402
-from tests.helpers import params_through_rules, torch_state_to_numpy  # noqa: E402
+from convert.core import state_dict_to_flax  # noqa: E402
 
 
 def images_per_second(run, batch: int, warmup: int, iters: int, label: str) -> float:
@@ -59,8 +59,7 @@ def main() -> None:
     reference = SiglipVisionModel(hf_config).eval()
     n_params = sum(p.numel() for p in reference.parameters())
     config = siglip.SiglipConfig.from_hf(hf_config.to_dict())
-    params = jax.tree.map(jnp.asarray, params_through_rules(
-        SPEC.rules(config), torch_state_to_numpy(reference), SPEC.param_shapes(config)))
+    params = jax.tree.map(jnp.asarray, state_dict_to_flax(SPEC, config, reference.state_dict()))
 
     pixels = np.random.default_rng(0).standard_normal(
         (args.batch, 3, args.image_size, args.image_size)).astype(np.float32)

@@ -265,8 +265,13 @@ def flax_to_hf(spec: ModelSpec, model_dir: str | Path, hf_dir: str | Path,
 
     hf_dir.mkdir(parents=True, exist_ok=True)
     _write_shards(entries, hf_dir, spec.weights_name, max_shard_bytes, progress, spec.name)
-    hf_config = dict(saved.get("hf_config") or {})
-    hf_config.update(spec.config_to_hf(config))
+    written = spec.config_to_hf(config)
+    source = dict(saved.get("hf_config") or {})
+    # Keep the source's extra fields (e.g. torch_dtype) only when it described this same
+    # model: a full SiglipModel's text_config must not leak into a vision-only config.
+    same_model = all(source.get(k) == written[k] for k in ("model_type", "_class_name")
+                     if k in written)
+    hf_config = {**source, **written} if same_model else written
     with open(hf_dir / "config.json", "w") as f:
         json.dump(hf_config, f, indent=2)
     if tokenizer_dir is not None:

@@ -49,3 +49,21 @@ def test_sharded_forward_equals_single_device(shape):
 def test_impossible_meshes_are_errors(shape, message):
     with pytest.raises(ValueError, match=message):
         sharding.make_mesh(**shape)
+
+
+def test_init_under_mesh_and_rules_with_multi_axis_kernels():
+    """Initialising inside a mesh with rules constrains every kernel at its full rank."""
+    cfg = llama_convert.config_from_hf(tiny_llama_hf_config(vocab_size=96))
+    model = LlamaForCausalLM(cfg)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+
+    @jax.jit
+    def init(key):
+        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            return model.init(key, tokens, positions=tokens)["params"]
+    with mesh:
+        boxed = init(jax.random.key(0))
+    q = boxed["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.value.shape == (cfg.num_layers, 32, 4, 8)
+    assert q.names == ("layers", "embed", "heads", "head_dim")

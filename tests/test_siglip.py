@@ -19,7 +19,7 @@ from transformers import SiglipVisionModel as HFSiglipVisionModel
 
 from convert.siglip import SPEC
 from metamorph_jax.models import siglip
-from tests.helpers import params_through_rules, torch_state_to_numpy
+from convert.core import state_dict_to_flax
 
 TOLERANCE = 1e-4
 
@@ -43,7 +43,7 @@ def make_torch_model(hf_config: SiglipVisionConfig, seed: int = 0) -> HFSiglipVi
 
 def params_from_torch(model: HFSiglipVisionModel, config: siglip.SiglipConfig) -> dict:
     """The converter's table applied in memory: torch state_dict -> Flax params."""
-    params = params_through_rules(SPEC.rules(config), torch_state_to_numpy(model), SPEC.param_shapes(config))
+    params = state_dict_to_flax(SPEC, config, model.state_dict())
     return jax.tree.map(jnp.asarray, params)
 
 

@@ -303,38 +303,6 @@ class SiglipEmbeddings(nn.Module):
         return nn.with_logical_constraint(embeddings, ("batch", "length", "embed"))
 
 
-class MultiAxisDense(nn.Module):
-    """A dense layer contracting the last ``num_in`` input axes into ``features`` axes.
-
-    Same parameters as nn.DenseGeneral (kernel [*in_axes, *features], bias [*features]),
-    but the kernel is initialised in its full shape: DenseGeneral initialises a
-    flattened 2-D kernel, and a logical-partitioning initialiser then constrains that
-    2-D value with a rank-3 spec, which fails under a mesh with axis rules. The
-    checkpoint contract is unchanged.
-    """
-
-    features: tuple[int, ...]
-    axis_names: tuple[str | None, ...]  # logical names of the kernel's axes, inputs first
-    num_in: int = 1
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
-        in_shape = inputs.shape[inputs.ndim - self.num_in:]
-        num_out = len(self.features)
-        init = nn.initializers.variance_scaling(
-            1.0, "fan_avg", "uniform",
-            in_axis=tuple(range(self.num_in)), out_axis=tuple(range(self.num_in, self.num_in + num_out)))
-        kernel = self.param("kernel", _partitioned(init, self.axis_names), (*in_shape, *self.features),
-                            self.param_dtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros, self.axis_names[self.num_in:]),
-                          self.features, self.param_dtype)
-        contract = (tuple(range(inputs.ndim - self.num_in, inputs.ndim)), tuple(range(self.num_in)))
-        out = jax.lax.dot_general(inputs.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
-        return out + bias.astype(self.dtype)
-
-
 class SiglipAttention(nn.Module):
     """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
@@ -346,7 +314,7 @@ class SiglipAttention(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def project(name):
-            return MultiAxisDense((cfg.num_attention_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+            return layers.MultiAxisDense((cfg.num_attention_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
                                   dtype=dtype, param_dtype=param_dtype, name=name)(hidden)
 
         axes = ("batch", "length", "heads", "head_dim")
@@ -355,7 +323,7 @@ class SiglipAttention(nn.Module):
         value = nn.with_logical_constraint(project("v_proj"), axes)
         attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
         attended = nn.with_logical_constraint(attended, axes)
-        return MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
+        return layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
                               dtype=dtype, param_dtype=param_dtype, name="out_proj")(attended)
 
 
@@ -466,7 +434,7 @@ class _PackedMultiheadAttention(nn.Module):
         key = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 1]) + bias[1]
         value = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 2]) + bias[2]
         attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
-        return MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
+        return layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
                               dtype=dtype, param_dtype=param_dtype, name="out_proj")(attended)
 
 
