@@ -1,0 +1,183 @@
+"""Image decoding and SigLIP preprocessing on the host; video frame sampling.
+
+`load_image(path, size)` returns float32 [size, size, 3] in [-1, 1], computed the way
+transformers' SigLIP image processor (PIL backend) computes it:
+
+1. decode with PIL and convert to RGB; images with an alpha band or a palette
+   transparency are composited onto white; greyscale, palette and CMYK go through
+   PIL's own `convert("RGB")`;
+2. resize to (size, size) with PIL bicubic resampling on the uint8 image;
+3. rescale by 1/255 (in float64, then float32) and normalise with mean 0.5, std 0.5.
+
+Videos are read as frame folders: `sample_frames(folder, fps=1.0)` picks frames at the
+requested rate from files named by timestamp (`t=1.50.png`, `000150ms.jpg`, ...) or, when
+the source rate is given, by frame number. Decoding video files (mp4, ...) needs a codec
+library that is not part of this project's dependencies; such paths get an `ImageError`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+RESCALE_FACTOR = 1.0 / 255.0
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+# A truncated file must fail loudly, never decode as a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """An image (or video frame folder) that cannot be read; the message names the file."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited onto white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def open_image(path) -> Image.Image:
+    """Decode an image file fully into an RGB PIL image, or raise ImageError naming it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(path, "file does not exist")
+    if os.path.getsize(path) == 0:
+        raise ImageError(path, "file is empty")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now so truncation is caught here
+            return to_rgb(image)
+    except UnidentifiedImageError:
+        raise ImageError(path, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(path, f"corrupt or truncated image ({error})") from None
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> float32 [size, size, 3], SigLIP normalisation (mean/std 0.5)."""
+    image = to_rgb(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float64) * RESCALE_FACTOR
+    pixels = pixels.astype(np.float32)
+    mean = np.asarray(IMAGE_MEAN, np.float32)
+    std = np.asarray(IMAGE_STD, np.float32)
+    return (pixels - mean) / std
+
+
+def load_image(path, size: int) -> np.ndarray:
+    """Decode `path` and preprocess it to float32 [size, size, 3]; ImageError if unusable."""
+    return preprocess(open_image(path), size)
+
+
+def denormalize(pixels: np.ndarray) -> np.ndarray:
+    """Inverse of the normalisation: float [-1, 1] HWC -> uint8 HWC (for saving/scoring)."""
+    mean = np.asarray(IMAGE_MEAN, np.float32)
+    std = np.asarray(IMAGE_STD, np.float32)
+    values = (np.asarray(pixels, np.float32) * std + mean) * 255.0
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+# --- video frames ---------------------------------------------------------------------
+
+_TIMESTAMP_PATTERNS = (
+    # "t=1.50", "time_1.5s", "1.500s": seconds
+    (re.compile(r"(?:^|[^0-9.])(\d+(?:\.\d+)?)s$"), 1.0),
+    (re.compile(r"^t=?(\d+(?:\.\d+)?)$"), 1.0),
+    # "000150ms": milliseconds
+    (re.compile(r"(\d+)ms$"), 1e-3),
+)
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def frame_files(folder) -> list[str]:
+    """Image files in a frame folder, in name order; ImageError if none or not a folder."""
+    folder = os.fspath(folder)
+    if os.path.isfile(folder) and folder.lower().endswith(VIDEO_EXTENSIONS):
+        raise ImageError(
+            folder,
+            "video files need a codec library, which this project does not depend on; "
+            "extract frames to a folder (e.g. ffmpeg -i in.mp4 -vf fps=1 dir/%06d.png) "
+            "and pass the folder")
+    if not os.path.isdir(folder):
+        raise ImageError(folder, "frame folder does not exist")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ImageError(folder, "frame folder holds no image files")
+    return [os.path.join(folder, n) for n in names]
+
+
+def frame_time(path, source_fps: float | None) -> float:
+    """Time in seconds of one frame file: from a timestamp in its name, or number / fps."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if source_fps is None:
+        for pattern, scale in _TIMESTAMP_PATTERNS:
+            match = pattern.search(stem)
+            if match:
+                return float(match.group(1)) * scale
+        raise ImageError(
+            path, "frame name carries no timestamp (e.g. 't=1.5', '1.5s', '1500ms'); "
+            "give the source fps for numbered frames")
+    match = _NUMBER.search(stem)
+    if match is None:
+        raise ImageError(path, "frame name carries no frame number")
+    return int(match.group(1)) / float(source_fps)
+
+
+def sample_frames(folder, fps: float = 1.0, source_fps: float | None = None,
+                  max_frames: int | None = None) -> list[str]:
+    """Pick frames of a folder at `fps` frames per second (MetaMorph uses 1 fps).
+
+    Sampling times are t0, t0 + 1/fps, ... up to the last frame's time (t0 = first
+    frame's time); for each, the first frame at or after that time is taken (so the
+    first frame always is). `max_frames` keeps at most that many, spread evenly.
+    """
+    files = frame_files(folder)
+    times = np.asarray([frame_time(f, source_fps) for f in files], np.float64)
+    order = np.argsort(times, kind="stable")
+    files = [files[i] for i in order]
+    times = times[order]
+    start, end = times[0], times[-1]
+    step = 1.0 / fps
+    picked: list[int] = []
+    t = start
+    while t <= end + 1e-9:
+        index = int(np.searchsorted(times, t - 1e-9, side="left"))
+        if index < len(files) and (not picked or picked[-1] != index):
+            picked.append(index)
+        t += step
+    if max_frames is not None and len(picked) > max_frames:
+        keep = np.linspace(0, len(picked) - 1, max_frames).round().astype(int)
+        picked = [picked[i] for i in keep]
+    return [files[i] for i in picked]
+
+
+def save_png(pixels_uint8: np.ndarray, path) -> None:
+    """Write a uint8 HWC array as PNG, creating folders."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    Image.fromarray(np.asarray(pixels_uint8, np.uint8)).save(path)
+
+
+def load_images(paths: Sequence, size: int) -> np.ndarray:
+    """Load several images into float32 [n, size, size, 3] (n may be 0)."""
+    if not paths:
+        return np.zeros((0, size, size, 3), np.float32)
+    return np.stack([load_image(p, size) for p in paths])
