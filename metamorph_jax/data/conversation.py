@@ -93,14 +93,15 @@ class Turn:
 class Conversation:
     id: str
     turns: tuple[Turn, ...]
-    image_paths: tuple[str, ...]   # resolved, in order of their placeholders
+    image_paths: tuple   # resolved paths (or uint8 arrays), in order of their placeholders
     where: str = "?"
 
 
-def _as_path_list(value, field: str, where: str) -> list[str]:
-    if isinstance(value, str):
+def _as_path_list(value, field: str, where: str) -> list:
+    # Paths (str); uint8 HWC arrays are accepted from Python sources such as TFDS.
+    if isinstance(value, (str, np.ndarray)):
         return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, np.ndarray)) for v in value):
         return list(value)
     raise RecordError("bad_field", where, f'field "{field}" must be a path or a list of paths')
 
@@ -143,7 +144,7 @@ def parse_record(record: Any, *, where: str = "?", image_root: str | None = None
     root = image_root or ""
 
     def resolve(p):
-        return p if os.path.isabs(p) else os.path.join(root, p)
+        return p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(root, p)
 
     if keys and keys[0] == "video":
         if not isinstance(record["video"], str):
