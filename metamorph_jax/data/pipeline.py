@@ -50,6 +50,7 @@ class Source:
     path: str
     weight: float = 1.0
     image_root: str | None = None   # default: the record file's folder
+    tfds_data_dir: str | None = None  # for "tfds:name/split" paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +129,8 @@ def record_dataset(sources: Sequence[Source], config: DataConfig) -> grain.MapDa
         raise ValueError("no data sources given")
     datasets = []
     for index, source in enumerate(sources):
-        dataset = grain.MapDataset.source(open_source(source.path, source.image_root))
+        kwargs = {"data_dir": source.tfds_data_dir} if source.path.startswith("tfds:") else {}
+        dataset = grain.MapDataset.source(open_source(source.path, source.image_root, **kwargs))
         if len(dataset) == 0:
             raise ValueError(f"{source.path}: the source holds no records")
         dataset = dataset.shuffle(seed=(config.seed + 7919 * index) % 2**32)

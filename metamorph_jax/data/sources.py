@@ -129,19 +129,30 @@ class ArrayRecordSource:
 
 
 def tfds_to_record(example: dict) -> Any:
-    """Default TFDS element -> record: a feature "record" or "json" holding the record's
-    JSON text; otherwise the element itself with bytes decoded to str (numpy image arrays
-    in "image"/"images" are allowed and used as pixels)."""
+    """Default TFDS element -> record dict.
+
+    A feature "record" (or "json") holds the record's JSON text; without one the element
+    itself is the record (bytes decoded to str). uint8 image arrays in features "image" /
+    "images" are used as the record's pixels when the JSON names no images.
+    """
+    record = None
     for key in ("record", "json"):
         if key in example:
             value = example[key]
-            return bytes(value) if not isinstance(value, (bytes, str)) else value
-    out = {}
-    for key, value in example.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        out[key] = value
-    return out
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                return text  # reported as malformed_json by the pipeline
+            break
+    if record is None:
+        record = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in example.items()}
+    if isinstance(record, dict):
+        for key in ("image", "images"):
+            if key in example and not any(k in record for k in ("image", "images", "video")):
+                value = example[key]
+                record[key] = list(value) if key == "images" else value
+    return record
 
 
 class TfdsSource:

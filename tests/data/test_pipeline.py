@@ -349,3 +349,40 @@ def test_bad_counts_survive_resume(bad_file, tok):
     list(resumed)
     list(iterator)
     assert resumed.bad_records.counts == iterator.bad_records.counts == {r: 1 for r in BAD_LINES}
+
+
+def test_tfds_source(tmp_path, tok):
+    """A real (tiny) TFDS dataset in array_record format, image pixels as a feature."""
+    import tensorflow_datasets as tfds
+
+    class TinyVpitRecords(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "record": tfds.features.Text(),
+                "image": tfds.features.Tensor(shape=(SIZE, SIZE, 3), dtype=np.uint8)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(4):
+                record = {"conversations": [{"from": "human", "value": "<image> what colour ?"},
+                                            {"from": "gpt", "value": f"r{i}"}]}
+                yield i, {"record": json.dumps(record), "image": np.full((SIZE, SIZE, 3), 60 * i, np.uint8)}
+
+    TinyVpitRecords(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    batches, iterator = all_batches([P.Source("tfds:tiny_vpit_records/train", tfds_data_dir=str(tmp_path))],
+                                    tok, config(batch_size=2))
+    assert iterator.bad_records.counts == {}
+    tokenizer, _ = tok
+    found = {}
+    for batch in batches:
+        for row, _, sl in segments(batch):
+            i = record_word(tokenizer, batch, row, sl)
+            number = batch["image_index"][row, sl].max() // V
+            found[i] = batch["images"][row, number]
+    assert sorted(found) == [0, 1, 2, 3]
+    for i, pixels in found.items():
+        np.testing.assert_allclose(pixels, 60 * i / 255.0 * 2 - 1, atol=1e-6)
