@@ -13,7 +13,8 @@ image_index            int32 [B,T]     n * V + k at visual token k of the row's 
 vision_mask            int32 [B,T]     1 where the hidden state predicts the next visual token
 vision_target_index    int32 [B,T]     flat index (n * V + k) of that target token, else -1;
                                        always image_index[t + 1]
-images                 float32 [B,N,H,W,3]  the row's images in order (zeros where unused)
+images                 float32 [B,N,H,W,3]  the row's images in order (zeros where unused);
+                                       uint8 (resized, not normalised) with image_dtype="uint8"
 image_valid            int32 [B,N]     1 for the images a row uses
 =====================  ==============  ======================================================
 
@@ -42,13 +43,14 @@ TOKEN_KEYS = ("tokens", "text_targets", "text_mask", "vision_mask")
 INDEX_KEYS = ("image_index", "vision_target_index")
 
 
-def empty_batch(batch_size: int, seq_len: int, max_images: int, image_size: int) -> dict:
+def empty_batch(batch_size: int, seq_len: int, max_images: int, image_size: int,
+                image_dtype: str = "float32") -> dict:
     shape = (batch_size, seq_len)
     batch = {key: np.zeros(shape, np.int32) for key in
              ("tokens", "positions", "segment_ids", "text_targets", "text_mask", "vision_mask")}
     batch["image_index"] = np.full(shape, -1, np.int32)
     batch["vision_target_index"] = np.full(shape, -1, np.int32)
-    batch["images"] = np.zeros((batch_size, max_images, image_size, image_size, 3), np.float32)
+    batch["images"] = np.zeros((batch_size, max_images, image_size, image_size, 3), np.dtype(image_dtype))
     batch["image_valid"] = np.zeros((batch_size, max_images), np.int32)
     return batch
 
@@ -80,13 +82,14 @@ class PackedBatchDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
                  max_images_per_row: int, num_image_tokens: int, image_size: int,
-                 strict: bool = False, report_every: int = 100):
+                 image_dtype: str = "float32", strict: bool = False, report_every: int = 100):
         super().__init__(parent)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.max_images = max_images_per_row
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
+        self.image_dtype = image_dtype
         self.strict = strict
         self.report_every = report_every
 
@@ -153,7 +156,8 @@ class PackedBatchIterator(grain.DatasetIterator):
         if not rows:
             self.bad_records.report(final=True)
             raise StopIteration
-        batch = empty_batch(spec.batch_size, spec.seq_len, spec.max_images, spec.image_size)
+        batch = empty_batch(spec.batch_size, spec.seq_len, spec.max_images, spec.image_size,
+                            spec.image_dtype)
         for index, samples in enumerate(rows):
             fill_row(batch, index, samples, spec.num_image_tokens)
         self._batches += 1

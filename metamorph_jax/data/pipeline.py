@@ -59,6 +59,8 @@ class DataConfig:
     batch_size: int = 8                  # rows per process per batch
     num_image_tokens: int = 64           # visual positions per image
     image_size: int = 384                # square input resolution of the vision encoder
+    image_dtype: str = "float32"         # "float32": normalised; "uint8": resized only, 4x
+                                         # smaller; normalise with images.normalize(x, jnp)
     max_images_per_row: int = 16
     template: str = "llama3"             # see conversation.TEMPLATES
     seed: int = 0
@@ -105,14 +107,18 @@ class SampleMaker:
             try:
                 if isinstance(path, np.ndarray):
                     from PIL import Image
-                    pixels.append(images_lib.preprocess(Image.fromarray(path), config.image_size))
+                    image = Image.fromarray(path)
+                    pixels.append(images_lib.resize_uint8(image, config.image_size)
+                                  if config.image_dtype == "uint8"
+                                  else images_lib.preprocess(image, config.image_size))
                 else:
-                    pixels.append(images_lib.load_image(path, config.image_size))
+                    pixels.append(images_lib.load_image(path, config.image_size, config.image_dtype))
             except (images_lib.ImageError, TypeError, ValueError) as error:
                 missing = isinstance(error, images_lib.ImageError) and error.reason == "file does not exist"
                 return bad_marker("missing_image" if missing else "corrupt_image", where, str(error))
         size = config.image_size
-        sample["images"] = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.float32)
+        sample["images"] = (np.stack(pixels) if pixels
+                            else np.zeros((0, size, size, 3), np.dtype(config.image_dtype)))
         return sample
 
 
@@ -161,6 +167,8 @@ def _absl_flags_ready() -> None:
 def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
                   config: DataConfig) -> PackedBatchDataset:
     """The whole pipeline as a grain IterDataset of packed batches (see module docstring)."""
+    if config.image_dtype not in ("float32", "uint8"):
+        raise ValueError(f"image_dtype must be float32 or uint8, got {config.image_dtype!r}")
     if config.template not in conv.TEMPLATES:
         raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
     dataset = record_dataset(sources, config).map(SampleMaker(tokenizer, ids, config))
@@ -173,7 +181,8 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
     return PackedBatchDataset(iterable, batch_size=config.batch_size, seq_len=config.seq_len,
                               max_images_per_row=config.max_images_per_row,
                               num_image_tokens=config.num_image_tokens,
-                              image_size=config.image_size, strict=config.strict,
+                              image_size=config.image_size, image_dtype=config.image_dtype,
+                              strict=config.strict,
                               report_every=config.report_every)
 
 

@@ -142,3 +142,17 @@ def test_frame_errors(tmp_path):
     video.write_bytes(b"\0" * 10)
     with pytest.raises(images.ImageError, match="codec"):
         images.sample_frames(video)
+
+
+def test_uint8_path_normalised_later_matches(tmp_path):
+    import jax.numpy as jnp
+    path = tmp_path / "coffee.png"
+    Image.fromarray(skimage.data.coffee()).save(path)
+    reference = images.load_image(path, SIZE)
+    raw = images.load_image(path, SIZE, dtype="uint8")
+    assert raw.dtype == np.uint8 and raw.shape == (SIZE, SIZE, 3)
+    # float32 on the device vs float64-then-float32 on the host: a few ulp at most
+    assert np.max(np.abs(images.normalize(raw) - reference)) <= 1e-6
+    assert np.max(np.abs(np.asarray(images.normalize(raw, jnp)) - reference)) <= 1e-6
+    with pytest.raises(ValueError, match="uint8"):
+        images.load_image(path, SIZE, dtype="float16")

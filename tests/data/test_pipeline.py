@@ -386,3 +386,15 @@ def test_tfds_source(tmp_path, tok):
     assert sorted(found) == [0, 1, 2, 3]
     for i, pixels in found.items():
         np.testing.assert_allclose(pixels, 60 * i / 255.0 * 2 - 1, atol=1e-6)
+
+
+def test_uint8_images_option(data, tok):
+    root, _ = data
+    sources = [P.Source(str(root / "records.jsonl"))]
+    floats, _ = all_batches(sources, tok, config())
+    raws, _ = all_batches(sources, tok, config(image_dtype="uint8"))
+    for f, r in zip(floats, raws):
+        assert r["images"].dtype == np.uint8
+        valid = f["image_valid"] == 1
+        np.testing.assert_allclose(images_lib.normalize(r["images"][valid]), f["images"][valid], atol=1e-6)
+        assert np.array_equal(f["tokens"], r["tokens"])
