@@ -9,10 +9,10 @@ transformers' SigLIP image processor (PIL backend) computes it:
 2. resize to (size, size) with PIL bicubic resampling on the uint8 image;
 3. rescale by 1/255 (in float64, then float32) and normalise with mean 0.5, std 0.5.
 
-Videos are read as frame folders: `sample_frames(folder, fps=1.0)` picks frames at the
-requested rate from files named by timestamp (`t=1.50.png`, `000150ms.jpg`, ...) or, when
-the source rate is given, by frame number. Decoding video files (mp4, ...) needs a codec
-library that is not part of this project's dependencies; such paths get an `ImageError`.
+Videos: `sample_frames(path, fps=1.0)` picks frames at the requested rate (MetaMorph: 1 fps)
+from a frame folder, whose files are named by timestamp (`t=1.50.png`, `000150ms.jpg`,
+`1.5s.png`) or, when the source rate is given, by frame number; or from a video file
+(mp4, webm, ...), decoded with PyAV (`av`), using the frames' presentation times.
 """
 from __future__ import annotations
 
@@ -145,12 +145,6 @@ _NUMBER = re.compile(r"(\d+)(?!.*\d)")
 def frame_files(folder) -> list[str]:
     """Image files in a frame folder, in name order; ImageError if none or not a folder."""
     folder = os.fspath(folder)
-    if os.path.isfile(folder) and folder.lower().endswith(VIDEO_EXTENSIONS):
-        raise ImageError(
-            folder,
-            "video files need a codec library, which this project does not depend on; "
-            "extract frames to a folder (e.g. ffmpeg -i in.mp4 -vf fps=1 dir/%06d.png) "
-            "and pass the folder")
     if not os.path.isdir(folder):
         raise ImageError(folder, "frame folder does not exist")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -176,31 +170,81 @@ def frame_time(path, source_fps: float | None) -> float:
     return int(match.group(1)) / float(source_fps)
 
 
+def is_video_file(path) -> bool:
+    return os.fspath(path).lower().endswith(VIDEO_EXTENSIONS)
+
+
+def _sampling_picks(times: np.ndarray, fps: float) -> list[int]:
+    """Indices (into sorted `times`) of the first frame at or after t0, t0 + 1/fps, ..."""
+    picked: list[int] = []
+    step = 1.0 / fps
+    t = times[0]
+    while t <= times[-1] + 1e-9:
+        index = int(np.searchsorted(times, t - 1e-9, side="left"))
+        if index < len(times) and (not picked or picked[-1] != index):
+            picked.append(index)
+        t += step
+    return picked
+
+
+def _spread(picked: list, max_frames: int | None) -> list:
+    if max_frames is not None and len(picked) > max_frames:
+        keep = np.linspace(0, len(picked) - 1, max_frames).round().astype(int)
+        picked = [picked[i] for i in keep]
+    return picked
+
+
+def sample_video(path, fps: float = 1.0, max_frames: int | None = None) -> list[np.ndarray]:
+    """Decode a video file and pick frames at `fps` by presentation time: uint8 HWC RGB."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(path, "file does not exist")
+    try:
+        import av
+    except ImportError:
+        raise ImageError(path, "decoding video files needs PyAV (pip install av); "
+                               "or pass a folder of frames") from None
+    # Streamed: only the picked frames are converted and kept (decode order is
+    # presentation order for the constant-frame-rate streams this is meant for).
+    picked: list[np.ndarray] = []
+    step = 1.0 / fps
+    next_time = None
+    try:
+        with av.open(path) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                time = float(frame.time) if frame.time is not None else index / float(
+                    container.streams.video[0].average_rate or 1)
+                if next_time is None:
+                    next_time = time
+                if time + 1e-9 >= next_time:
+                    picked.append(frame.to_ndarray(format="rgb24"))
+                    while next_time <= time + 1e-9:
+                        next_time += step
+        if not picked:
+            raise ImageError(path, "video holds no frames")
+        return _spread(picked, max_frames)
+    except ImageError:
+        raise
+    except Exception as error:  # PyAV raises its own error types for broken files
+        raise ImageError(path, f"corrupt or unreadable video ({type(error).__name__}: {error})") from None
+
+
 def sample_frames(folder, fps: float = 1.0, source_fps: float | None = None,
-                  max_frames: int | None = None) -> list[str]:
-    """Pick frames of a folder at `fps` frames per second (MetaMorph uses 1 fps).
+                  max_frames: int | None = None) -> list:
+    """Pick frames of a frame folder (paths) or video file (uint8 arrays) at `fps` frames
+    per second (MetaMorph uses 1 fps).
 
     Sampling times are t0, t0 + 1/fps, ... up to the last frame's time (t0 = first
     frame's time); for each, the first frame at or after that time is taken (so the
     first frame always is). `max_frames` keeps at most that many, spread evenly.
     """
+    if is_video_file(folder) and not os.path.isdir(folder):
+        return sample_video(folder, fps, max_frames)
     files = frame_files(folder)
     times = np.asarray([frame_time(f, source_fps) for f in files], np.float64)
     order = np.argsort(times, kind="stable")
     files = [files[i] for i in order]
-    times = times[order]
-    start, end = times[0], times[-1]
-    step = 1.0 / fps
-    picked: list[int] = []
-    t = start
-    while t <= end + 1e-9:
-        index = int(np.searchsorted(times, t - 1e-9, side="left"))
-        if index < len(files) and (not picked or picked[-1] != index):
-            picked.append(index)
-        t += step
-    if max_frames is not None and len(picked) > max_frames:
-        keep = np.linspace(0, len(picked) - 1, max_frames).round().astype(int)
-        picked = [picked[i] for i in keep]
+    picked = _spread(_sampling_picks(times[order], fps), max_frames)
     return [files[i] for i in picked]
 
 

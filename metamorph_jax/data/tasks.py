@@ -23,8 +23,11 @@ Command line (one source in, one record file out; `.jsonl` or `.array_record`)::
     python -m metamorph_jax.data.tasks image_to_image --input edits.jsonl   --output i2i.jsonl
         # lines: {"source": "a.png", "instruction": "make it blue", "target": "b.png"}
     python -m metamorph_jax.data.tasks video --input clips/ --output video.jsonl \\
-        [--video-kinds forward,reverse,reorder,next_n,time_interval] [--source-fps 30]
-        # clips/: one frame folder per clip (frames named by timestamp, or numbered + --source-fps)
+        [--video-kinds forward,reverse,reorder,next_n,time_interval] [--source-fps 30] \\
+        [--frames-dir frames/]
+        # clips/: one frame folder per clip (frames named by timestamp, or numbered +
+        # --source-fps) or video files (mp4, webm, ...: decoded with PyAV, the 1 fps
+        # frames written as PNGs under --frames-dir)
     python -m metamorph_jax.data.tasks visual_thinking --input boxes.jsonl --output vt.jsonl \\
         --crop-dir crops/
         # lines: {"image": "a.png", "box": [x0, y0, x1, y1], "question": "...", "answer": "..."}
@@ -271,7 +274,8 @@ def _required(record, where, fields):
 # --- whole-source builds ---------------------------------------------------------------
 
 def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
-          crop_dir: str | None = None, video_kinds: Sequence[str] = VIDEO_KINDS,
+          crop_dir: str | None = None, frames_dir: str | None = None,
+          video_kinds: Sequence[str] = VIDEO_KINDS,
           source_fps: float | None = None, fps: float = 1.0, context: int = 2,
           predict: int | None = None) -> Iterator[dict]:
     """Yield the records of one raw source for `kind` (see the module docstring)."""
@@ -293,9 +297,21 @@ def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
             yield image_to_image(record.get("id", where), record["source"], record["instruction"],
                                  record["target"], rng)
     elif kind == "video":
-        clips = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+        clips = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d))
+                       or images_lib.is_video_file(d))
         for clip in clips:
             frames = images_lib.sample_frames(os.path.join(source, clip), fps=fps, source_fps=source_fps)
+            if frames and not isinstance(frames[0], str):
+                # A video file: its sampled frames become PNGs the records can point to.
+                if frames_dir is None:
+                    raise ValueError("video files among the clips need frames_dir (--frames-dir), "
+                                     "where their sampled frames are written")
+                clip = os.path.splitext(clip)[0]
+                paths = []
+                for t, pixels in enumerate(frames):
+                    paths.append(os.path.join(frames_dir, clip, f"{round(t * 1000 / fps):06d}ms.png"))
+                    images_lib.save_png(pixels, paths[-1])
+                frames = paths
             for video_kind in video_kinds:
                 record = video_task(f"{clip}-{video_kind}", frames, video_kind, rng,
                                     context=context, predict=predict)
@@ -324,12 +340,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-root", default=None)
     parser.add_argument("--crop-dir", default=None)
+    parser.add_argument("--frames-dir", default=None, help="where frames sampled from video files go")
     parser.add_argument("--video-kinds", default=",".join(VIDEO_KINDS))
     parser.add_argument("--fps", type=float, default=1.0)
     parser.add_argument("--source-fps", type=float, default=None)
     args = parser.parse_args(argv)
     records = build(args.kind, args.input, seed=args.seed, image_root=args.image_root,
-                    crop_dir=args.crop_dir, video_kinds=args.video_kinds.split(","),
+                    crop_dir=args.crop_dir, frames_dir=args.frames_dir,
+                    video_kinds=args.video_kinds.split(","),
                     fps=args.fps, source_fps=args.source_fps)
     count = write_records(tqdm(records, desc=f"{args.kind} records", unit="rec"), args.output)
     print(f"wrote {count} {args.kind} records to {args.output}")

@@ -64,3 +64,20 @@ def build_tiny_tokenizer(extra_words=(), *, chat_template: str | None = LLAMA3_C
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def write_test_video(path, frames, fps: float) -> None:
+    """Encode uint8 HWC frames as an MPEG-4 video at `fps` (PyAV); for tests and demos."""
+    import av
+    import numpy as np
+
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for pixels in frames:
+            frame = av.VideoFrame.from_ndarray(np.asarray(pixels, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

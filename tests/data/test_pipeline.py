@@ -2,7 +2,6 @@
 per-process sharding, mixtures, every source format and every bad-record reason."""
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -325,6 +324,20 @@ def test_every_bad_record_reason_is_counted(bad_file, tok, caplog):
     assert set(log.as_dict()) == set(BAD_LINES)
 
 
+def test_bad_records_reported_periodically(bad_file, tok, caplog):
+    path, root, _ = bad_file
+    tokenizer, ids = tok
+    iterator = P.make_iterator([P.Source(str(path), image_root=str(root))], tokenizer, ids,
+                               config(batch_size=1, report_every=1))
+    with caplog.at_level(logging.WARNING, logger="metamorph_jax.data"):
+        batch = next(iterator)
+        while iterator.bad_records.total == 0:
+            batch = next(iterator)
+    assert batch is not None
+    periodic = [r.getMessage() for r in caplog.records if not r.getMessage().startswith("[end of data]")]
+    assert periodic and periodic[0].startswith("bad records: ") and f"{path}:" in periodic[0]
+
+
 def test_strict_mode_stops_at_first_bad_record(bad_file, tok):
     path, root, line_of = bad_file
     tokenizer, ids = tok
@@ -398,3 +411,17 @@ def test_uint8_images_option(data, tok):
         valid = f["image_valid"] == 1
         np.testing.assert_allclose(images_lib.normalize(r["images"][valid]), f["images"][valid], atol=1e-6)
         assert np.array_equal(f["tokens"], r["tokens"])
+
+
+def test_video_file_record_through_pipeline(tmp_path, tok):
+    from metamorph_jax.data.testing import write_test_video
+    frames = [np.full((SIZE, SIZE, 3), 25 * i, np.uint8) for i in range(10)]
+    write_test_video(tmp_path / "clip.mp4", frames, fps=4)
+    write_jsonl(tmp_path / "v.jsonl", [{"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "r1"}]}])
+    batches, iterator = all_batches([P.Source(str(tmp_path / "v.jsonl"))], tok, config(max_images_per_row=4))
+    assert iterator.bad_records.total == 0 and len(batches) == 1
+    batch = batches[0]
+    assert batch["image_valid"][0].tolist() == [1, 1, 1, 0]
+    means = images_lib.denormalize(batch["images"][0, :3]).reshape(3, -1).mean(-1)
+    assert np.allclose(means, [0, 100, 200], atol=6)

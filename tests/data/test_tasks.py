@@ -144,3 +144,16 @@ def test_denormalize_round_trip(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "p.png")
     assert np.array_equal(images_lib.denormalize(images_lib.load_image(tmp_path / "p.png", 8)), pixels)
+
+
+def test_video_files_become_frame_records(tmp_path):
+    from metamorph_jax.data.testing import write_test_video
+    (tmp_path / "clips").mkdir()
+    write_test_video(tmp_path / "clips" / "c2.mp4", [np.full((16, 16, 3), 25 * i, np.uint8) for i in range(10)], fps=4)
+    with pytest.raises(ValueError, match="frames_dir"):
+        list(tasks.build("video", str(tmp_path / "clips")))
+    records = list(tasks.build("video", str(tmp_path / "clips"), frames_dir=str(tmp_path / "frames")))
+    assert [r["id"] for r in records] == [f"c2-{k}" for k in tasks.VIDEO_KINDS]
+    written = sorted(os.listdir(tmp_path / "frames" / "c2"))
+    assert written == ["000000ms.png", "001000ms.png", "002000ms.png"]
+    assert records[0]["images"][0] == str(tmp_path / "frames" / "c2" / "000000ms.png")
