@@ -171,6 +171,8 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
         raise ValueError(f"image_dtype must be float32 or uint8, got {config.image_dtype!r}")
     if config.template not in conv.TEMPLATES:
         raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
+    if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
     dataset = record_dataset(sources, config).map(SampleMaker(tokenizer, ids, config))
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                          prefetch_buffer_size=config.read_buffer_size))

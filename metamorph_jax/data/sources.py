@@ -63,11 +63,11 @@ class JsonlSource:
 
     def __getitem__(self, index: int) -> dict:
         if self._handle is None or self._pid != os.getpid():
-            self._handle = open(self.path, "rb")  # one handle per process
+            self._handle = os.open(self.path, os.O_RDONLY)  # one descriptor per process
             self._pid = os.getpid()
         start, end = int(self._starts[index]), int(self._ends[index])
-        self._handle.seek(start)
-        raw = self._handle.read(end - start)
+        # pread has no shared file position, so grain's reader threads can share the fd.
+        raw = os.pread(self._handle, end - start, start)
         return {"raw": raw, "where": f"{self.path}:{int(self._lines[index])}",
                 "image_root": self.image_root}
 
@@ -75,6 +75,10 @@ class JsonlSource:
         state = dict(self.__dict__)
         state["_handle"] = None
         return state
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None and self._pid == os.getpid():
+            os.close(self._handle)
 
     def __repr__(self) -> str:
         return f"JsonlSource({self.path!r}, {len(self)} records)"
