@@ -192,3 +192,15 @@ def make_iterator(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
                   config: DataConfig) -> PackedBatchIterator:
     """An iterator of packed batches with get_state/set_state and `.bad_records`."""
     return iter(build_dataset(sources, tokenizer, ids, config))
+
+
+def from_config(config) -> tuple[list[Source], DataConfig]:
+    """(sources, DataConfig) from a mapping / ConfigDict with a "sources" list (path,
+    weight, image_root, tfds_data_dir) and any DataConfig fields; unknown keys are an error."""
+    values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    sources = [Source(**dict(s)) for s in values.pop("sources")]
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown data config fields {unknown}; known: {sorted(known)}")
+    return sources, DataConfig(**values)

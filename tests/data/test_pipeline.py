@@ -167,6 +167,9 @@ def test_epochs_reshuffle(data, tok):
     batches, _ = all_batches([P.Source(str(root / "records.jsonl"))], tok, config(num_epochs=2))
     seen = ids_of(tok, batches)
     assert sorted(seen) == sorted(list(range(N_RECORDS)) * 2)
+    order = [e["where"] for e in P.record_dataset([P.Source(str(root / "records.jsonl"))], config(num_epochs=2))]
+    first, second = order[:N_RECORDS], order[N_RECORDS:]
+    assert sorted(first) == sorted(second) and first != second  # each epoch reshuffled
 
 
 @pytest.mark.parametrize("processes", [2, 3])

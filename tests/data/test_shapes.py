@@ -144,3 +144,23 @@ def test_all_kinds_through_the_pipeline(world):
     # first-fit filled the rows well: most positions hold a sample
     fill = np.mean([np.mean(b["segment_ids"] > 0) for b in batches])
     assert fill > 0.6, fill
+
+
+def test_data_shapes_config(world):
+    import importlib.util
+    from metamorph_jax.data import pipeline as P
+    out, _ = world
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "data_shapes.py")
+    spec = importlib.util.spec_from_file_location("data_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(root=out)
+    cfg.update(dict(worker_count=0, image_size=16, num_image_tokens=4, seq_len=200, batch_size=2,
+                    shard_index=0, shard_count=1))
+    sources, data_config = P.from_config(cfg)
+    assert len(sources) == 6 and data_config.image_size == 16
+    tokenizer = build_tiny_tokenizer()
+    iterator = P.make_iterator(sources, tokenizer, conv.add_image_tokens(tokenizer), data_config)
+    assert next(iterator)["tokens"].shape == (2, 200)
+    with pytest.raises(ValueError, match="unknown data config fields"):
+        P.from_config({"sources": [], "sequence_length": 3})
