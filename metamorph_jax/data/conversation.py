@@ -191,6 +191,23 @@ class SpecialIds:
     def to_config(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_config(cls, values: dict) -> "SpecialIds":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(fields - set(values))
+        if missing:
+            raise ValueError(f"special token config lacks {missing}")
+        return cls(**{k: int(values[k]) for k in fields})
+
+    def check(self, tokenizer) -> None:
+        """Raise if `tokenizer` maps the image tokens to other ids than the checkpoint."""
+        vocab = tokenizer.get_vocab()
+        for token, expected in ((IMAGE_START, self.image_start_id), (IMAGE_END, self.image_end_id)):
+            if vocab.get(token) != expected:
+                raise ValueError(f"tokenizer has {token} = {vocab.get(token)}, the checkpoint "
+                                 f"expects {expected}; call add_image_tokens on the tokenizer "
+                                 "the checkpoint was trained with")
+
 
 def add_image_tokens(tokenizer, placeholder_id: int | None = None) -> SpecialIds:
     """Add `<image_start>`/`<image_end>` as special tokens (if absent); return their ids.

@@ -38,6 +38,12 @@ def test_special_ids_are_new_rows(tok):
     assert ids.to_config()["vocab_size"] == len(tokenizer)
     again = conv.add_image_tokens(tokenizer)  # idempotent
     assert again == ids
+    assert conv.SpecialIds.from_config(ids.to_config()) == ids
+    ids.check(tokenizer)
+    with pytest.raises(ValueError, match="<image_start>"):
+        ids.check(build_tiny_tokenizer())  # a tokenizer without the image tokens
+    with pytest.raises(ValueError, match="lacks"):
+        conv.SpecialIds.from_config({"image_start_id": 1})
 
 
 def test_llama3_text_to_image(tok):
