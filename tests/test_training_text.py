@@ -173,3 +173,65 @@ def test_train_step_loss_is_the_masked_mean(tiny_model):
     assert np.isnan(float(metrics["lr"]))  # no schedule given
     loss_sum, count = jax.jit(text_step.make_eval_step(model))(params, batch)
     np.testing.assert_allclose(float(loss_sum / count), expected.item(), rtol=1e-5)
+
+
+# --- train.py end to end ------------------------------------------------------------------
+
+def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
+    import argparse
+    import importlib
+
+    from metamorph_jax.inference import text_cli
+
+    train_cli = importlib.import_module("train")
+    from metamorph_jax.training import text_loop
+    tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
+    config = tiny.tiny_llama_config(tokenizer)
+    dummy = np.zeros((1, 1), np.int32)
+    initial = jax.tree.map(np.asarray, nn.unbox(LlamaForCausalLM(config).init(
+        jax.random.key(0), dummy, positions=dummy))["params"])
+    pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
+    data = text_loop.write_text_records(tmp_path / "text.jsonl", count=8)
+    work = tmp_path / "run"
+    argv = ["train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=10",
+            f"--config.llm_dir={tmp_path / 'llm'}", f"--config.tokenizer_dir={tmp_path / 'tok'}",
+            f"--config.work_dir={work}", f"--config.data.sources.text.path={data}",
+            "--config.data.seq_len=64", "--config.optim.lr=3e-3"]
+    assert train_cli.main(argv) == 0
+
+    lines = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 11))
+    assert set(lines[0]) >= {"loss", "tokens", "grad_norm", "lr"}
+    losses = [line["loss"] for line in lines]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert lines[0]["lr"] == 0.0 and lines[1]["lr"] == pytest.approx(3e-3)  # 1 warm-up step
+    assert any(path.name.startswith("events.out.tfevents") for path in (work / "tensorboard").iterdir())
+
+    # the saved folder is a model folder generate.py reads, holding the trained params
+    model, params = text_cli.load_llm(work / "final")
+    assert model.config.to_dict() == config.to_dict()
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, initial)
+    assert min(jax.tree.leaves(moved)) > 0
+    args = argparse.Namespace(llm=str(work / "final"), tokenizer=str(work / "final"),
+                              prompt=["how many shapes are there ?"], chat=True, max_new_tokens=3,
+                              temperature=0.0, top_p=1.0, seed=0, dtype="float32")
+    assert len(text_cli.run(args)) == 1
+
+    # a second run may not overwrite the result
+    with pytest.raises(FileExistsError, match="final already exists"):
+        train_cli.main(argv)
+    assert train_cli.main(argv + ["--config.no_such_field=1"]) == 2
+
+
+def test_a_record_with_images_stops_the_text_stage(tmp_path):
+    from metamorph_jax.data import pipeline
+    from metamorph_jax.training import text_loop
+    path = tmp_path / "mixed.jsonl"
+    text = {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hello"}]}
+    rows = [text, text, dict(text, images=["a.png"]), text]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    batches = text_loop.text_batches([pipeline.Source(str(path))], tiny.tiny_tokenizer(),
+                                     pipeline.DataConfig(seq_len=32, batch_size=8, shard_index=0,
+                                                         shard_count=1))
+    with pytest.raises(text_loop.TextStageError, match=r"mixed.jsonl:3: field 'images'"):
+        next(batches)

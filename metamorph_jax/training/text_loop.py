@@ -310,8 +310,13 @@ def parse_flags(argv: Sequence[str]):
 
     registry = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
-                                    flag_values=registry, lock_config=True)
-    rest = registry(list(argv))
+                                    flag_values=registry, lock_config=True,
+                                    sys_argv=list(argv))  # overrides are found in argv, not sys.argv
+    try:
+        rest = registry(list(argv))
+    except (AttributeError, KeyError) as error:  # ml_collections' word for an unknown field
+        raise flags.Error(f"a --config.* override names a field the config does not have: "
+                          f"{error}") from None
     if len(rest) > 1:
         raise flags.Error(f"unexpected arguments {rest[1:]}; overrides look like --config.steps=20")
     if registry.config is None:
