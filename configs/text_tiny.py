@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.work_dir = "/tmp/text_tiny"
     config.steps = 100
     config.dtype = "float32"                     # compute dtype; params and Adam state stay fp32
-    config.remat_policy = "none"                 # see models/layers.py maybe_remat
+    config.remat_policy = "none"                 # or a name in models/layers.py REMAT_POLICIES
     config.log_every = 1                         # steps between metric fetches / lines
 
     config.data = ml_collections.ConfigDict()    # pipeline.from_config fields (DataConfig)
