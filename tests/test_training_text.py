@@ -175,6 +175,18 @@ def test_train_step_loss_is_the_masked_mean(tiny_model):
     np.testing.assert_allclose(float(loss_sum / count), expected.item(), rtol=1e-5)
 
 
+def test_schedule_warms_up_over_three_percent_then_decays():
+    import ml_collections
+    from metamorph_jax.training import text_loop
+    optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_ratio=0.03, end_ratio=0.1, weight_decay=0.0,
+                                           b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0))
+    _, schedule = text_loop.make_optimizer(optim, steps=200)
+    lrs = np.asarray([schedule(step) for step in range(201)])
+    assert lrs[0] == 0.0 and lrs[3] < 1e-3 and lrs[6] == pytest.approx(1e-3)  # 6 = 3% of 200
+    assert np.all(np.diff(lrs[:7]) > 0) and np.all(np.diff(lrs[6:]) <= 1e-12)
+    assert lrs[200] == pytest.approx(1e-4)
+
+
 # --- train.py end to end ------------------------------------------------------------------
 
 def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
