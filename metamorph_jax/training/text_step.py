@@ -112,10 +112,12 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
                shardings: TrainState) -> TrainState:
-    """A TrainState built on the mesh from (already placed) params; params are not copied
-    when they already carry the target shardings."""
+    """A TrainState built on the mesh from params placed with `shardings.params`. The
+    params are donated (their buffers become the state's), so there is one copy of the
+    model in memory; do not use the passed params afterwards."""
     create = jax.jit(lambda p: TrainState.create(p, optimizer),
-                     in_shardings=(shardings.params,), out_shardings=shardings)
+                     in_shardings=(shardings.params,), out_shardings=shardings,
+                     donate_argnums=(0,))
     with mesh:
         return create(params)
 
