@@ -1,7 +1,6 @@
 """LLM text stage: losses against torch, the sharded train step against one device, and
 an end-to-end train.py run (loss falls, metrics written, the final folder decodes)."""
 import json
-import sys
 from pathlib import Path
 
 import flax.linen as nn

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from metamorph_jax import sharding
 from metamorph_jax.data import pipeline

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +38,7 @@ import optax
 from metamorph_jax import pretrained, sharding
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
-from metamorph_jax.data.packing import PackedBatchDataset, PackedBatchIterator
+from metamorph_jax.data.packing import PackedBatchIterator
 from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from metamorph_jax.training import text_step
 
@@ -89,23 +88,9 @@ def text_batches(sources: Sequence[pipeline.Source], tokenizer,
                  config: pipeline.DataConfig) -> PackedBatchIterator:
     """Packed batches of text-only records: pipeline.build_dataset with the TextOnlyCheck
     in front of rendering and no image slots (so no image buffers are allocated)."""
-    if config.template not in conv.TEMPLATES:
-        raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
-    if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
     config = dataclasses.replace(config, max_images_per_row=0, image_size=1)
-    maker = pipeline.SampleMaker(tokenizer, text_special_ids(tokenizer), config)
-    dataset = pipeline.record_dataset(sources, config).map(TextOnlyCheck()).map(maker)
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                                         prefetch_buffer_size=config.read_buffer_size))
-    if config.worker_count > 0:
-        pipeline._absl_flags_ready()
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-    return iter(PackedBatchDataset(iterable, batch_size=config.batch_size, seq_len=config.seq_len,
-                                   max_images_per_row=0, num_image_tokens=config.num_image_tokens,
-                                   image_size=1, strict=config.strict,
-                                   report_every=config.report_every))
+    return pipeline.make_iterator(sources, tokenizer, text_special_ids(tokenizer), config,
+                                  record_check=TextOnlyCheck())
 
 
 def data_from_config(data) -> tuple[list[pipeline.Source], pipeline.DataConfig]:
