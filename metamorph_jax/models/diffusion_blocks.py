@@ -1,0 +1,304 @@
+"""Building blocks shared by the Stable Diffusion UNet and VAE (NHWC layout).
+
+Submodule names follow diffusers' attribute names (``norm1``, ``conv1``,
+``time_emb_proj``, ``to_q``, ``to_out_0``, ``ff/net_0/proj`` ...) so that the
+checkpoint converter is a table of name patterns. Norms and softmax run in fp32;
+everything else in the configured compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names for the image tensors flowing through the UNet / VAE.
+IMAGE_AXES = ("batch", "height", "width", "channels")
+TOKEN_AXES = ("batch", "length", "embed")
+
+
+def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+    """A 2-D convolution with torch-style symmetric padding (kernel // 2 unless given)."""
+    if padding is None:
+        pad = kernel // 2
+        padding = ((pad, pad), (pad, pad))
+    return nn.Conv(
+        features,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+def dense(features: int, name: str, *, use_bias: bool = True, axes=("embed", "mlp"),
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Dense:
+    """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def group_norm(num_groups: int, epsilon: float, name: str, param_dtype: Dtype):
+    """A GroupNorm whose params sit directly at ``name`` (no extra nesting)."""
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("channels",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("channels",)),
+        name=name,
+    )
+
+
+def layer_norm(epsilon: float, name: str, param_dtype: Dtype, axis_name: str = "embed"):
+    """torch.nn.LayerNorm (affine) computed in fp32."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
+        name=name,
+    )
+
+
+def _norm(module: nn.Module, x):
+    """Apply an fp32 norm module and return in the input dtype."""
+    return module(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
+    """Multi-head scaled dot-product attention on [B, T, H*D] projections.
+
+    Scale 1/sqrt(D); softmax in fp32 (inputs are upcast, result cast back).
+    """
+    batch, q_len, width = q.shape
+    head_dim = width // num_heads
+    qh = q.reshape(batch, q_len, num_heads, head_dim)
+    kh = k.reshape(batch, k.shape[1], num_heads, head_dim)
+    vh = v.reshape(batch, v.shape[1], num_heads, head_dim)
+    if implementation == "reference" or (implementation is None and q.dtype != jnp.float32):
+        # Explicit einsum path with fp32 logits and softmax.
+        logits = jnp.einsum("bthd,bshd->bhts", qh.astype(jnp.float32), kh.astype(jnp.float32))
+        weights = jax.nn.softmax(logits * (head_dim ** -0.5), axis=-1)
+        out = jnp.einsum("bhts,bshd->bthd", weights, vh.astype(jnp.float32)).astype(q.dtype)
+    else:
+        out = jax.nn.dot_product_attention(qh, kh, vh, implementation=implementation)
+    return out.reshape(batch, q_len, width)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ResnetBlock2D ("default" time-embedding norm, SiLU)."""
+
+    out_channels: int
+    num_groups: int
+    epsilon: float
+    use_temb: bool = True
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = _norm(group_norm(self.num_groups, self.epsilon, "norm1", self.param_dtype), x)
+        h = nn.silu(h)
+        h = conv(self.out_channels, 3, "conv1", **kw)(h)
+        if self.use_temb:
+            t = dense(self.out_channels, "time_emb_proj", axes=("mlp", "conv_out"), **kw)(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = _norm(group_norm(self.num_groups, self.epsilon, "norm2", self.param_dtype), h)
+        h = nn.silu(h)
+        h = conv(self.out_channels, 3, "conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut", padding=((0, 0), (0, 0)), **kw)(x)
+        out = (x + h) / self.output_scale_factor
+        return nn.with_logical_constraint(out, IMAGE_AXES)
+
+
+class Downsample2D(nn.Module):
+    """Strided 3x3 conv; padding 0 means torch's asymmetric (right/bottom) pad of 1."""
+
+    channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.padding
+        pad = ((p, p), (p, p)) if p > 0 else ((0, 1), (0, 1))
+        return conv(self.channels, 3, "conv", stride=2, padding=pad,
+                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Attention(nn.Module):
+    """diffusers Attention as used by BasicTransformerBlock: bias-free q/k/v, biased out."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.num_heads * self.head_dim
+        context = x if context is None else context
+        q = dense(inner, "to_q", use_bias=False, axes=("embed", "heads"), **kw)(x)
+        k = dense(inner, "to_k", use_bias=False, axes=("embed", "heads"), **kw)(context)
+        v = dense(inner, "to_v", use_bias=False, axes=("embed", "heads"), **kw)(context)
+        out = attention(q, k, v, self.num_heads, self.implementation)
+        return dense(x.shape[-1], "to_out_0", axes=("heads", "embed"), **kw)(out)
+
+
+class GEGLU(nn.Module):
+    """Linear to 2*inner, split into (hidden, gate), hidden * gelu(gate) (exact GELU)."""
+
+    inner_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = dense(2 * self.inner_dim, "proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        hidden, gate = jnp.split(h, 2, axis=-1)
+        return hidden * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers FeedForward with GEGLU: net.0 (GEGLU) -> net.2 (Linear)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, self.dtype, self.param_dtype, name="net_0")(x)
+        return dense(dim, "net_2", axes=("mlp", "embed"), dtype=self.dtype,
+                     param_dtype=self.param_dtype)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+    num_heads: int
+    head_dim: int
+    norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(num_heads=self.num_heads, head_dim=self.head_dim,
+                    implementation=self.implementation, **kw)
+        h = _norm(layer_norm(self.norm_eps, "norm1", self.param_dtype), x)
+        x = x + Attention(name="attn1", **attn)(h)
+        h = _norm(layer_norm(self.norm_eps, "norm2", self.param_dtype), x)
+        x = x + Attention(name="attn2", **attn)(h, context)
+        h = _norm(layer_norm(self.norm_eps, "norm3", self.param_dtype), x)
+        x = x + FeedForward(name="ff", **kw)(h)
+        return nn.with_logical_constraint(x, TOKEN_AXES)
+
+
+class Transformer2D(nn.Module):
+    """diffusers Transformer2DModel (continuous input): GroupNorm, proj_in, blocks, proj_out, residual."""
+
+    num_heads: int
+    head_dim: int
+    num_groups: int
+    num_layers: int = 1
+    use_linear_projection: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, channels = x.shape
+        inner = self.num_heads * self.head_dim
+        residual = x
+        h = _norm(group_norm(self.num_groups, 1e-6, "norm", self.param_dtype), x)
+        if self.use_linear_projection:
+            h = h.reshape(batch, height * width, channels)
+            h = dense(inner, "proj_in", axes=("channels", "embed"), **kw)(h)
+        else:
+            h = conv(inner, 1, "proj_in", padding=((0, 0), (0, 0)), **kw)(h)
+            h = h.reshape(batch, height * width, inner)
+        block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+        for i in range(self.num_layers):
+            h = block_cls(self.num_heads, self.head_dim, implementation=self.implementation,
+                          name=f"transformer_blocks_{i}", **kw)(h, context)
+        if self.use_linear_projection:
+            h = dense(channels, "proj_out", axes=("embed", "channels"), **kw)(h)
+            h = h.reshape(batch, height, width, channels)
+        else:
+            h = h.reshape(batch, height, width, inner)
+            h = conv(channels, 1, "proj_out", padding=((0, 0), (0, 0)), **kw)(h)
+        return h + residual
+
+
+class SpatialSelfAttention(nn.Module):
+    """The VAE mid-block attention: GroupNorm, biased q/k/v/out over H*W tokens, residual."""
+
+    num_groups: int
+    epsilon: float
+    head_dim: int
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, axes=("channels", "embed"))
+        batch, height, width, channels = x.shape
+        h = _norm(group_norm(self.num_groups, self.epsilon, "group_norm", self.param_dtype), x)
+        h = h.reshape(batch, height * width, channels)
+        q = dense(channels, "to_q", **kw)(h)
+        k = dense(channels, "to_k", **kw)(h)
+        v = dense(channels, "to_v", **kw)(h)
+        out = attention(q, k, v, channels // self.head_dim, self.implementation)
+        out = dense(channels, "to_out_0", dtype=self.dtype, param_dtype=self.param_dtype,
+                    axes=("embed", "channels"))(out)
+        out = out.reshape(batch, height, width, channels)
+        return (out + x) / self.output_scale_factor
