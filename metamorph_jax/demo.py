@@ -1,0 +1,50 @@
+"""A laptop-sized end-to-end run: a tiny random LLaMA saved as a Flax model folder,
+converted to a Hugging Face folder and back, then decoded with the KV cache.
+
+  python demo.py [--work-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from convert import get_spec
+from convert.core import flax_to_hf, hf_to_flax
+from metamorph_jax import pretrained, tiny
+from metamorph_jax.inference import text_cli
+from metamorph_jax.models.llama import LlamaForCausalLM
+
+
+def run(work_dir: Path) -> list[str]:
+    tokenizer = tiny.tiny_tokenizer(work_dir / "tokenizer")
+    config = tiny.tiny_llama_config(len(tokenizer))
+    dummy = np.zeros((1, 1), np.int32)
+    variables = LlamaForCausalLM(config).init(jax.random.key(0), dummy, positions=dummy)
+    params = jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+    pretrained.save_pretrained(work_dir / "random_flax", "llama", config.to_dict(), params)
+    spec = get_spec("llama")
+    flax_to_hf(spec, work_dir / "random_flax", work_dir / "hf", tokenizer_dir=work_dir / "tokenizer")
+    hf_to_flax(spec, work_dir / "hf", work_dir / "flax")
+    args = argparse.Namespace(llm=str(work_dir / "flax"), tokenizer=str(work_dir / "hf"),
+                              prompt=["what colour is the circle", "how many shapes"],
+                              chat=True, max_new_tokens=16, temperature=0.0, top_p=1.0,
+                              seed=0, dtype="float32")
+    return text_cli.run(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", help="where to write the model folders (default: a temp dir)")
+    args = parser.parse_args(argv)
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="metamorph_demo_"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for line in run(work_dir):
+        print(repr(line))
+    print(f"model folders in {work_dir}")
+    return 0

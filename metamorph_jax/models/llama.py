@@ -1,0 +1,269 @@
+"""LLaMA-3 / 3.1 decoder in Flax Linen.
+
+Grouped-query attention, RoPE (optionally with LLaMA-3.1 frequency scaling), SwiGLU,
+RMSNorm, tied or untied embeddings. Works on packed rows (positions and segment ids
+given; attention never crosses segments) and decodes with a KV cache.
+
+Parameter names mirror transformers' LlamaForCausalLM (embed_tokens, layers/self_attn/
+q_proj, ...), which keeps the checkpoint converter a table (convert/llama.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from metamorph_jax.models import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # LLaMA-3.1 "llama3" scaling: factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings; None for plain RoPE.
+    rope_scaling: tuple[tuple[str, float], ...] | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 128000
+    eos_token_ids: tuple[int, ...] = (128001, 128009)
+    pad_token_id: int | None = None
+    # Runtime choices, not part of the checkpoint's math.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str | None = None
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    def replace(self, **changes) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = self.rope_scaling_dict
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LlamaConfig":
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = tuple(sorted(data["rope_scaling"].items()))
+        if "eos_token_ids" in data:
+            data["eos_token_ids"] = tuple(data["eos_token_ids"])
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, source: str | Path | dict, **runtime) -> "LlamaConfig":
+        """Reads a transformers LlamaConfig (a config.json path, its folder, or a dict).
+
+        Every field that changes the math is read; an unsupported value is an error.
+        `runtime` sets dtype, scan_layers and the like.
+        """
+        from convert.llama import config_from_hf  # the field table lives with the converter
+        return config_from_hf(_read_json(source)).replace(**runtime)
+
+
+def _read_json(source: str | Path | dict) -> dict:
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    with open(path) as f:
+        return json.load(f)
+
+
+@flax.struct.dataclass
+class DecoderOutput:
+    logits: Array | None
+    hidden_states: Array | None    # final hidden states after the last norm
+    cache: dict | None
+
+
+def _update_cache(cache: Array, new: Array, index: Array) -> Array:
+    """Writes new [B,T,K,D] into cache [B,S,K,D] at per-row offsets index [B]."""
+    def one(row_cache, row_new, row_index):
+        return jax.lax.dynamic_update_slice(row_cache, row_new.astype(row_cache.dtype),
+                                            (row_index, 0, 0))
+    return jax.vmap(one)(cache, new, index)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, cache_index: Array | None,
+                 layer_cache: tuple[Array, Array] | None):
+        cfg = self.config
+        dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
+
+        def proj(num_heads, heads_axis, name):
+            return nn.DenseGeneral((num_heads, cfg.head_dim), use_bias=cfg.attention_bias,
+                                   dtype=dtype, param_dtype=param_dtype, name=name,
+                                   kernel_init=layers.dense_init(("embed", heads_axis, "head_dim")),
+                                   bias_init=layers.bias_init((heads_axis, "head_dim")))
+        query = proj(cfg.num_heads, "heads", "q_proj")(x)
+        key = proj(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
+        value = proj(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
+        inv_freq = layers.rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                   cfg.rope_scaling_dict)
+        query = layers.apply_rotary(query, positions, inv_freq)
+        key = layers.apply_rotary(key, positions, inv_freq)
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
+
+        new_cache = None
+        if layer_cache is not None:
+            key = _update_cache(layer_cache[0], key, cache_index)
+            value = _update_cache(layer_cache[1], value, cache_index)
+            new_cache = (key, value)
+            key, value = key.astype(dtype), value.astype(dtype)
+        out = layers.dot_product_attention(query, key, value, mask=mask,
+                                           implementation=cfg.attention_impl)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
+                              dtype=dtype, param_dtype=param_dtype, name="o_proj",
+                              kernel_init=layers.dense_init(("heads", "head_dim", "embed")),
+                              bias_init=layers.bias_init(("embed",)))(out)
+        return out, new_cache
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, positions: Array, mask: Array,
+                 cache_index: Array | None, layer_cache):
+        cfg = self.config
+        dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        attn_out, new_cache = LlamaAttention(cfg, name="self_attn")(
+            layers.RMSNorm(**norm, name="input_layernorm")(hidden),
+            positions, mask, cache_index, layer_cache)
+        hidden = hidden + attn_out
+        mlp_out = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias,
+                                  dtype=dtype, param_dtype=param_dtype, name="mlp")(
+            layers.RMSNorm(**norm, name="post_attention_layernorm")(hidden))
+        hidden = nn.with_logical_constraint(hidden + mlp_out, ("batch", "length", "embed"))
+        return hidden, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder with its LM head.
+
+    Call with `tokens` [B,T] or `inputs_embeds` [B,T,E], plus `positions` [B,T].
+    Training / full forward: `segment_ids` [B,T] (0 = padding) keep packed sequences
+    apart. Decoding: pass `cache` (from `init_cache`) and `cache_index` [B] (where each
+    row's new tokens are written); attention then covers the cache causally.
+    """
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                        ("vocab", "embed")))
+        block = layers.maybe_remat(LlamaDecoderLayer, cfg.remat_policy,
+                                   prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
+        else:
+            self.layer_list = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
+                                    param_dtype=param_dtype,
+                                    kernel_init=layers.dense_init(("embed", "vocab")))
+
+    def embed(self, tokens: Array) -> Array:
+        return self.embed_tokens(tokens)
+
+    def logits(self, hidden: Array) -> Array:
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """Zeroed KV cache {"key","value"}: [layers, B, max_length, kv_heads, head_dim]."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = layers.to_dtype(cfg.dtype)
+        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+    def __call__(self, tokens: Array | None = None, *, positions: Array,
+                 segment_ids: Array | None = None, inputs_embeds: Array | None = None,
+                 cache: dict | None = None, cache_index: Array | None = None,
+                 compute_logits: bool = True, return_hidden: bool = False) -> DecoderOutput:
+        if (tokens is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of tokens and inputs_embeds")
+        if tokens is not None:
+            hidden = self.embed(tokens)
+        else:
+            hidden = inputs_embeds.astype(layers.to_dtype(self.config.dtype))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+        batch, length = hidden.shape[:2]
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("decoding with a cache needs cache_index [B]")
+            query_index = cache_index[:, None] + jnp.arange(length)[None, :]
+            key_index = jnp.arange(cache["key"].shape[2])
+            mask = (key_index[None, None, :] <= query_index[:, :, None])[:, None]
+        else:
+            if segment_ids is None:
+                segment_ids = jnp.ones((batch, length), jnp.int32)
+            mask = layers.packed_causal_mask(segment_ids)
+
+        new_cache = None
+        if self.config.scan_layers:
+            layer_cache = (cache["key"], cache["value"]) if cache is not None else None
+            hidden, stacked = self.layers(hidden, positions, mask, cache_index, layer_cache)
+            if cache is not None:
+                new_cache = {"key": stacked[0], "value": stacked[1]}
+        else:
+            keys, values = [], []
+            for i, layer in enumerate(self.layer_list):
+                layer_cache = (cache["key"][i], cache["value"][i]) if cache is not None else None
+                hidden, updated = layer(hidden, positions, mask, cache_index, layer_cache)
+                if cache is not None:
+                    keys.append(updated[0])
+                    values.append(updated[1])
+            if cache is not None:
+                new_cache = {"key": jnp.stack(keys), "value": jnp.stack(values)}
+        hidden = self.norm(hidden)
+        logits = self.logits(hidden) if compute_logits else None
+        return DecoderOutput(logits=logits, hidden_states=hidden if return_hidden else None,
+                             cache=new_cache)
