@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from metamorph_jax.models.layers import dot_product_attention
 
 Dtype = Any
 
@@ -87,22 +88,12 @@ def _norm(module: nn.Module, x):
 
 
 def attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
-    """Multi-head scaled dot-product attention on [B, T, H*D] projections.
-
-    Scale 1/sqrt(D); softmax in fp32 (inputs are upcast, result cast back).
-    """
+    """Multi-head scaled dot-product attention on [B, T, H*D] projections (scale 1/sqrt(D),
+    fp32 softmax), through the shared kernel dispatch in layers.py."""
     batch, q_len, width = q.shape
     head_dim = width // num_heads
-    qh = q.reshape(batch, q_len, num_heads, head_dim)
-    kh = k.reshape(batch, k.shape[1], num_heads, head_dim)
-    vh = v.reshape(batch, v.shape[1], num_heads, head_dim)
-    if implementation == "reference" or (implementation is None and q.dtype != jnp.float32):
-        # Explicit einsum path with fp32 logits and softmax.
-        logits = jnp.einsum("bthd,bshd->bhts", qh.astype(jnp.float32), kh.astype(jnp.float32))
-        weights = jax.nn.softmax(logits * (head_dim ** -0.5), axis=-1)
-        out = jnp.einsum("bhts,bshd->bthd", weights, vh.astype(jnp.float32)).astype(q.dtype)
-    else:
-        out = jax.nn.dot_product_attention(qh, kh, vh, implementation=implementation)
+    split = lambda a: a.reshape(batch, a.shape[1], num_heads, head_dim)  # noqa: E731
+    out = dot_product_attention(split(q), split(k), split(v), implementation=implementation)
     return out.reshape(batch, q_len, width)
 
 
