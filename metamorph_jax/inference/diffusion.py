@@ -111,7 +111,8 @@ def guided_epsilon(eps_fn: Callable, sample, timestep, context, guidance_scale: 
     batch = sample.shape[0]
     both = jnp.concatenate([sample, sample], axis=0)
     ctx = jnp.concatenate([jnp.zeros_like(context), context], axis=0)
-    t = jnp.broadcast_to(jnp.asarray(timestep), (2 * batch,))
+    t = jnp.asarray(timestep)
+    t = jnp.broadcast_to(t, (2 * batch,)) if t.ndim == 0 else jnp.concatenate([t, t])
     eps = eps_fn(both, t, ctx)
     eps_u, eps_c = eps[:batch], eps[batch:]
     return eps_u + guidance_scale * (eps_c - eps_u)
@@ -255,3 +256,20 @@ def sample_latents(eps_fn: Callable, noise, context, schedule: NoiseSchedule, nu
     if sampler == "ddim":
         return ddim_sample(guided, noise, schedule, num_steps, eta=eta, rng=rng)
     raise ValueError(f"sampler {sampler!r} not supported ('pndm' or 'ddim')")
+
+
+def visualize(model, params, tokens, noise, schedule: NoiseSchedule, num_steps: int = 50,
+              guidance_scale: float = 7.5, sampler: str = "pndm"):
+    """Visual tokens -> images with a models.decoder.Visualizer: project the tokens, sample
+    with guidance against the all-zero context, decode (VAE or identity). noise has the
+    shape of what the UNet denoises ([B, *config.sample_shape])."""
+    from metamorph_jax.models.decoder import Visualizer
+
+    variables = {"params": params}
+    context = model.apply(variables, tokens, method=Visualizer.condition)
+
+    def eps_fn(x, t, ctx):
+        return model.apply(variables, x, t, ctx, method=Visualizer.denoise)
+
+    samples = sample_latents(eps_fn, noise, context, schedule, num_steps, guidance_scale, sampler)
+    return model.apply(variables, samples, method=Visualizer.decode)

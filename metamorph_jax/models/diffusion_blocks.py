@@ -22,8 +22,12 @@ TOKEN_AXES = ("batch", "length", "embed")
 
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None,
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
-    """A 2-D convolution with torch-style symmetric padding (kernel // 2 unless given)."""
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         out_axis: str = "conv_out") -> nn.Conv:
+    """A 2-D convolution with torch-style symmetric padding (kernel // 2 unless given).
+
+    out_axis: logical name of the output-channel axis; convs that emit image or latent
+    channels (3, 4, 8: too few to shard) use "image_channels", which rules leave alone."""
     if padding is None:
         pad = kernel // 2
         padding = ((pad, pad), (pad, pad))
@@ -35,8 +39,8 @@ def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding=None
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            nn.initializers.lecun_normal(), (None, None, "conv_in", out_axis)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (out_axis,)),
         name=name,
     )
 

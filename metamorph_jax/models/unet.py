@@ -214,7 +214,7 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = dense(self.features, "linear_1", axes=("embed", "mlp"), **kw)(x)
-        return dense(self.features, "linear_2", axes=("mlp", "mlp"), **kw)(nn.silu(x))
+        return dense(self.features, "linear_2", axes=("mlp", "embed"), **kw)(nn.silu(x))
 
 
 class UNetBlock(nn.Module):
@@ -354,5 +354,5 @@ class UNet2DConditionModel(nn.Module):
         x = group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", self.param_dtype)(
             x.astype(jnp.float32)).astype(self.dtype)
         x = nn.silu(x)
-        x = conv(cfg.out_channels, 3, "conv_out", **kw)(x)
+        x = conv(cfg.out_channels, 3, "conv_out", out_axis="image_channels", **kw)(x)
         return nn.with_logical_constraint(x, IMAGE_AXES)

@@ -160,7 +160,7 @@ class Encoder(nn.Module):
         x = group_norm(cfg.norm_num_groups, _VAE_EPS, "conv_norm_out", self.param_dtype)(
             x.astype(jnp.float32)).astype(self.dtype)
         x = nn.silu(x)
-        return conv(2 * cfg.latent_channels, 3, "conv_out", **kw)(x)
+        return conv(2 * cfg.latent_channels, 3, "conv_out", out_axis="image_channels", **kw)(x)
 
 
 class Decoder(nn.Module):
@@ -187,7 +187,7 @@ class Decoder(nn.Module):
         x = group_norm(cfg.norm_num_groups, _VAE_EPS, "conv_norm_out", self.param_dtype)(
             x.astype(jnp.float32)).astype(self.dtype)
         x = nn.silu(x)
-        return conv(cfg.out_channels, 3, "conv_out", **kw)(x)
+        return conv(cfg.out_channels, 3, "conv_out", out_axis="image_channels", **kw)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -208,8 +208,10 @@ class AutoencoderKL(nn.Module):
         latent = self.config.latent_channels
         self.encoder = Encoder(**sub)
         self.decoder = Decoder(**sub)
-        self.quant_conv = conv(2 * latent, 1, "quant_conv", padding=((0, 0), (0, 0)), **kw)
-        self.post_quant_conv = conv(latent, 1, "post_quant_conv", padding=((0, 0), (0, 0)), **kw)
+        self.quant_conv = conv(2 * latent, 1, "quant_conv", padding=((0, 0), (0, 0)),
+                               out_axis="image_channels", **kw)
+        self.post_quant_conv = conv(latent, 1, "post_quant_conv", padding=((0, 0), (0, 0)),
+                                    out_axis="image_channels", **kw)
 
     def encode(self, images):
         """images [B,H,W,C] -> (mean, logvar) of the posterior, logvar clipped to [-30, 20]."""
