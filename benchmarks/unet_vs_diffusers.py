@@ -41,12 +41,23 @@ def torch_to_flax(model: TorchUNet, cfg: UNetConfig) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def rate(fn, steps: int, label: str) -> float:
-    fn()  # warm-up (compiles the JAX side)
-    start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=label, leave=False):
-        fn()
-    return steps / (time.perf_counter() - start)
+def interleaved_rates(fns: dict, steps: int, block: int = 5) -> dict:
+    """Steps/s of each fn from the median of per-call times. The fns take turns in blocks
+    of `block` calls, so that load from other processes hits both sides alike (blocks
+    rather than single calls: XLA's and PyTorch's thread pools slow each other down when
+    they hand over every call)."""
+    for fn in fns.values():
+        fn()  # warm-up (compiles the JAX side)
+    times = {name: [] for name in fns}
+    with tqdm(total=steps * len(fns), desc="denoising steps") as bar:
+        while min(len(t) for t in times.values()) < steps:
+            for name, fn in fns.items():
+                for _ in range(block):
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+                    bar.update()
+    return {name: 1.0 / float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -79,12 +90,13 @@ def main() -> None:
         return apply({"params": params}, x_j, t_j, ctx_j).block_until_ready()
 
     diff = np.abs(np.asarray(run_jax()).transpose(0, 3, 1, 2) - run_torch().numpy()).max()
-    torch_rate = rate(run_torch, args.steps, "diffusers")
-    jax_rate = rate(run_jax, args.steps, "flax")
+    rates = interleaved_rates({"torch": run_torch, "jax": run_jax}, args.steps)
+    torch_rate, jax_rate = rates["torch"], rates["jax"]
     print(f"config: {SMALL['block_out_channels']} channels, batch {args.batch}, "
           f"{args.size}x{args.size} latents, context {args.context}; torch threads "
           f"{torch.get_num_threads()}, jax devices {jax.devices()}")
     print(f"max |diff| between the two outputs: {diff:.2e}")
+    print(f"median over {args.steps}+ calls each, alternating blocks of 5")
     print(f"diffusers (PyTorch eager, no_grad): {torch_rate:.2f} steps/s")
     print(f"metamorph-jax (Flax, jit):          {jax_rate:.2f} steps/s")
     print(f"ratio flax / diffusers: {jax_rate / torch_rate:.2f}x")

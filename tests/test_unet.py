@@ -82,10 +82,10 @@ def flax_shapes(model, sample_hw, in_ch, ctx_dim):
     return flax.traverse_util.flatten_dict(flax.linen.meta.unbox(shapes["params"]), sep="/")
 
 
-def check_parity(config, batch=2, ctx_len=7, size=16):
+def check_parity(config, batch=2, ctx_len=7, size=16, attention_impl=None):
     torch_model = random_torch_model(config)
     cfg = UNetConfig.from_hf(dict(torch_model.config))
-    model = UNet2DConditionModel(cfg)
+    model = UNet2DConditionModel(cfg, attention_impl=attention_impl)
     params = diffusers_to_flax(torch_model.state_dict())
     want = {k: v.shape for k, v in flax_shapes(model, (size, size), cfg.in_channels,
                                                cfg.cross_attention_dim).items()}
@@ -105,8 +105,10 @@ def check_parity(config, batch=2, ctx_len=7, size=16):
     return model, params
 
 
-def test_unet_parity_tiny():
-    check_parity(TINY)
+@pytest.mark.parametrize("attention_impl", [None, "xla"], ids=["default", "shared_kernel_xla"])
+def test_unet_parity_tiny(attention_impl):
+    """None is the einsum path on CPU; "xla" goes through layers.dot_product_attention."""
+    check_parity(TINY, attention_impl=attention_impl)
 
 
 def test_unet_parity_three_levels_linear_projection():

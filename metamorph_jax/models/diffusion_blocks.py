@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from metamorph_jax.models.layers import dot_product_attention
@@ -59,18 +60,48 @@ def dense(features: int, name: str, *, use_bias: bool = True, axes=("embed", "ml
     )
 
 
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over the last (channel) axis of NHWC input, in fp32.
+
+    Statistics are per-channel sums over H*W first, then summed within each group: on
+    CPU this is several times faster than reducing over (H*W, C/G) at once (the flax
+    GroupNorm path). Two-pass variance, as torch computes it. Params: scale, bias.
+    """
+
+    num_groups: int
+    epsilon: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, channels = x.shape[0], x.shape[-1]
+        groups = self.num_groups
+        if channels % groups:
+            raise ValueError(f"GroupNorm {self.name}: {channels} channels are not divisible by "
+                             f"norm_num_groups={groups}")
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                 ("channels",)),
+                           (channels,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                               ("channels",)),
+                          (channels,), self.param_dtype)
+        per_group = channels // groups
+        flat = x.astype(jnp.float32).reshape(batch, -1, channels)
+        count = flat.shape[1] * per_group
+
+        def group_mean(values):  # [B, HW, C] -> per-group mean broadcast back to [B, 1, C]
+            sums = jnp.sum(values, axis=1).reshape(batch, groups, per_group).sum(-1)
+            return jnp.repeat(sums / count, per_group, axis=1)[:, None, :]
+
+        centred = flat - group_mean(flat)
+        inv = jax.lax.rsqrt(group_mean(centred * centred) + self.epsilon)
+        out = centred * inv * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.reshape(x.shape)
+
+
 def group_norm(num_groups: int, epsilon: float, name: str, param_dtype: Dtype):
-    """A GroupNorm whose params sit directly at ``name`` (no extra nesting)."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=epsilon,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("channels",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("channels",)),
-        name=name,
-    )
+    """A GroupNorm whose params sit directly at ``name`` (scale, bias)."""
+    return GroupNorm(num_groups, epsilon, param_dtype, name=name)
 
 
 def layer_norm(epsilon: float, name: str, param_dtype: Dtype, axis_name: str = "embed"):
@@ -91,13 +122,29 @@ def _norm(module: nn.Module, x):
     return module(x.astype(jnp.float32)).astype(x.dtype)
 
 
+def einsum_attention(q, k, v):
+    """[B,T,H,D] attention as two einsums with an fp32 softmax (scale 1/sqrt(D)).
+
+    On CPU, XLA runs this layout several times faster than jax.nn.dot_product_attention's
+    (measured: 20 ms vs 72 ms for 2x1024 tokens, 4 heads of 16)."""
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
 def attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
-    """Multi-head scaled dot-product attention on [B, T, H*D] projections (scale 1/sqrt(D),
-    fp32 softmax), through the shared kernel dispatch in layers.py."""
+    """Multi-head scaled dot-product attention on [B, T, H*D] projections.
+
+    implementation: "einsum" (the default on CPU), or anything layers.dot_product_attention
+    takes (None = its automatic choice, the default elsewhere; "xla", "cudnn", "reference").
+    """
     batch, q_len, width = q.shape
     head_dim = width // num_heads
     split = lambda a: a.reshape(batch, a.shape[1], num_heads, head_dim)  # noqa: E731
-    out = dot_product_attention(split(q), split(k), split(v), implementation=implementation)
+    if implementation == "einsum" or (implementation is None and jax.default_backend() == "cpu"):
+        out = einsum_attention(split(q), split(k), split(v))
+    else:
+        out = dot_product_attention(split(q), split(k), split(v), implementation=implementation)
     return out.reshape(batch, q_len, width)
 
 
