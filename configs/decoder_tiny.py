@@ -22,5 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=16, lr_schedule="log_warmup_linear_decay", peak_lr=3e-3, warmup_steps=20,
         decay_end_step=300, num_steps=300, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
         grad_clip_norm=1.0, cfg_prob=0.1))
-    config.sample = ml_collections.ConfigDict(dict(sampler="ddim", num_steps=20, guidance_scale=2.0))
+    config.sample = ml_collections.ConfigDict(dict(
+        sampler="ddim", num_steps=20, guidance_scale=2.0))
     return config

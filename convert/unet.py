@@ -45,7 +45,8 @@ def transformer_rules(hf_prefix: str, flax_prefix: str, linear_projection: bool)
     block_flax = f"{flax_prefix}transformer_blocks_{{k}}/"
     table += param_rules(block_hf, block_flax, [
         ("norm1", "norm1", "copy"), ("norm2", "norm2", "copy"), ("norm3", "norm3", "copy"),
-        ("attn1.to_out.0", "attn1/to_out_0", "linear"), ("attn2.to_out.0", "attn2/to_out_0", "linear"),
+        ("attn1.to_out.0", "attn1/to_out_0", "linear"),
+        ("attn2.to_out.0", "attn2/to_out_0", "linear"),
         ("ff.net.0.proj", "ff/net_0/proj", "linear"), ("ff.net.2", "ff/net_2", "linear")])
     for attn in ("attn1", "attn2"):  # q/k/v carry no bias
         for p in ("to_q", "to_k", "to_v"):

@@ -52,7 +52,8 @@ def flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-@pytest.mark.parametrize("config", [test_unet.TINY, test_unet.TINY_B], ids=["conv_proj", "linear_proj"])
+@pytest.mark.parametrize("config", [test_unet.TINY, test_unet.TINY_B],
+                         ids=["conv_proj", "linear_proj"])
 def test_unet_table_matches_independent_mapping(config):
     torch_model = test_unet.random_torch_model(config)
     cfg = UNetConfig.from_hf(dict(torch_model.config))
@@ -120,8 +121,9 @@ def test_sd15_round_trip_is_bit_exact_and_diffusers_reloads(tmp_path, dtype):
             assert original[name].tobytes() == back[name].tobytes(), name
         assert (tmp_path / "back" / part / "diffusion_pytorch_model.safetensors").exists()
 
-    reloaded_unet = TorchUNet.from_pretrained(str(tmp_path / "back" / "unet"), torch_dtype=dtype).eval()
-    reloaded_vae = TorchVAE.from_pretrained(str(tmp_path / "back" / "vae"), torch_dtype=dtype).eval()
+    back = tmp_path / "back"
+    reloaded_unet = TorchUNet.from_pretrained(str(back / "unet"), torch_dtype=dtype).eval()
+    reloaded_vae = TorchVAE.from_pretrained(str(back / "vae"), torch_dtype=dtype).eval()
     rs = np.random.RandomState(0)
     x = torch.tensor(rs.randn(1, 4, 16, 16).astype(np.float32)).to(dtype)
     ctx = torch.tensor(rs.randn(1, 5, 24).astype(np.float32)).to(dtype)
@@ -163,14 +165,16 @@ def test_unet_and_vae_alone(tmp_path):
 def test_errors_name_the_tensor(tmp_path):
     unet = test_unet.random_torch_model(test_unet.TINY)
     state = dict(unet.state_dict())
-    state["down_blocks.0.resnets.0.conv1.weight"] = state["down_blocks.0.resnets.0.conv1.weight"][:, :4]
+    conv1 = "down_blocks.0.resnets.0.conv1.weight"
+    state[conv1] = state[conv1][:, :4]
     save_state(tmp_path / "shape", unet, state)
     with pytest.raises(ConversionError, match=r"down_blocks\.0\.resnets\.0\.conv1\.weight"):
         hf_to_flax(unet_convert.SPEC, tmp_path / "shape", tmp_path / "o1", progress=False)
     state = dict(unet.state_dict())
     del state["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
     save_state(tmp_path / "missing", unet, state)
-    with pytest.raises(ConversionError, match=r"mid_block\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k"):
+    with pytest.raises(ConversionError,
+                       match=r"mid_block\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k"):
         hf_to_flax(unet_convert.SPEC, tmp_path / "missing", tmp_path / "o2", progress=False)
     state = dict(unet.state_dict())
     state["add_embedding.linear_1.weight"] = torch.zeros(2, 2)

@@ -42,10 +42,12 @@ class NoiseSchedule:
             raise ValueError(f"NoiseSchedule: beta_schedule {self.beta_schedule!r} not supported "
                              "('scaled_linear' or 'linear')")
         if self.prediction_type != "epsilon":
-            raise ValueError(f"NoiseSchedule: prediction_type {self.prediction_type!r} not supported "
+            raise ValueError(f"NoiseSchedule: prediction_type {self.prediction_type!r} not "
+                             "supported "
                              "(only 'epsilon')")
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"NoiseSchedule: timestep_spacing {self.timestep_spacing!r} not supported")
+            raise ValueError(f"NoiseSchedule: timestep_spacing {self.timestep_spacing!r} not "
+                             "supported")
 
     @classmethod
     def from_hf(cls, path_or_dict) -> "NoiseSchedule":
@@ -55,7 +57,8 @@ class NoiseSchedule:
         raw, source = load_config_dict(path_or_dict)
         for key in ("clip_sample", "thresholding"):
             if raw.get(key):
-                raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported (only False)")
+                raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported "
+                                 "(only False)")
         if raw.get("trained_betas") is not None:
             raise ValueError(f"{source}: field 'trained_betas' is not supported")
         known = [f.name for f in dataclasses.fields(cls)]

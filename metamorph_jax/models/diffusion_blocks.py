@@ -166,7 +166,8 @@ class ResnetBlock2D(nn.Module):
         h = nn.silu(h)
         h = conv(self.out_channels, 3, "conv1", **kw)(h)
         if self.use_temb:
-            t = dense(self.out_channels, "time_emb_proj", axes=("mlp", "conv_out"), **kw)(nn.silu(temb))
+            t = dense(self.out_channels, "time_emb_proj", axes=("mlp", "conv_out"), **kw)(
+                nn.silu(temb))
             h = h + t[:, None, None, :]
         h = _norm(group_norm(self.num_groups, self.epsilon, "norm2", self.param_dtype), h)
         h = nn.silu(h)
@@ -281,7 +282,8 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """diffusers Transformer2DModel (continuous input): GroupNorm, proj_in, blocks, proj_out, residual."""
+    """diffusers Transformer2DModel (continuous input): GroupNorm, proj_in, blocks,
+    proj_out, residual."""
 
     num_heads: int
     head_dim: int

@@ -128,7 +128,8 @@ class UNetConfig:
 
     def __post_init__(self):
         # Normalise lists from JSON into tuples so the config stays hashable.
-        for name in ("down_block_types", "up_block_types", "block_out_channels", "attention_head_dim"):
+        for name in ("down_block_types", "up_block_types", "block_out_channels",
+                     "attention_head_dim"):
             value = getattr(self, name)
             if isinstance(value, int):
                 value = (value,) * len(self.block_out_channels)
@@ -142,10 +143,12 @@ class UNetConfig:
                 raise ValueError(f"{source}: field {name!r} needs {n} entries (one per block)")
         for t in self.down_block_types:
             if t not in DOWN_BLOCKS:
-                raise ValueError(f"{source}: down_block_types entry {t!r} not supported ({DOWN_BLOCKS})")
+                raise ValueError(f"{source}: down_block_types entry {t!r} not supported "
+                                 f"({DOWN_BLOCKS})")
         for t in self.up_block_types:
             if t not in UP_BLOCKS:
-                raise ValueError(f"{source}: up_block_types entry {t!r} not supported ({UP_BLOCKS})")
+                raise ValueError(f"{source}: up_block_types entry {t!r} not supported "
+                                 f"({UP_BLOCKS})")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"{source}: block_out_channels {c} not divisible by "
@@ -160,7 +163,8 @@ class UNetConfig:
         """Read a diffusers UNet2DConditionModel config (dict, config.json or its folder)."""
         raw, source = load_config_dict(path_or_dict)
         if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            raise ValueError(f"{source}: _class_name {raw['_class_name']!r} is not UNet2DConditionModel")
+            raise ValueError(f"{source}: _class_name {raw['_class_name']!r} is not "
+                             "UNet2DConditionModel")
         known = [f.name for f in dataclasses.fields(cls)]
         check_fields(raw, source, known, _FIXED_UNET_FIELDS, _IGNORED_UNET_FIELDS)
         kwargs = {k: raw[k] for k in known if k in raw}
@@ -256,7 +260,8 @@ class UNetBlock(nn.Module):
             outputs.append(x)
         if self.resample:
             if self.kind == "down":
-                x = Downsample2D(self.channels, cfg.downsample_padding, name="downsamplers_0", **kw)(x)
+                x = Downsample2D(self.channels, cfg.downsample_padding, name="downsamplers_0",
+                                 **kw)(x)
                 outputs.append(x)
             else:
                 x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)

@@ -81,7 +81,8 @@ class VAEConfig:
 
     def to_hf(self) -> dict:
         """A config dict diffusers' AutoencoderKL accepts."""
-        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v)
+               for k, v in dataclasses.asdict(self).items()}
         out.update({k: v for k, v in _FIXED_VAE_FIELDS.items() if v is not None})
         out["_class_name"] = "AutoencoderKL"
         return out
@@ -154,7 +155,8 @@ class Encoder(nn.Module):
         x = conv(cfg.block_out_channels[0], 3, "conv_in", **kw)(x)
         for i, channels in enumerate(cfg.block_out_channels):
             x = ResampleBlock(channels, cfg.layers_per_block, cfg.norm_num_groups, "down",
-                              resample=i < n - 1, remat=self.remat, name=f"down_blocks_{i}", **kw)(x)
+                              resample=i < n - 1, remat=self.remat, name=f"down_blocks_{i}",
+                              **kw)(x)
         x = VAEMidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, remat=self.remat,
                         attention_impl=self.attention_impl, name="mid_block", **kw)(x)
         x = group_norm(cfg.norm_num_groups, _VAE_EPS, "conv_norm_out", self.param_dtype)(
@@ -226,7 +228,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def encode_latents(self, images, rng: Optional[jax.Array] = None):
-        """Scaled latents for the UNet: posterior sample (or mean if rng is None) * scaling_factor."""
+        """Scaled latents for the UNet: a posterior sample (the mean if rng is None) times
+        scaling_factor."""
         mean, logvar = self.encode(images)
         z = mean
         if rng is not None:
