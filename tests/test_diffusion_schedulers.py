@@ -146,3 +146,24 @@ def test_schedule_config_errors():
         D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="beta_schedule"):
         D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"})
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ddim"])
+def test_guided_sampling_at_scale_one_is_the_conditional_trajectory(sampler):
+    rs = np.random.RandomState(5)
+    noise = jnp.asarray(rs.randn(2, 4, 4, 3).astype(np.float32))
+    context = jnp.asarray(rs.randn(2, 3, 3).astype(np.float32))
+
+    def eps_fn(x, t, ctx):
+        return eps_jax(x + ctx.mean(axis=1)[:, None, None, :], t)
+
+    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    guided = D.sample_latents(eps_fn, noise, context, schedule, 10, 1.0, sampler)
+    plain = (D.pndm_sample if sampler == "pndm" else D.ddim_sample)(
+        lambda x, t: eps_fn(x, t, context), noise, schedule, 10)
+    scale = max(1.0, float(jnp.abs(plain).max()))
+    assert float(jnp.abs(guided - plain).max()) <= 1e-5 * scale
+    strong = D.sample_latents(eps_fn, noise, context, schedule, 10, 5.0, sampler)
+    assert float(jnp.abs(strong - plain).max()) > 1e-2
+    with pytest.raises(ValueError, match="sampler"):
+        D.sample_latents(eps_fn, noise, context, schedule, 10, 1.0, "euler")
