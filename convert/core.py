@@ -139,11 +139,26 @@ def hf_to_flax(spec: ModelSpec, src_dir: str | Path, out_dir: str | Path,
         config = spec.config_from_hf(hf_config)
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
+    loaders, origin = open_checkpoint(src_dir, allow_pickle)
+    params = tensors_to_flax(spec, config, loaders, origin, progress, where=src_dir)
+    pretrained.save_pretrained(out_dir, spec.name, _config_dict(config), params, hf_config)
+
+
+def state_dict_to_flax(spec: ModelSpec, config, state: dict) -> dict:
+    """In-memory conversion of a PyTorch state dict (tensors or numpy arrays)."""
+    def as_numpy(value):
+        return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    loaders = {name: (lambda v=v: as_numpy(v)) for name, v in state.items()}
+    return tensors_to_flax(spec, config, loaders, {n: "state_dict" for n in state}, False,
+                           where="state_dict")
+
+
+def tensors_to_flax(spec: ModelSpec, config, loaders: dict[str, Callable[[], np.ndarray]],
+                    origin: dict, progress: bool, where) -> dict:
+    """Maps every named tensor through the spec's table into a nested Flax param dict."""
     shapes = {"/".join(k): tuple(v.shape) for k, v in
               traverse_util.flatten_dict(spec.param_shapes(config)).items()}
     rules = spec.rules(config)
-    loaders, origin = open_checkpoint(src_dir, allow_pickle)
-
     flat: dict[str, np.ndarray] = {}
     filled: dict[str, set[int]] = {}
     skipped = []
@@ -194,19 +209,18 @@ def hf_to_flax(spec: ModelSpec, src_dir: str | Path, out_dir: str | Path,
     missing = []
     for path, shape in shapes.items():
         if path not in flat:
-            missing += _hf_names_for(rules, path, shape[0])
+            missing += _hf_names_for(rules, path, shape[0] if shape else 0)
         elif path in filled and len(filled[path]) != shape[0]:
             missing += [n for i, n in enumerate(_hf_names_for(rules, path, shape[0]))
                         if i not in filled[path]]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:8])
-        raise ConversionError(f"{src_dir}: {len(missing)} tensor(s) missing: {shown}"
+        raise ConversionError(f"{where}: {len(missing)} tensor(s) missing: {shown}"
                               + (" ..." if len(missing) > 8 else ""))
     if skipped:
         prefixes = sorted({p for p in spec.skip_prefixes if any(n.startswith(p) for n in skipped)})
         print(f"note: skipped {len(skipped)} tensors under {prefixes} (not part of {spec.name})")
-    params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    pretrained.save_pretrained(out_dir, spec.name, _config_dict(config), params, hf_config)
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 # --------------------------------------------------------------------------- to HF
@@ -251,8 +265,13 @@ def flax_to_hf(spec: ModelSpec, model_dir: str | Path, hf_dir: str | Path,
 
     hf_dir.mkdir(parents=True, exist_ok=True)
     _write_shards(entries, hf_dir, spec.weights_name, max_shard_bytes, progress, spec.name)
-    hf_config = dict(saved.get("hf_config") or {})
-    hf_config.update(spec.config_to_hf(config))
+    written = spec.config_to_hf(config)
+    source = dict(saved.get("hf_config") or {})
+    # Keep the source's extra fields (e.g. torch_dtype) only when it described this same
+    # model: a full SiglipModel's text_config must not leak into a vision-only config.
+    same_model = all(source.get(k) == written[k] for k in ("model_type", "_class_name")
+                     if k in written)
+    hf_config = {**source, **written} if same_model else written
     with open(hf_dir / "config.json", "w") as f:
         json.dump(hf_config, f, indent=2)
     if tokenizer_dir is not None:

@@ -92,6 +92,7 @@ def write_file(path: str | Path, entries: Iterable[tuple[str, tuple, np.dtype, C
             if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"{path}: tensor {name!r} came out {array.shape} "
                                  f"{array.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
-            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            # Raw bytes of the contiguous array, without another copy (little-endian hosts).
+            f.write(array.reshape(-1).view(np.uint8).data)
             if on_tensor is not None:
                 on_tensor(name)

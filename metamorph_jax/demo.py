@@ -22,7 +22,7 @@ from metamorph_jax.models.llama import LlamaForCausalLM
 
 def run(work_dir: Path) -> list[str]:
     tokenizer = tiny.tiny_tokenizer(work_dir / "tokenizer")
-    config = tiny.tiny_llama_config(len(tokenizer))
+    config = tiny.tiny_llama_config(tokenizer)
     dummy = np.zeros((1, 1), np.int32)
     variables = LlamaForCausalLM(config).init(jax.random.key(0), dummy, positions=dummy)
     params = jax.tree.map(np.asarray, nn.unbox(variables)["params"])

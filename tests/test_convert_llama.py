@@ -142,31 +142,33 @@ def test_wrong_shaped_flax_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_greedy_generation_matches_transformers(tmp_path, tied):
     tokenizer = tiny_tokenizer(tmp_path / "tok")
-    reference = save_hf_model(tmp_path / "hf", vocab_size=len(tokenizer), eos_token_id=4,
+    eos = tokenizer.eos_token_id
+    reference = save_hf_model(tmp_path / "hf", vocab_size=len(tokenizer), eos_token_id=eos,
                               tie_word_embeddings=tied)
     convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "flax")])
     model, params = load_llm(tmp_path / "flax")
-    prompts = [tokenizer("the red circle is on the left")["input_ids"],
+    prompts = [tokenizer("the red circle is in the top left")["input_ids"],
                tokenizer("how many")["input_ids"]]
-    ours = TextGenerator(model, params, [4], tokenizer.pad_token_id).generate(
-        prompts, SamplingConfig(max_new_tokens=12))
+    ours = TextGenerator(model, params, [eos]).generate(prompts, SamplingConfig(max_new_tokens=12))
+    assert max(len(tokens) for tokens in ours) > 1  # the comparison covers cached steps
     for prompt, generated in zip(prompts, ours):
         with torch.no_grad():
             expected = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                          eos_token_id=4, pad_token_id=tokenizer.pad_token_id)
+                                          eos_token_id=eos, pad_token_id=0)
         assert generated == expected[0, len(prompt):].tolist()
 
 
 def test_generate_cli_prints_the_continuation(tmp_path):
     tokenizer = tiny_tokenizer(tmp_path / "tok")
-    reference = save_hf_model(tmp_path / "hf", vocab_size=len(tokenizer), eos_token_id=4)
+    eos = tokenizer.eos_token_id
+    reference = save_hf_model(tmp_path / "hf", vocab_size=len(tokenizer), eos_token_id=eos)
     convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "flax")])
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}],
                                                add_generation_prompt=True, tokenize=True)
     prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
     with torch.no_grad():
         expected = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False,
-                                      eos_token_id=4, pad_token_id=tokenizer.pad_token_id)
+                                      eos_token_id=eos, pad_token_id=0)
     expected_text = tokenizer.decode(expected[0, len(prompt_ids):], skip_special_tokens=True)
     result = subprocess.run(
         [sys.executable, "generate.py", "--llm", str(tmp_path / "flax"), "--tokenizer",

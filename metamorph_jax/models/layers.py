@@ -165,6 +165,42 @@ def bias_init(axes: Sequence[str]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
 
 
+class MultiAxisDense(nn.Module):
+    """Dense layer contracting the last `num_in` input axes into `features` axes.
+
+    Same parameters as nn.DenseGeneral (kernel [*in_axes, *features], bias [*features]),
+    but the kernel is initialised at its full rank: DenseGeneral initialises a flat 2-D
+    kernel, and a logical-partitioning initialiser then constrains that 2-D value with a
+    rank-3 spec, which fails under a mesh with axis rules.
+    """
+    features: tuple[int, ...]
+    axis_names: tuple[str | None, ...]  # logical names of the kernel's axes, inputs first
+    num_in: int = 1
+    use_bias: bool = True
+    kernel_init: Callable | None = None  # unpartitioned; default: fan-avg uniform
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        in_shape = inputs.shape[inputs.ndim - self.num_in:]
+        in_axes = tuple(range(self.num_in))
+        out_axes = tuple(range(self.num_in, self.num_in + len(self.features)))
+        init = self.kernel_init or nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=in_axes, out_axis=out_axes)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axis_names),
+                            (*in_shape, *self.features), self.param_dtype)
+        contract = (tuple(range(inputs.ndim - self.num_in, inputs.ndim)), in_axes)
+        out = jax.lax.dot_general(inputs.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                                  (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), self.axis_names[self.num_in:]),
+                self.features, self.param_dtype)
+            out = out + jnp.asarray(bias, self.dtype)
+        return out
+
+
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
     hidden_size: int

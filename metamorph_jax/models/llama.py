@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from metamorph_jax.models import layers
 
 Array = jax.Array
+NORMAL_INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +124,9 @@ class LlamaAttention(nn.Module):
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def proj(num_heads, heads_axis, name):
-            return nn.DenseGeneral((num_heads, cfg.head_dim), use_bias=cfg.attention_bias,
-                                   dtype=dtype, param_dtype=param_dtype, name=name,
-                                   kernel_init=layers.dense_init(("embed", heads_axis, "head_dim")),
-                                   bias_init=layers.bias_init((heads_axis, "head_dim")))
+            return layers.MultiAxisDense((num_heads, cfg.head_dim), ("embed", heads_axis, "head_dim"),
+                                         use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
+                                         dtype=dtype, param_dtype=param_dtype, name=name)
         query = proj(cfg.num_heads, "heads", "q_proj")(x)
         key = proj(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
         value = proj(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
@@ -147,10 +147,9 @@ class LlamaAttention(nn.Module):
         out = layers.dot_product_attention(query, key, value, mask=mask,
                                            implementation=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
-                              dtype=dtype, param_dtype=param_dtype, name="o_proj",
-                              kernel_init=layers.dense_init(("heads", "head_dim", "embed")),
-                              bias_init=layers.bias_init(("embed",)))(out)
+        out = layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
+                                    use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
+                                    dtype=dtype, param_dtype=param_dtype, name="o_proj")(out)
         return out, new_cache
 
 

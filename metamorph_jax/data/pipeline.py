@@ -1,0 +1,206 @@
+"""The grain pipeline: record files -> packed, per-process batches with resumable state.
+
+    sources (JSONL / JSON / ArrayRecord / TFDS)                       sources.py
+      -> per source: seeded shuffle (reshuffled each epoch), repeat
+      -> weighted mixture of the sources (when more than one)
+      -> this process's shard: elements process_index, +process_count, ...
+      -> parse + render + load images  (worker processes)            conversation.py, images.py
+      -> count bad records, first-fit pack, batch                    packing.py, bad_records.py
+
+The returned iterator (`make_iterator`) is a grain `DatasetIterator`: `get_state()` /
+`set_state()` give and take JSON-able state, and Orbax saves it through grain's handler::
+
+    import grain, orbax.checkpoint as ocp
+    manager.save(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(iterator), ...))
+    manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(iterator), ...))
+
+A restored iterator yields exactly the batches the saved one would have yielded next
+(same sources, config and worker count).
+
+Epochs and processes: with `num_epochs=k` each process reads elements i, i+P, i+2P, ...
+of the k shuffled epochs laid end to end, so across P processes every record is read
+exactly once per epoch. Processes may end with different batch counts (packing depends on
+lengths); with `num_epochs=None` the data never ends. With several sources and a finite
+`num_epochs`, the mixture ends when its first source runs out (grain's mixing rule).
+
+Bad records are counted per reason, reported every `report_every` batches and at the end
+(`iterator.bad_records.summary()`); `strict=True` raises at the first one, naming its file
+and line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import images as images_lib
+from metamorph_jax.data.bad_records import bad_marker
+from metamorph_jax.data.packing import PackedBatchDataset, PackedBatchIterator
+from metamorph_jax.data.sources import open_source
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One record file (or `tfds:name/split`) and its share of the mixture."""
+    path: str
+    weight: float = 1.0
+    image_root: str | None = None   # default: the record file's folder
+    tfds_data_dir: str | None = None  # for "tfds:name/split" paths
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    seq_len: int = 4096
+    batch_size: int = 8                  # rows per process per batch
+    num_image_tokens: int = 64           # visual positions per image
+    image_size: int = 384                # square input resolution of the vision encoder
+    image_dtype: str = "float32"         # "float32": normalised; "uint8": resized only, 4x
+                                         # smaller; normalise with images.normalize(x, jnp)
+    max_images_per_row: int = 16
+    template: str = "llama3"             # see conversation.TEMPLATES
+    seed: int = 0
+    num_epochs: int | None = 1           # None: repeat forever
+    worker_count: int = 0                # processes decoding images; 0 = in this process
+    worker_buffer_size: int = 4          # samples buffered per worker
+    read_threads: int = 1                # threads per process running the render/load map
+    read_buffer_size: int = 16
+    strict: bool = False
+    report_every: int = 100              # batches between bad-record reports
+    video_fps: float = 1.0
+    video_source_fps: float | None = None
+    max_video_frames: int | None = None
+    shard_index: int | None = None       # None: jax.process_index()
+    shard_count: int | None = None       # None: jax.process_count()
+
+
+class SampleMaker:
+    """Record element -> rendered sample with decoded images, or a bad-record marker.
+
+    Runs inside grain's worker processes (it pickles: tokenizer, ids and config only).
+    """
+
+    def __init__(self, tokenizer, ids: conv.SpecialIds, config: DataConfig):
+        self.tokenizer = tokenizer
+        self.ids = ids
+        self.config = config
+
+    def __call__(self, element: dict) -> dict:
+        config = self.config
+        where = element["where"]
+        try:
+            conversation = conv.parse_record(
+                element["raw"], where=where, image_root=element["image_root"],
+                video_fps=config.video_fps, video_source_fps=config.video_source_fps,
+                max_video_frames=config.max_video_frames)
+            sample = conv.render(conversation, self.tokenizer, self.ids, template=config.template,
+                                 num_image_tokens=config.num_image_tokens,
+                                 max_length=config.seq_len, max_images=config.max_images_per_row)
+        except conv.RecordError as error:
+            return bad_marker(error.reason, error.where, error.message)
+        pixels = []
+        for path in conversation.image_paths:
+            try:
+                if isinstance(path, np.ndarray):
+                    from PIL import Image
+                    image = Image.fromarray(path)
+                    pixels.append(images_lib.resize_uint8(image, config.image_size)
+                                  if config.image_dtype == "uint8"
+                                  else images_lib.preprocess(image, config.image_size))
+                else:
+                    pixels.append(images_lib.load_image(path, config.image_size, config.image_dtype))
+            except (images_lib.ImageError, TypeError, ValueError) as error:
+                missing = isinstance(error, images_lib.ImageError) and error.reason == "file does not exist"
+                return bad_marker("missing_image" if missing else "corrupt_image", where, str(error))
+        size = config.image_size
+        sample["images"] = (np.stack(pixels) if pixels
+                            else np.zeros((0, size, size, 3), np.dtype(config.image_dtype)))
+        return sample
+
+
+def _shard(config: DataConfig) -> tuple[int, int]:
+    if config.shard_index is not None and config.shard_count is not None:
+        return config.shard_index, config.shard_count
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def record_dataset(sources: Sequence[Source], config: DataConfig) -> grain.MapDataset:
+    """Shuffled, mixed, process-sharded record elements (before rendering)."""
+    if not sources:
+        raise ValueError("no data sources given")
+    datasets = []
+    for index, source in enumerate(sources):
+        kwargs = {"data_dir": source.tfds_data_dir} if source.path.startswith("tfds:") else {}
+        dataset = grain.MapDataset.source(open_source(source.path, source.image_root, **kwargs))
+        if len(dataset) == 0:
+            raise ValueError(f"{source.path}: the source holds no records")
+        dataset = dataset.shuffle(seed=(config.seed + 7919 * index) % 2**32)
+        if len(sources) > 1 or config.num_epochs != 1:
+            dataset = dataset.repeat(config.num_epochs)
+        datasets.append(dataset)
+    if len(datasets) == 1:
+        dataset = datasets[0]
+    else:
+        weights = [float(s.weight) for s in sources]
+        if min(weights) <= 0:
+            raise ValueError(f"source weights must be positive, got {weights}")
+        dataset = grain.MapDataset.mix(datasets, weights)
+    shard_index, shard_count = _shard(config)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
+    return dataset[shard_index::shard_count]
+
+
+def _absl_flags_ready() -> None:
+    # grain's multiprocessing reads absl flags; outside an absl app they are unparsed,
+    # so take their defaults.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
+                  config: DataConfig) -> PackedBatchDataset:
+    """The whole pipeline as a grain IterDataset of packed batches (see module docstring)."""
+    if config.image_dtype not in ("float32", "uint8"):
+        raise ValueError(f"image_dtype must be float32 or uint8, got {config.image_dtype!r}")
+    if config.template not in conv.TEMPLATES:
+        raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
+    if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
+    dataset = record_dataset(sources, config).map(SampleMaker(tokenizer, ids, config))
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                         prefetch_buffer_size=config.read_buffer_size))
+    if config.worker_count > 0:
+        _absl_flags_ready()
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    return PackedBatchDataset(iterable, batch_size=config.batch_size, seq_len=config.seq_len,
+                              max_images_per_row=config.max_images_per_row,
+                              num_image_tokens=config.num_image_tokens,
+                              image_size=config.image_size, image_dtype=config.image_dtype,
+                              strict=config.strict,
+                              report_every=config.report_every)
+
+
+def make_iterator(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
+                  config: DataConfig) -> PackedBatchIterator:
+    """An iterator of packed batches with get_state/set_state and `.bad_records`."""
+    return iter(build_dataset(sources, tokenizer, ids, config))
+
+
+def from_config(config) -> tuple[list[Source], DataConfig]:
+    """(sources, DataConfig) from a mapping / ConfigDict with a "sources" list (path,
+    weight, image_root, tfds_data_dir) and any DataConfig fields; unknown keys are an error."""
+    values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    sources = [Source(**dict(s)) for s in values.pop("sources")]
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown data config fields {unknown}; known: {sorted(known)}")
+    return sources, DataConfig(**values)
