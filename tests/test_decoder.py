@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 import torch
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from metamorph_jax.inference import diffusion as D
+from metamorph_jax.sharding import make_mesh
 from metamorph_jax.models.decoder import DecoderConfig, TokenProjector, Visualizer
 from metamorph_jax.training import decoder_step as S
 from metamorph_jax.training import optim
@@ -133,7 +133,7 @@ def latent_tiny_config():
 
 @pytest.mark.slow
 def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen():
-    """The step over a state sharded on a (data=4, fsdp=2) mesh computes what the
+    """The step over a state sharded on a (data=2, fsdp=2, tensor=2) mesh computes what the
     single-device step computes; the VAE is frozen, the projector and UNet move."""
     model, _, schedule, _ = S.build_decoder_stage(latent_tiny_config())
     assert model.config.sample_shape == (8, 8, 4)
@@ -156,12 +156,14 @@ def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen():
     assert max(jax.tree_util.tree_leaves(moved["unet"])) > 1e-3
     assert max(jax.tree_util.tree_leaves(moved["projector"])) > 0
 
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
-    rules = (("batch", "data"), ("conv_out", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"))
-    shardings = S.state_shardings(model, tx, mesh, rules)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    shardings = S.state_shardings(model, tx, mesh)  # DECODER_RULES
     sharded_state = S.create_decoder_state(model, tx, fast_key(0), shardings)
     kernel = sharded_state.params["unet"]["conv_in"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    q_kernel = sharded_state.params["unet"]["down_blocks_0"]["attentions_0"][
+        "transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     step = S.jit_train_step(train_step, shardings, mesh)
     with mesh:
         new_state, metrics = step(sharded_state, batch, rng)

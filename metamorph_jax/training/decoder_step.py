@@ -17,12 +17,21 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from metamorph_jax import sharding
 from metamorph_jax.inference.diffusion import NoiseSchedule, add_noise
 from metamorph_jax.models.decoder import Visualizer
 
 TRAINABLE = ("projector", "unet")
+
+# The shared rules plus the convolution axes: conv kernels [kh, kw, in, out] are sharded
+# ZeRO-3 style over fsdp on their output channels; image/latent channels (3, 4, 8) and
+# the spatial axes of activations stay whole.
+DECODER_RULES: tuple = sharding.DEFAULT_RULES + (
+    ("conv_in", None), ("conv_out", "fsdp"), ("channels", None), ("image_channels", None),
+    ("height", None), ("width", None),
+)
 
 
 @struct.dataclass
@@ -58,9 +67,10 @@ def state_logical_specs(model: Visualizer, tx: optax.GradientTransformation):
 
 
 def state_shardings(model: Visualizer, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]]):
+                    rules: Sequence[tuple[str, Any]] = DECODER_RULES):
     """NamedShardings of the train state on mesh, from logical axis -> mesh axis rules."""
-    return nn.logical_to_mesh_sharding(state_logical_specs(model, tx), mesh, rules)
+    abstract = jax.eval_shape(_boxed_init(model, tx), jax.random.PRNGKey(0))
+    return sharding.logical_shardings(abstract, mesh, rules)
 
 
 def create_decoder_state(model: Visualizer, tx: optax.GradientTransformation, rng,
@@ -139,12 +149,12 @@ def make_decoder_eval_step(model: Visualizer, schedule: NoiseSchedule,
 
 
 def jit_train_step(train_step, state_sharding: Any, mesh: Mesh,
-                   batch_axes: Sequence[str] = ("data",)):
-    """jax.jit with explicit shardings: state as given (donated), batch split on batch_axes,
-    rng and metrics replicated."""
-    batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                   rules: Sequence[tuple[str, Any]] = DECODER_RULES):
+    """jax.jit with explicit shardings: state as given (donated), every batch array split
+    on its leading axis as the rules place "batch", rng and metrics replicated."""
+    batch = sharding.batch_sharding(mesh, rules, ndim=1)
+    replicated = sharding.replicated(mesh)
+    return jax.jit(train_step, in_shardings=(state_sharding, batch, replicated),
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
