@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import SiglipConfig as HFSiglipConfig

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from convert import llama as llama_convert
-from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from metamorph_jax.models.llama import LlamaForCausalLM
 from tests.helpers import llama_params_from_torch, tiny_llama_hf_config
 
 CONFIGS = {

@@ -165,15 +165,21 @@ def _absl_flags_ready() -> None:
 
 
 def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
-                  config: DataConfig) -> PackedBatchDataset:
-    """The whole pipeline as a grain IterDataset of packed batches (see module docstring)."""
+                  config: DataConfig, record_check=None) -> PackedBatchDataset:
+    """The whole pipeline as a grain IterDataset of packed batches (see module docstring).
+
+    record_check: optional map applied to each raw record before rendering (e.g. a stage
+    that accepts only text records raises there, naming the file and line)."""
     if config.image_dtype not in ("float32", "uint8"):
         raise ValueError(f"image_dtype must be float32 or uint8, got {config.image_dtype!r}")
     if config.template not in conv.TEMPLATES:
         raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
     if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
-    dataset = record_dataset(sources, config).map(SampleMaker(tokenizer, ids, config))
+    dataset = record_dataset(sources, config)
+    if record_check is not None:
+        dataset = dataset.map(record_check)
+    dataset = dataset.map(SampleMaker(tokenizer, ids, config))
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                          prefetch_buffer_size=config.read_buffer_size))
     if config.worker_count > 0:
@@ -189,9 +195,9 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
 
 
 def make_iterator(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
-                  config: DataConfig) -> PackedBatchIterator:
+                  config: DataConfig, record_check=None) -> PackedBatchIterator:
     """An iterator of packed batches with get_state/set_state and `.bad_records`."""
-    return iter(build_dataset(sources, tokenizer, ids, config))
+    return iter(build_dataset(sources, tokenizer, ids, config, record_check))
 
 
 def from_config(config) -> tuple[list[Source], DataConfig]:

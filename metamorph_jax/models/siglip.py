@@ -28,7 +28,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metamorph_jax.models import layers
 from metamorph_jax.models import visual_tokens as vt

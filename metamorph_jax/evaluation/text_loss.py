@@ -1,0 +1,105 @@
+"""Response-token loss and perplexity of a model folder over text-only conversation records
+(the library side of eval.py).
+
+Each record is rendered with the chat template exactly as in training (the loss covers
+the assistant's tokens and end-of-turn tokens only), packed into fixed-shape batches
+(packed records never attend to each other) and scored with the sharded eval step. The
+mean is over tokens: total loss / total response tokens of a file, and over all files
+together; perplexity = exp(mean loss). Unusable records (too long for --seq-len,
+malformed, no response) are counted and listed in the results, never dropped silently; a
+record with images stops the run (text stage only).
+
+One process only: with several processes each would see a different number of batches.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import jax
+
+from metamorph_jax import sharding
+from metamorph_jax.data import pipeline
+from metamorph_jax.training import text_loop, text_step
+
+
+def count_records(path: str) -> int | None:
+    try:
+        from metamorph_jax.data.sources import open_source
+        return len(open_source(path))
+    except Exception:  # the count only sizes the progress bar
+        return None
+
+
+def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path, data_paths: Sequence[str], *,
+             template: str = "llama3", seq_len: int = 2048, batch_size: int = 8,
+             dtype: str = "float32", mesh_shape: Sequence[int] = (-1, 1, 1),
+             progress: bool = True) -> dict:
+    """Mean response-token loss and perplexity over the records of `data_paths`.
+
+    Returns {"mean_loss", "perplexity", "tokens", "records", "bad_records", "files":
+    {path: the same per file}, and the settings}.
+    """
+    from tqdm import tqdm
+
+    from metamorph_jax.inference.text_cli import load_tokenizer
+
+    if jax.process_count() > 1:
+        raise NotImplementedError("eval.py runs in one process (it may use all its devices)")
+    if not data_paths:
+        raise ValueError("no data files given")
+    for path in data_paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data file {path} does not exist")
+    mesh = sharding.make_mesh(*mesh_shape)
+    rules = sharding.DEFAULT_RULES
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model, params, _ = text_loop.load_model(llm_dir, mesh, rules, dtype=dtype)
+    text_loop.check_vocab(model, tokenizer, llm_dir, tokenizer_dir)
+    eval_step = text_step.jit_eval_step(text_step.make_eval_step(model), mesh,
+                                        text_step.param_shardings(model, mesh, rules), rules)
+    data_config = pipeline.DataConfig(seq_len=seq_len, batch_size=batch_size, template=template,
+                                      num_epochs=1, shard_index=0, shard_count=1)
+
+    files = {}
+    for path in data_paths:
+        batches = text_loop.text_batches([pipeline.Source(str(path))], tokenizer, data_config)
+        loss_sum, tokens, records = 0.0, 0, 0
+        with tqdm(total=count_records(str(path)), desc=f"eval {Path(path).name}", unit="record",
+                  disable=not progress) as bar:
+            for batch in batches:
+                text_loop.check_text_only(batch)
+                batch_sum, batch_count = jax.device_get(
+                    eval_step(params, text_step.global_batch(batch, mesh, rules)))
+                loss_sum += float(batch_sum)
+                tokens += int(round(float(batch_count)))
+                in_batch = int(batch["segment_ids"].max(axis=1).sum())   # records packed here
+                records += in_batch
+                bar.update(in_batch)
+                if tokens:
+                    bar.set_postfix(loss=f"{loss_sum / tokens:.4f}")
+        batches.bad_records.report(final=True)
+        files[str(path)] = _summary(loss_sum, tokens, records, batches.bad_records.as_dict())
+
+    total_sum = sum(f["loss_sum"] for f in files.values())
+    total_tokens = sum(f["tokens"] for f in files.values())
+    if total_tokens == 0:
+        raise ValueError(f"no response tokens to score in {list(data_paths)} "
+                         "(every record was unusable or had no assistant turn)")
+    bad: dict = {}
+    for summary in files.values():
+        for reason, entry in summary["bad_records"].items():
+            merged = bad.setdefault(reason, {"count": 0, "examples": []})
+            merged["count"] += entry["count"]
+            merged["examples"] = (merged["examples"] + entry["examples"])[:3]
+    result = _summary(total_sum, total_tokens, sum(f["records"] for f in files.values()), bad)
+    result.update(files=files, llm=str(llm_dir), template=template, seq_len=seq_len)
+    return result
+
+
+def _summary(loss_sum: float, tokens: int, records: int, bad_records: dict) -> dict:
+    mean = loss_sum / tokens if tokens else float("nan")
+    return {"mean_loss": mean, "perplexity": math.exp(mean) if tokens else float("nan"),
+            "tokens": tokens, "records": records, "loss_sum": loss_sum,
+            "bad_records": bad_records}

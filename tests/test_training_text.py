@@ -1,0 +1,248 @@
+"""LLM text stage: losses against torch, the sharded train step against one device, and
+an end-to-end train.py run (loss falls, metrics written, the final folder decodes)."""
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from metamorph_jax import pretrained, sharding, tiny
+from metamorph_jax.models.llama import LlamaForCausalLM
+from metamorph_jax.training import text_step
+from metamorph_jax.training.losses import masked_cosine_loss, masked_cross_entropy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- losses -------------------------------------------------------------------------------
+
+def test_masked_cross_entropy_matches_torch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (3, 7, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (3, 7))
+    mask = rng.integers(0, 2, (3, 7))
+    loss_sum, count = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    keep = torch.tensor(mask, dtype=torch.bool)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits)[keep], torch.tensor(targets)[keep],
+                                                 reduction="sum")
+    assert float(count) == mask.sum()
+    np.testing.assert_allclose(float(loss_sum), expected.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_cross_entropy_upcasts_bf16_logits():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(0, 3, (2, 5, 9)), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 9, (2, 5)))
+    mask = jnp.ones((2, 5), jnp.int32)
+    loss_sum, _ = masked_cross_entropy(logits, targets, mask)
+    assert loss_sum.dtype == jnp.float32
+    expected = torch.nn.functional.cross_entropy(torch.tensor(np.asarray(logits.astype(jnp.float32))).reshape(10, 9),
+                                                 torch.tensor(np.asarray(targets)).long().reshape(10), reduction="sum")
+    np.testing.assert_allclose(float(loss_sum), expected.item(), rtol=1e-5)
+
+
+def test_masked_cosine_loss_matches_torch():
+    rng = np.random.default_rng(2)
+    pred = rng.normal(0, 2, (2, 6, 5)).astype(np.float32)
+    target = rng.normal(0, 1, (2, 6, 5)).astype(np.float32)
+    mask = rng.integers(0, 2, (2, 6))
+    loss_sum, count = masked_cosine_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+    cosine = torch.nn.functional.cosine_similarity(torch.tensor(pred), torch.tensor(target), dim=-1)
+    expected = ((1 - cosine) * torch.tensor(mask)).sum()
+    assert float(count) == mask.sum()
+    np.testing.assert_allclose(float(loss_sum), expected.item(), rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_gradient_ignores_the_prediction_norm():
+    """The prediction is normalised: scaling it changes neither loss nor direction."""
+    rng = np.random.default_rng(3)
+    pred = jnp.asarray(rng.normal(size=(1, 4, 5)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(1, 4, 5)), jnp.float32)
+    mask = jnp.ones((1, 4))
+    a, _ = masked_cosine_loss(pred, target, mask)
+    b, _ = masked_cosine_loss(7.0 * pred, target, mask)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    grad = jax.grad(lambda p: masked_cosine_loss(p, target, mask)[0])(pred)
+    np.testing.assert_allclose(np.asarray(jnp.sum(grad * pred, -1)), 0.0, atol=1e-6)
+
+
+def test_all_zero_mask_gives_zero_sum_and_count():
+    logits = jnp.full((2, 3, 4), jnp.inf).at[..., 0].set(-jnp.inf)  # would be NaN if used
+    zeros = jnp.zeros((2, 3), jnp.int32)
+    loss_sum, count = masked_cross_entropy(logits, zeros, zeros)
+    assert float(loss_sum) == 0.0 and float(count) == 0.0
+    grad = jax.grad(lambda l: masked_cross_entropy(l, zeros, zeros)[0])(jnp.ones((2, 3, 4)))
+    assert np.all(np.asarray(grad) == 0.0)
+    cos_sum, cos_count = masked_cosine_loss(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), zeros)
+    assert float(cos_sum) == 0.0 and float(cos_count) == 0.0
+    assert not np.isnan(float(cos_sum))
+
+
+# --- the train step ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    tokenizer = tiny.tiny_tokenizer()
+    config = tiny.tiny_llama_config(tokenizer, vocab_size=96)
+    model = LlamaForCausalLM(config)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy)["params"])
+    return model, jax.tree.map(np.asarray, params)
+
+
+def packed_batch(rng, rows=8, length=16, vocab=96):
+    """Two segments per row (lengths vary), padding at the end, random trained spans."""
+    batch = {k: np.zeros((rows, length), np.int32) for k in text_step.TEXT_BATCH_KEYS}
+    for row in range(rows):
+        first = int(rng.integers(3, length // 2))
+        second = int(rng.integers(2, length - first))
+        offset = 0
+        for segment, size in enumerate((first, second), start=1):
+            where = slice(offset, offset + size)
+            tokens = rng.integers(1, vocab, size)
+            batch["tokens"][row, where] = tokens
+            batch["positions"][row, where] = np.arange(size)
+            batch["segment_ids"][row, where] = segment
+            batch["text_targets"][row, offset:offset + size - 1] = tokens[1:]
+            batch["text_mask"][row, offset:offset + size - 1] = rng.integers(0, 2, size - 1)
+            offset += size
+    return batch
+
+
+def run_steps(model, params, batches, mesh, steps_optimizer):
+    optimizer, schedule = steps_optimizer
+    shardings = text_step.state_shardings(model, optimizer, mesh)
+    placed = jax.device_put(params, shardings.params)
+    state = text_step.init_state(placed, optimizer, mesh, shardings)
+    step = text_step.jit_train_step(text_step.make_train_step(model, optimizer, schedule), mesh, shardings)
+    history = []
+    for batch in batches:
+        state, metrics = step(state, text_step.global_batch(batch, mesh))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def test_sharded_step_equals_single_device(tiny_model):
+    model, params = tiny_model
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 1, 4)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    rng = np.random.default_rng(0)
+    batches = [packed_batch(rng) for _ in range(3)]
+
+    single = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    state_1, history_1 = run_steps(model, params, batches, single, (optimizer, schedule))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    state_8, history_8 = run_steps(model, params, batches, mesh, (optimizer, schedule))
+
+    # the state really is spread over the mesh, moments like their params
+    q = state_8.params["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    mu = state_8.opt_state[1][0].mu["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert mu.sharding.spec == q.sharding.spec
+    assert int(state_8.step) == 3
+    for m1, m8 in zip(history_1, history_8):
+        for key in ("loss", "tokens", "grad_norm", "lr"):
+            np.testing.assert_allclose(m8[key], m1[key], atol=1e-5, rtol=1e-5, err_msg=key)
+    assert history_1[0]["lr"] == 0.0 and history_1[1]["lr"] == pytest.approx(1e-2)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state_1.params, params)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the updates are not trivially zero
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                 state_8.params, state_1.params)
+
+
+def test_train_step_loss_is_the_masked_mean(tiny_model):
+    """The reported loss equals the model's cross-entropy over the trained tokens only."""
+    model, params = tiny_model
+    batch = packed_batch(np.random.default_rng(5))
+    optimizer = optax.sgd(0.0)
+    state = text_step.TrainState.create(jax.tree.map(jnp.asarray, params), optimizer)
+    _, metrics = jax.jit(text_step.make_train_step(model, optimizer))(state, batch)
+    logits = np.asarray(model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"]).logits)
+    keep = batch["text_mask"].astype(bool)
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits[keep]),
+                                                 torch.tensor(batch["text_targets"][keep]).long())
+    np.testing.assert_allclose(float(metrics["loss"]), expected.item(), rtol=1e-5)
+    assert float(metrics["tokens"]) == keep.sum()
+    assert np.isnan(float(metrics["lr"]))  # no schedule given
+    loss_sum, count = jax.jit(text_step.make_eval_step(model))(params, batch)
+    np.testing.assert_allclose(float(loss_sum / count), expected.item(), rtol=1e-5)
+
+
+def test_schedule_warms_up_over_three_percent_then_decays():
+    import ml_collections
+    from metamorph_jax.training import text_loop
+    optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_ratio=0.03, end_ratio=0.1, weight_decay=0.0,
+                                           b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0))
+    _, schedule = text_loop.make_optimizer(optim, steps=200)
+    lrs = np.asarray([schedule(step) for step in range(201)])
+    assert lrs[0] == 0.0 and lrs[3] < 1e-3 and lrs[6] == pytest.approx(1e-3)  # 6 = 3% of 200
+    assert np.all(np.diff(lrs[:7]) > 0) and np.all(np.diff(lrs[6:]) <= 1e-12)
+    assert lrs[200] == pytest.approx(1e-4)
+
+
+# --- train.py end to end ------------------------------------------------------------------
+
+def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
+    import argparse
+    import importlib
+
+    from metamorph_jax.inference import text_cli
+
+    train_cli = importlib.import_module("train")
+    from metamorph_jax.training import text_loop
+    tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
+    config = tiny.tiny_llama_config(tokenizer)
+    dummy = np.zeros((1, 1), np.int32)
+    initial = jax.tree.map(np.asarray, nn.unbox(LlamaForCausalLM(config).init(
+        jax.random.key(0), dummy, positions=dummy))["params"])
+    pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
+    data = text_loop.write_text_records(tmp_path / "text.jsonl", count=8)
+    work = tmp_path / "run"
+    argv = ["train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=10",
+            f"--config.llm_dir={tmp_path / 'llm'}", f"--config.tokenizer_dir={tmp_path / 'tok'}",
+            f"--config.work_dir={work}", f"--config.data.sources.text.path={data}",
+            "--config.data.seq_len=64", "--config.optim.lr=3e-3"]
+    assert train_cli.main(argv) == 0
+
+    lines = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 11))
+    assert set(lines[0]) >= {"loss", "tokens", "grad_norm", "lr"}
+    losses = [line["loss"] for line in lines]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert lines[0]["lr"] == 0.0 and lines[1]["lr"] == pytest.approx(3e-3)  # 1 warm-up step
+    assert any(path.name.startswith("events.out.tfevents") for path in (work / "tensorboard").iterdir())
+
+    # the saved folder is a model folder generate.py reads, holding the trained params
+    model, params = text_cli.load_llm(work / "final")
+    assert model.config.to_dict() == config.to_dict()
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, initial)
+    assert min(jax.tree.leaves(moved)) > 0
+    args = argparse.Namespace(llm=str(work / "final"), tokenizer=str(work / "final"),
+                              prompt=["how many shapes are there ?"], chat=True, max_new_tokens=3,
+                              temperature=0.0, top_p=1.0, seed=0, dtype="float32")
+    assert len(text_cli.run(args)) == 1
+
+    # a second run may not overwrite the result
+    with pytest.raises(FileExistsError, match="final already exists"):
+        train_cli.main(argv)
+    assert train_cli.main(argv + ["--config.no_such_field=1"]) == 2
+
+
+def test_a_record_with_images_stops_the_text_stage(tmp_path):
+    from metamorph_jax.data import pipeline
+    from metamorph_jax.training import text_loop
+    path = tmp_path / "mixed.jsonl"
+    text = {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hello"}]}
+    rows = [text, text, dict(text, images=["a.png"]), text]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    batches = text_loop.text_batches([pipeline.Source(str(path))], tiny.tiny_tokenizer(),
+                                     pipeline.DataConfig(seq_len=32, batch_size=8, shard_index=0,
+                                                         shard_count=1))
+    with pytest.raises(text_loop.TextStageError, match=r"mixed.jsonl:3: field 'images'"):
+        next(batches)
