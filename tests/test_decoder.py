@@ -73,6 +73,17 @@ def test_projector_matches_torch_and_pads_with_zeros():
     with pytest.raises(ValueError, match=r"tokens must be \[B, 4, 16\]"):
         model.apply({"params": state.params}, jnp.ones((2, 5, 16)), method=Visualizer.condition)
 
+    # Converted UNet weights slot into a fresh state; a wrong shape is named.
+    unet = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, np.float32),
+                                  state.params["unet"])
+    loaded = S.with_pretrained(state, optax.sgd(0.1), unet=unet)
+    assert float(loaded.params["unet"]["conv_in"]["kernel"][0, 0, 0, 0]) == 0.5
+    bad = dict(unet, conv_in={"kernel": np.zeros((3, 3, 3, 7)), "bias": np.zeros(7)})
+    with pytest.raises(ValueError, match="conv_in/bias"):
+        S.with_pretrained(state, optax.sgd(0.1), unet=bad)
+    with pytest.raises(ValueError, match="pixel-space"):
+        S.with_pretrained(state, optax.sgd(0.1), vae={})
+
 
 def test_log_warmup_linear_decay():
     lr = optim.log_warmup_linear_decay(1.0, warmup_steps=100, decay_end_step=300)

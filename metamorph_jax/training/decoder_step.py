@@ -81,6 +81,35 @@ def create_decoder_state(model: Visualizer, tx: optax.GradientTransformation, rn
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def _check_same_tree(name: str, given, expected) -> None:
+    """Raise naming the first parameter whose path or shape differs."""
+    from flax import traverse_util
+    got = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(given).items()}
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(expected).items()}
+    for path in sorted(set(got) | set(want)):
+        if got.get(path) != want.get(path):
+            raise ValueError(f"pretrained {name}: parameter {path!r} is "
+                             f"{got.get(path, 'missing')}, the decoder config expects "
+                             f"{want.get(path, 'no such parameter')}")
+
+
+def with_pretrained(state: DecoderTrainState, tx: optax.GradientTransformation, *,
+                    unet: Any = None, vae: Any = None) -> DecoderTrainState:
+    """Put converted UNet / VAE weights (pretrained.load_params of a `convert` folder) into
+    a fresh state; the optimizer state restarts. Shapes must match the config. Place the
+    result with jax.device_put(state, shardings)."""
+    params, frozen = dict(state.params), dict(state.frozen)
+    if unet is not None:
+        _check_same_tree("unet", unet, params["unet"])
+        params["unet"] = unet
+    if vae is not None:
+        if "vae" not in frozen:
+            raise ValueError("pretrained vae given, but the decoder config is pixel-space")
+        _check_same_tree("vae", vae, frozen["vae"])
+        frozen["vae"] = vae
+    return state.replace(params=params, frozen=frozen, opt_state=tx.init(params))
+
+
 def decoder_loss(model: Visualizer, params, frozen, batch: dict, rng, alphas_cumprod,
                  cfg_prob: float, token_fn: Optional[Callable] = None):
     """Epsilon-MSE (fp32) and metrics for one batch."""
