@@ -177,8 +177,7 @@ def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen():
         "transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
     assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     step = S.jit_train_step(train_step, shardings, mesh)
-    with mesh:
-        new_state, metrics = step(sharded_state, batch, rng)
+    new_state, metrics = step(sharded_state, batch, rng)
     assert abs(float(metrics["loss"]) - float(single_metrics["loss"])) <= 1e-5
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
                                    new_state.params, single.params)

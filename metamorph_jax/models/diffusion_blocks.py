@@ -168,6 +168,9 @@ class ResnetBlock2D(nn.Module):
         if self.use_temb:
             t = dense(self.out_channels, "time_emb_proj", axes=("mlp", "conv_out"), **kw)(
                 nn.silu(temb))
+            # Batch-sharded, channels whole: without this, FSDP rules that shard conv_out
+            # make XLA replicate the [B, H, W, C] gradient to reduce it.
+            t = nn.with_logical_constraint(t, ("batch", "channels"))
             h = h + t[:, None, None, :]
         h = _norm(group_norm(self.num_groups, self.epsilon, "norm2", self.param_dtype), h)
         h = nn.silu(h)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
@@ -180,11 +181,27 @@ def make_decoder_eval_step(model: Visualizer, schedule: NoiseSchedule,
 def jit_train_step(train_step, state_sharding: Any, mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = DECODER_RULES):
     """jax.jit with explicit shardings: state as given (donated), every batch array split
-    on its leading axis as the rules place "batch", rng and metrics replicated."""
-    batch = sharding.batch_sharding(mesh, rules, ndim=1)
+    on its leading axis as the rules place "batch", rng and metrics replicated.
+
+    Returns run(state, batch, rng) -> (state, metrics), which traces and runs under the
+    mesh and the logical-axis rules (the models' activation constraints need both)."""
+    batch_sharding = sharding.batch_sharding(mesh, rules, ndim=1)
     replicated = sharding.replicated(mesh)
-    return jax.jit(train_step, in_shardings=(state_sharding, batch, replicated),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, replicated),
+                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    spec = batch_sharding.spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+    def run(state: DecoderTrainState, batch: dict, rng):
+        for key, value in batch.items():
+            if value.shape[0] % ways:
+                raise ValueError(f"decoder batch field {key!r}: batch size {value.shape[0]} "
+                                 f"does not divide over the mesh's batch axes {axes} ({ways})")
+        with mesh, nn.logical_axis_rules(rules):
+            return jitted(state, batch, rng)
+
+    return run
 
 
 def build_decoder_stage(config):
