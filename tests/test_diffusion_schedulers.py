@@ -144,6 +144,8 @@ def test_schedule_config_errors():
         D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "clip_sample": True})
     with pytest.raises(ValueError, match="prediction_type"):
         D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="skip_prk_steps"):
+        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "skip_prk_steps": False})
     with pytest.raises(ValueError, match="beta_schedule"):
         D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"})
 

@@ -59,6 +59,9 @@ class NoiseSchedule:
             if raw.get(key):
                 raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported "
                                  "(only False)")
+        if raw.get("skip_prk_steps") is False:
+            raise ValueError(f"{source}: field 'skip_prk_steps'=False is not supported (PNDM "
+                             "here is PLMS only, as SD 1.5 runs it)")
         if raw.get("trained_betas") is not None:
             raise ValueError(f"{source}: field 'trained_betas' is not supported")
         known = [f.name for f in dataclasses.fields(cls)]
