@@ -53,9 +53,10 @@ class NoiseSchedule:
     def from_hf(cls, path_or_dict) -> "NoiseSchedule":
         """Read a diffusers scheduler_config.json (dict, file or folder).
 
-        ``clip_sample``/``thresholding`` must be off (SD 1.5 has them off)."""
+        ``clip_sample``, ``thresholding`` and ``rescale_betas_zero_snr`` must be off (as in
+        SD 1.5); DDPM-sampler-only fields (variance_type, clip ranges) are ignored."""
         raw, source = load_config_dict(path_or_dict)
-        for key in ("clip_sample", "thresholding"):
+        for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
             if raw.get(key):
                 raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported "
                                  "(only False)")
