@@ -1,0 +1,282 @@
+"""Noise schedules, DDIM / PNDM (PLMS) samplers and classifier-free guidance.
+
+The training schedule is DDPM's: betas on a "scaled_linear" (or "linear") grid over
+``num_train_timesteps``, epsilon prediction. The samplers reproduce diffusers'
+DDIMScheduler and PNDMScheduler (``skip_prk_steps=True``, SD 1.5's default) step for
+step; each whole trajectory runs as one ``jax.lax.scan`` so it jits.
+
+Host-side pieces (timestep lists, per-step coefficient tables) are numpy; the
+per-step math is jnp.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metamorph_jax.models.unet import check_fields, load_config_dict
+
+_SCHEDULE_IGNORED = ("clip_sample", "clip_sample_range", "skip_prk_steps", "trained_betas",
+                     "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                     "variance_type", "rescale_betas_zero_snr", "timestep_type")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+    """DDPM noise schedule plus the sampler settings SD 1.5's scheduler_config.json holds."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    set_alpha_to_one: bool = False
+    steps_offset: int = 1
+    timestep_spacing: str = "leading"
+
+    def __post_init__(self):
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise ValueError(f"NoiseSchedule: beta_schedule {self.beta_schedule!r} not supported "
+                             "('scaled_linear' or 'linear')")
+        if self.prediction_type != "epsilon":
+            raise ValueError(f"NoiseSchedule: prediction_type {self.prediction_type!r} not "
+                             "supported "
+                             "(only 'epsilon')")
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"NoiseSchedule: timestep_spacing {self.timestep_spacing!r} not "
+                             "supported")
+
+    @classmethod
+    def from_hf(cls, path_or_dict) -> "NoiseSchedule":
+        """Read a diffusers scheduler_config.json (dict, file or folder).
+
+        ``clip_sample``, ``thresholding`` and ``rescale_betas_zero_snr`` must be off (as in
+        SD 1.5); DDPM-sampler-only fields (variance_type, clip ranges) are ignored."""
+        raw, source = load_config_dict(path_or_dict)
+        for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+            if raw.get(key):
+                raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported "
+                                 "(only False)")
+        if raw.get("skip_prk_steps") is False:
+            raise ValueError(f"{source}: field 'skip_prk_steps'=False is not supported (PNDM "
+                             "here is PLMS only, as SD 1.5 runs it)")
+        if raw.get("trained_betas") is not None:
+            raise ValueError(f"{source}: field 'trained_betas' is not supported")
+        known = [f.name for f in dataclasses.fields(cls)]
+        check_fields(raw, source, known, {}, _SCHEDULE_IGNORED)
+        try:
+            return cls(**{k: raw[k] for k in known if k in raw})
+        except ValueError as e:
+            raise ValueError(str(e).replace("NoiseSchedule", source)) from None
+
+    def betas(self) -> np.ndarray:
+        n = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            grid = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float32)
+            return grid.astype(np.float32) ** 2
+        return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """cumprod(1 - beta) in fp32, [num_train_timesteps]."""
+        return np.cumprod(1.0 - self.betas(), dtype=np.float32)
+
+    def final_alpha_cumprod(self) -> float:
+        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod()[0])
+
+    def inference_timesteps(self, num_steps: int) -> np.ndarray:
+        """The descending timesteps of a num_steps trajectory (diffusers' spacing rules)."""
+        n = self.num_train_timesteps
+        if not 0 < num_steps <= n:
+            raise ValueError(f"num_steps={num_steps} must be in [1, {n}]")
+        if self.timestep_spacing == "leading":
+            ts = np.arange(num_steps) * (n // num_steps) + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            ts = np.round(np.arange(n, 0, -n / num_steps))[::-1].astype(np.int64) - 1
+        else:
+            ts = np.linspace(0, n - 1, num_steps).round()
+        return ts.astype(np.int64)[::-1].copy()
+
+
+def add_noise(alphas_cumprod, clean, noise, timesteps):
+    """q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, timesteps [B] integer."""
+    abar = jnp.asarray(alphas_cumprod)[timesteps].astype(jnp.float32)
+    shape = (-1,) + (1,) * (clean.ndim - 1)
+    a = jnp.sqrt(abar).reshape(shape)
+    s = jnp.sqrt(1.0 - abar).reshape(shape)
+    return (a * clean.astype(jnp.float32) + s * noise.astype(jnp.float32)).astype(clean.dtype)
+
+
+def guided_epsilon(eps_fn: Callable, sample, timestep, context, guidance_scale: float):
+    """Classifier-free guidance against the all-zero condition.
+
+    Runs eps_fn once on the batch [uncond; cond] and returns
+    eps_u + guidance_scale * (eps_c - eps_u).
+    """
+    batch = sample.shape[0]
+    both = jnp.concatenate([sample, sample], axis=0)
+    ctx = jnp.concatenate([jnp.zeros_like(context), context], axis=0)
+    t = jnp.asarray(timestep)
+    t = jnp.broadcast_to(t, (2 * batch,)) if t.ndim == 0 else jnp.concatenate([t, t])
+    eps = eps_fn(both, t, ctx)
+    eps_u, eps_c = eps[:batch], eps[batch:]
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+# --------------------------------------------------------------------------- DDIM
+def ddim_step(alphas_cumprod, final_alpha_cumprod, model_output, timestep, prev_timestep, sample,
+              eta: float = 0.0, noise=None):
+    """One DDIM update x_t -> x_prev (epsilon prediction), as diffusers' DDIMScheduler.step."""
+    acp = jnp.asarray(alphas_cumprod)
+    a_t = acp[timestep]
+    a_prev = jnp.where(prev_timestep >= 0, acp[jnp.maximum(prev_timestep, 0)], final_alpha_cumprod)
+    b_t = 1.0 - a_t
+    x0 = (sample - b_t ** 0.5 * model_output) / a_t ** 0.5
+    variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev)
+    std = eta * variance ** 0.5
+    direction = (1.0 - a_prev - std ** 2) ** 0.5 * model_output
+    prev = a_prev ** 0.5 * x0 + direction
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step: eta > 0 needs noise")
+        prev = prev + std * noise
+    return prev
+
+
+def ddim_sample(eps_fn: Callable, noise, schedule: NoiseSchedule, num_steps: int,
+                eta: float = 0.0, rng: Optional[jax.Array] = None):
+    """Run a whole DDIM trajectory from noise; eps_fn(x, t[B]) -> eps. Returns x_0."""
+    ts = schedule.inference_timesteps(num_steps)
+    prev = ts - schedule.num_train_timesteps // num_steps
+    acp = schedule.alphas_cumprod()
+    final = schedule.final_alpha_cumprod()
+    if eta > 0 and rng is None:
+        raise ValueError("ddim_sample: eta > 0 needs rng")
+    keys = jax.random.split(rng, num_steps) if eta > 0 else jnp.zeros((num_steps, 2), jnp.uint32)
+
+    def body(x, inputs):
+        t, p, key = inputs
+        eps = eps_fn(x, jnp.broadcast_to(t, (x.shape[0],)))
+        z = jax.random.normal(key, x.shape, x.dtype) if eta > 0 else None
+        return ddim_step(acp, final, eps, t, p, x, eta, z).astype(x.dtype), None
+
+    x, _ = jax.lax.scan(body, noise, (jnp.asarray(ts), jnp.asarray(prev), keys))
+    return x
+
+
+# --------------------------------------------------------------------------- PNDM
+def pndm_prev_sample(alphas_cumprod, final_alpha_cumprod, model_output, timestep, prev_timestep,
+                     sample):
+    """PNDM's x_t -> x_prev transfer (formula 9 of the PNDM paper), as diffusers computes it."""
+    acp = jnp.asarray(alphas_cumprod)
+    a_t = acp[timestep]
+    a_prev = jnp.where(prev_timestep >= 0, acp[jnp.maximum(prev_timestep, 0)], final_alpha_cumprod)
+    b_t, b_prev = 1.0 - a_t, 1.0 - a_prev
+    sample_coeff = (a_prev / a_t) ** 0.5
+    denom = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
+    return sample_coeff * sample - (a_prev - a_t) * model_output / denom
+
+
+_PLMS_WEIGHTS = np.array([
+    [1.0, 0.0, 0.0, 0.0],
+    [0.5, 0.5, 0.0, 0.0],
+    [1.5, -0.5, 0.0, 0.0],
+    [23 / 12, -16 / 12, 5 / 12, 0.0],
+    [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+], dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PLMSPlan:
+    """Per-step tables of a PLMS trajectory (host side, numpy).
+
+    model_t: timestep the model is evaluated at; t / prev_t: the transfer's endpoints;
+    weights: multistep weights over (eps_now, eps_-1, eps_-2, eps_-3); push: whether this
+    eps enters the history; restart: whether the transfer starts from the saved sample
+    (the second, corrector evaluation of the first step).
+    """
+
+    model_t: np.ndarray
+    t: np.ndarray
+    prev_t: np.ndarray
+    weights: np.ndarray
+    push: np.ndarray
+    restart: np.ndarray
+
+
+def plms_plan(schedule: NoiseSchedule, num_steps: int) -> PLMSPlan:
+    """The num_steps + 1 model evaluations of PNDM with skip_prk_steps (diffusers' order)."""
+    ts = schedule.inference_timesteps(num_steps)[::-1]  # ascending
+    model_t = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].astype(np.int64)
+    ratio = schedule.num_train_timesteps // num_steps
+    k = np.arange(len(model_t))
+    t = np.where(k == 1, model_t + ratio, model_t)
+    prev_t = np.where(k == 1, model_t, model_t - ratio)
+    weights = _PLMS_WEIGHTS[np.minimum(k, 4)]
+    return PLMSPlan(model_t=model_t, t=t, prev_t=prev_t, weights=weights,
+                    push=(k != 1), restart=(k == 1))
+
+
+def plms_step(alphas_cumprod, final_alpha_cumprod, state, eps, plan_row):
+    """One PLMS update. state = (sample, saved_sample, history[3, ...]); returns (new_state)."""
+    sample, saved, history = state
+    _, t, prev_t, w, push, restart = plan_row
+    combined = w[0] * eps + w[1] * history[0] + w[2] * history[1] + w[3] * history[2]
+    start = jnp.where(restart, saved, sample)
+    new_sample = pndm_prev_sample(alphas_cumprod, final_alpha_cumprod, combined, t, prev_t, start)
+    new_history = jnp.where(push, jnp.concatenate([eps[None], history[:2]], axis=0), history)
+    # The first step's input is kept for the corrector evaluation that follows it.
+    new_saved = jnp.where(restart, saved, sample)
+    return new_sample.astype(sample.dtype), new_saved, new_history
+
+
+def pndm_sample(eps_fn: Callable, noise, schedule: NoiseSchedule, num_steps: int):
+    """Run a whole PNDM (PLMS) trajectory from noise; eps_fn(x, t[B]) -> eps. Returns x_0."""
+    plan = plms_plan(schedule, num_steps)
+    acp = schedule.alphas_cumprod()
+    final = schedule.final_alpha_cumprod()
+    rows = tuple(jnp.asarray(a) for a in (plan.model_t, plan.t, plan.prev_t, plan.weights,
+                                            plan.push, plan.restart))
+
+    def body(state, row):
+        x = state[0]
+        eps = eps_fn(x, jnp.broadcast_to(row[0], (x.shape[0],)))
+        return plms_step(acp, final, state, eps, row), None
+
+    history = jnp.zeros((3,) + noise.shape, noise.dtype)
+    (x, _, _), _ = jax.lax.scan(body, (noise, noise, history), rows)
+    return x
+
+
+def sample_latents(eps_fn: Callable, noise, context, schedule: NoiseSchedule, num_steps: int = 50,
+                   guidance_scale: float = 7.5, sampler: str = "pndm",
+                   rng: Optional[jax.Array] = None, eta: float = 0.0):
+    """Guided sampling: eps_fn(x, t, context) is the denoiser; the unconditional branch uses
+    an all-zero context. sampler: "pndm" (SD 1.5 default) or "ddim"."""
+    def guided(x, t):
+        return guided_epsilon(eps_fn, x, t, context, guidance_scale)
+
+    if sampler == "pndm":
+        return pndm_sample(guided, noise, schedule, num_steps)
+    if sampler == "ddim":
+        return ddim_sample(guided, noise, schedule, num_steps, eta=eta, rng=rng)
+    raise ValueError(f"sampler {sampler!r} not supported ('pndm' or 'ddim')")
+
+
+def visualize(model, params, tokens, noise, schedule: NoiseSchedule, num_steps: int = 50,
+              guidance_scale: float = 7.5, sampler: str = "pndm"):
+    """Visual tokens -> images with a models.decoder.Visualizer: project the tokens, sample
+    with guidance against the all-zero context, decode (VAE or identity). noise has the
+    shape of what the UNet denoises ([B, *config.sample_shape])."""
+    from metamorph_jax.models.decoder import Visualizer
+
+    variables = {"params": params}
+    context = model.apply(variables, tokens, method=Visualizer.condition)
+
+    def eps_fn(x, t, ctx):
+        return model.apply(variables, x, t, ctx, method=Visualizer.denoise)
+
+    samples = sample_latents(eps_fn, noise, context, schedule, num_steps, guidance_scale, sampler)
+    return model.apply(variables, samples, method=Visualizer.decode)

@@ -1,0 +1,197 @@
+"""The visualiser: projector parity, training step (loss falls, samples match their targets),
+sharded step equals the single-device step, frozen VAE, schedule."""
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from tqdm.auto import tqdm
+
+from metamorph_jax.inference import diffusion as D
+from metamorph_jax.sharding import make_mesh
+from metamorph_jax.models.decoder import DecoderConfig, TokenProjector, Visualizer
+from metamorph_jax.training import decoder_step as S
+from metamorph_jax.training import optim
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fast_key(seed):
+    """An RBG key: init compiles several times faster than with threefry on CPU."""
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def synthetic_images(n=4, size=8):
+    """Four clearly different pictures in [-1, 1]: square, disk, bar, cross, in four colours."""
+    yy, xx = np.mgrid[:size, :size] / (size - 1)
+    masks = [(xx < 0.5) & (yy < 0.5), (xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.1,
+             np.abs(yy - 0.75) < 0.12, (np.abs(xx - 0.5) < 0.1) | (np.abs(yy - 0.3) < 0.1)]
+    colours = [(1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, -1)]
+    images = np.full((n, size, size, 3), -1.0, np.float32)
+    for i in range(n):
+        images[i][masks[i]] = colours[i]
+    return images
+
+
+def test_projector_matches_torch_and_pads_with_zeros():
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 24), torch.nn.LayerNorm(24)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    params = {"fc1": {"kernel": sd["0.weight"].T, "bias": sd["0.bias"]},
+              "norm1": {"scale": sd["1.weight"], "bias": sd["1.bias"]},
+              "fc2": {"kernel": sd["3.weight"].T, "bias": sd["3.bias"]},
+              "norm2": {"scale": sd["4.weight"], "bias": sd["4.bias"]}}
+    tokens = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32)
+    out = TokenProjector(32, 24).apply({"params": params}, jnp.asarray(tokens))
+    with torch.no_grad():
+        want = ref(torch.tensor(tokens)).numpy()
+    assert np.abs(np.asarray(out) - want).max() <= 1e-4
+
+    cfg = load_config("decoder_tiny")
+    model = Visualizer(DecoderConfig.from_dict(cfg.model.to_dict()))
+    state = S.create_decoder_state(model, optax.sgd(0.1), fast_key(0))
+    tokens = jnp.ones((2, 4, 16))
+    context = model.apply({"params": state.params}, tokens, method=Visualizer.condition)
+    assert context.shape == (2, 6, 32)
+    assert float(jnp.abs(context[:, 4:]).max()) == 0.0
+    assert float(jnp.abs(context[:, :4]).max()) > 0.1
+    with pytest.raises(ValueError, match=r"tokens must be \[B, 4, 16\]"):
+        model.apply({"params": state.params}, jnp.ones((2, 5, 16)), method=Visualizer.condition)
+
+    # Converted UNet weights slot into a fresh state; a wrong shape is named.
+    unet = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, np.float32),
+                                  state.params["unet"])
+    loaded = S.with_pretrained(state, optax.sgd(0.1), unet=unet)
+    assert float(loaded.params["unet"]["conv_in"]["kernel"][0, 0, 0, 0]) == 0.5
+    bad = dict(unet, conv_in={"kernel": np.zeros((3, 3, 3, 7)), "bias": np.zeros(7)})
+    with pytest.raises(ValueError, match="conv_in/bias"):
+        S.with_pretrained(state, optax.sgd(0.1), unet=bad)
+    with pytest.raises(ValueError, match="pixel-space"):
+        S.with_pretrained(state, optax.sgd(0.1), vae={})
+
+
+def test_log_warmup_linear_decay():
+    lr = optim.log_warmup_linear_decay(1.0, warmup_steps=100, decay_end_step=300)
+    values = np.array([float(lr(s)) for s in range(0, 400)])
+    assert values[0] == 0.0
+    assert np.all(np.diff(values[:101]) > 0)            # warm-up rises ...
+    assert values[100] == pytest.approx(1.0)
+    assert values[50] > 0.5                            # ... logarithmically: fast at first
+    assert np.all(np.diff(values[100:301]) < 0)         # linear decay ...
+    np.testing.assert_allclose(np.diff(values[100:301]), -1 / 200, rtol=1e-4)
+    assert values[300] == 0.0 and values[399] == 0.0    # ... to zero, then flat
+
+
+@pytest.mark.slow
+def test_tiny_pixel_decoder_learns_its_targets():
+    """Loss falls, and each condition's samples look like its own target more than others."""
+    config = load_config("decoder_tiny")
+    model, tx, schedule, lr_fn = S.build_decoder_stage(config)
+    assert model.config.pixel_space
+    images = synthetic_images()
+    tokens = np.random.RandomState(0).randn(4, 4, 16).astype(np.float32)
+    copies = config.train.batch_size // 4
+    batch = {"images": jnp.asarray(np.concatenate([images] * copies)),
+             "tokens": jnp.asarray(np.concatenate([tokens] * copies))}
+    state = S.create_decoder_state(model, tx, fast_key(0))
+    step = jax.jit(S.make_decoder_train_step(model, tx, schedule, config.train.cfg_prob, lr_fn),
+                   donate_argnums=(0,))
+    rng = jax.random.PRNGKey(1)
+    losses = []
+    for _ in tqdm(range(config.train.num_steps), desc="tiny decoder", leave=False):
+        state, metrics = step(state, batch, rng)
+        losses.append(metrics["loss"])
+    losses = np.array([float(x) for x in losses])
+    assert np.all(np.isfinite(losses))
+    assert losses[-20:].mean() < 0.2 * losses[:10].mean(), (losses[:10], losses[-20:])
+
+    noise = jax.random.normal(jax.random.PRNGKey(3), (4, *model.config.sample_shape))
+    sample = jax.jit(lambda p, t, z: D.visualize(
+        model, p, t, z, schedule, config.sample.num_steps, config.sample.guidance_scale,
+        config.sample.sampler))
+    out = np.clip(np.asarray(sample(state.params, jnp.asarray(tokens), noise)), -1, 1)
+    distance = ((out[:, None] - images[None]) ** 2).mean(axis=(2, 3, 4))  # [sample, target]
+    assert np.all(np.argmin(distance, axis=1) == np.arange(4)), distance
+
+
+def latent_tiny_config():
+    """decoder_tiny with a tiny VAE in front: the UNet denoises 4-channel latents."""
+    config = load_config("decoder_tiny")
+    config.model.image_size = 8
+    config.model.unet.in_channels = 4
+    config.model.unet.out_channels = 4
+    # One VAE level (no downsampling) keeps the compile short; latents stay 8x8.
+    config.model.vae = dict(in_channels=3, out_channels=3, block_out_channels=(8,),
+                            layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                            sample_size=8, down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",))
+    return config
+
+
+@pytest.mark.slow
+def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen():
+    """The step over a state sharded on a (data=2, fsdp=2, tensor=2) mesh computes what the
+    single-device step computes; the VAE is frozen, the projector and UNet move."""
+    model, _, schedule, _ = S.build_decoder_stage(latent_tiny_config())
+    assert model.config.sample_shape == (8, 8, 4)
+    tx = optax.sgd(0.1)  # plain SGD: the update shows any gradient difference directly
+    rs = np.random.RandomState(0)
+    batch = {"images": jnp.asarray(rs.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)),
+             "tokens": jnp.asarray(rs.randn(8, 4, 16).astype(np.float32))}
+    train_step = S.make_decoder_train_step(model, tx, schedule, 0.5)
+    rng = jax.random.PRNGKey(5)
+
+    state = S.create_decoder_state(model, tx, fast_key(0))
+    assert set(state.params) == {"projector", "unet"} and set(state.frozen) == {"vae"}
+    single, single_metrics = jax.jit(train_step)(state, batch, rng)
+    assert np.isfinite(float(single_metrics["loss"]))
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
+                                  state.frozen, single.frozen)
+    assert all(jax.tree_util.tree_leaves(same))
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
+                                   single.params, state.params)
+    assert max(jax.tree_util.tree_leaves(moved["unet"])) > 1e-3
+    assert max(jax.tree_util.tree_leaves(moved["projector"])) > 0
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    shardings = S.state_shardings(model, tx, mesh)  # DECODER_RULES
+    sharded_state = jax.device_put(state, shardings)
+    kernel = sharded_state.params["unet"]["conv_in"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    q_kernel = sharded_state.params["unet"]["down_blocks_0"]["attentions_0"][
+        "transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    step = S.jit_train_step(train_step, shardings, mesh)
+    new_state, metrics = step(sharded_state, batch, rng)
+    assert abs(float(metrics["loss"]) - float(single_metrics["loss"])) <= 1e-5
+    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
+                                   new_state.params, single.params)
+    assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
+    assert int(new_state.step) == 1
+
+
+def test_sd15_config_builds_the_paper_model():
+    config = load_config("decoder_sd15")
+    cfg = DecoderConfig.from_dict(config.model.to_dict())
+    assert cfg.sample_shape == (64, 64, 4)
+    assert cfg.unet.cross_attention_dim == 768 and cfg.context_length == 77
+    lr = optim.make_schedule(config.train.lr_schedule, peak_lr=config.train.peak_lr,
+                             warmup_steps=config.train.warmup_steps,
+                             decay_end_step=config.train.decay_end_step)
+    assert float(lr(config.train.warmup_steps)) == pytest.approx(1.1e-5)
+    assert float(lr(config.train.decay_end_step)) == 0.0

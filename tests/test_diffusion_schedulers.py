@@ -1,0 +1,171 @@
+"""Schedule, DDIM and PNDM parity with diffusers' schedulers of the same config."""
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+from metamorph_jax.inference import diffusion as D
+
+# SD 1.5's scheduler/scheduler_config.json.
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler", beta_end=0.012, beta_schedule="scaled_linear",
+    beta_start=0.00085, num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True,
+    steps_offset=1, trained_betas=None, clip_sample=False,
+)
+
+
+def torch_scheduler(cls, config):
+    allowed = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in config.items() if k in allowed})
+
+
+def eps_torch(x, t):
+    """A smooth stand-in denoiser, written identically in torch and jax."""
+    return 0.9 * torch.tanh(0.7 * x + torch.sin(t.float() / 100.0).view(-1, 1, 1, 1))
+
+
+def eps_jax(x, t):
+    return 0.9 * jnp.tanh(0.7 * x + jnp.sin(t.astype(jnp.float32) / 100.0)[:, None, None, None])
+
+
+def test_training_schedule_and_add_noise_match_ddpm():
+    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    ddpm = torch_scheduler(DDPMScheduler, SD15_SCHEDULER)
+    np.testing.assert_allclose(schedule.alphas_cumprod(), ddpm.alphas_cumprod.numpy(),
+                               rtol=0, atol=1e-6)
+    rs = np.random.RandomState(0)
+    clean = rs.randn(4, 3, 8, 8).astype(np.float32)
+    noise = rs.randn(4, 3, 8, 8).astype(np.float32)
+    t = np.array([0, 1, 500, 999])
+    ref = ddpm.add_noise(torch.tensor(clean), torch.tensor(noise), torch.tensor(t)).numpy()
+    got = D.add_noise(schedule.alphas_cumprod(), jnp.asarray(clean), jnp.asarray(noise),
+                      jnp.asarray(t))
+    assert np.abs(np.asarray(got) - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", [7, 50])
+def test_timesteps_match(spacing, num_steps):
+    config = {**SD15_SCHEDULER, "timestep_spacing": spacing}
+    schedule = D.NoiseSchedule.from_hf(config)
+    ddim = torch_scheduler(DDIMScheduler, config)
+    ddim.set_timesteps(num_steps)
+    np.testing.assert_array_equal(schedule.inference_timesteps(num_steps), ddim.timesteps.numpy())
+    pndm = torch_scheduler(PNDMScheduler, config)
+    pndm.set_timesteps(num_steps)
+    np.testing.assert_array_equal(D.plms_plan(schedule, num_steps).model_t, pndm.timesteps.numpy())
+
+
+def _trajectory(scheduler, x0, num_steps):
+    """diffusers' loop; returns every intermediate sample and the model timesteps."""
+    scheduler.set_timesteps(num_steps)
+    x = torch.tensor(x0)
+    states = []
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps_torch(x, t.repeat(x.shape[0])), t, x).prev_sample
+        states.append(x.numpy().copy())
+    return states
+
+
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_pndm_every_step_and_whole_trajectory(num_steps):
+    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    x0 = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
+    ref = _trajectory(torch_scheduler(PNDMScheduler, SD15_SCHEDULER), x0, num_steps)
+
+    # Step by step from our own state, compared after every step (scale-relative 1e-6).
+    plan = D.plms_plan(schedule, num_steps)
+    acp, final = schedule.alphas_cumprod(), schedule.final_alpha_cumprod()
+    x = jnp.asarray(x0)
+    state = (x, x, jnp.zeros((3,) + x.shape))
+    step = jax.jit(lambda s, e, row: D.plms_step(acp, final, s, e, row))
+    for k in range(len(plan.model_t)):
+        row = tuple(jnp.asarray(a[k]) for a in (plan.model_t, plan.t, plan.prev_t, plan.weights,
+                                                plan.push, plan.restart))
+        eps = eps_jax(state[0], jnp.full((2,), plan.model_t[k]))
+        state = step(state, eps, row)
+        scale = max(1.0, np.abs(ref[k]).max())
+        assert np.abs(np.asarray(state[0]) - ref[k]).max() <= 2e-6 * scale, k
+
+    # The whole scanned trajectory.
+    out = jax.jit(lambda z: D.pndm_sample(eps_jax, z, schedule, num_steps))(jnp.asarray(x0))
+    assert np.abs(np.asarray(out) - ref[-1]).max() <= 2e-6 * max(1.0, np.abs(ref[-1]).max())
+
+
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_ddim_whole_trajectory(num_steps):
+    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    x0 = np.random.RandomState(2).randn(2, 4, 4, 3).astype(np.float32)
+    ref = _trajectory(torch_scheduler(DDIMScheduler, SD15_SCHEDULER), x0, num_steps)
+    out = jax.jit(lambda z: D.ddim_sample(eps_jax, z, schedule, num_steps))(jnp.asarray(x0))
+    assert np.abs(np.asarray(out) - ref[-1]).max() <= 2e-6 * max(1.0, np.abs(ref[-1]).max())
+
+    # One stochastic (eta = 1) step with given noise.
+    ddim = torch_scheduler(DDIMScheduler, SD15_SCHEDULER)
+    ddim.set_timesteps(num_steps)
+    t = ddim.timesteps[3]
+    x = torch.tensor(x0)
+    z = torch.tensor(np.random.RandomState(3).randn(*x0.shape).astype(np.float32))
+    e = eps_torch(x, t.repeat(2))
+    want = ddim.step(e, t, x, eta=1.0, variance_noise=z).prev_sample.numpy()
+    prev_t = int(t) - 1000 // num_steps
+    got = D.ddim_step(schedule.alphas_cumprod(), schedule.final_alpha_cumprod(),
+                      jnp.asarray(e.numpy()), int(t), prev_t, jnp.asarray(x0), eta=1.0,
+                      noise=jnp.asarray(z.numpy()))
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5
+
+
+def test_guidance_scale_one_is_the_conditional_prediction():
+    rs = np.random.RandomState(4)
+    x = jnp.asarray(rs.randn(3, 4, 4, 2).astype(np.float32))
+    context = jnp.asarray(rs.randn(3, 5, 6).astype(np.float32))
+    w = jnp.asarray(rs.randn(6, 2).astype(np.float32))
+
+    def eps_fn(sample, t, ctx):  # depends on the condition, so guidance matters
+        return jnp.tanh(sample + jnp.einsum("bld,dc->bc", ctx, w)[:, None, None, :]
+                        + t[:, None, None, None] / 1000.0)
+
+    t = jnp.array(500)
+    cond = eps_fn(x, jnp.full((3,), 500), context)
+    uncond = eps_fn(x, jnp.full((3,), 500), jnp.zeros_like(context))
+    np.testing.assert_allclose(D.guided_epsilon(eps_fn, x, t, context, 1.0), cond, atol=1e-6)
+    np.testing.assert_allclose(D.guided_epsilon(eps_fn, x, t, context, 0.0), uncond, atol=1e-6)
+    guided = D.guided_epsilon(eps_fn, x, t, context, 7.5)
+    np.testing.assert_allclose(guided, uncond + 7.5 * (cond - uncond), atol=1e-5)
+    assert float(jnp.abs(guided - cond).max()) > 1e-2
+
+
+def test_schedule_config_errors():
+    with pytest.raises(ValueError, match="clip_sample"):
+        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "clip_sample": True})
+    with pytest.raises(ValueError, match="prediction_type"):
+        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="skip_prk_steps"):
+        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "skip_prk_steps": False})
+    with pytest.raises(ValueError, match="beta_schedule"):
+        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"})
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "ddim"])
+def test_guided_sampling_at_scale_one_is_the_conditional_trajectory(sampler):
+    rs = np.random.RandomState(5)
+    noise = jnp.asarray(rs.randn(2, 4, 4, 3).astype(np.float32))
+    context = jnp.asarray(rs.randn(2, 3, 3).astype(np.float32))
+
+    def eps_fn(x, t, ctx):
+        return eps_jax(x + ctx.mean(axis=1)[:, None, None, :], t)
+
+    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    guided = D.sample_latents(eps_fn, noise, context, schedule, 10, 1.0, sampler)
+    plain = (D.pndm_sample if sampler == "pndm" else D.ddim_sample)(
+        lambda x, t: eps_fn(x, t, context), noise, schedule, 10)
+    scale = max(1.0, float(jnp.abs(plain).max()))
+    assert float(jnp.abs(guided - plain).max()) <= 1e-5 * scale
+    strong = D.sample_latents(eps_fn, noise, context, schedule, 10, 5.0, sampler)
+    assert float(jnp.abs(strong - plain).max()) > 1e-2
+    with pytest.raises(ValueError, match="sampler"):
+        D.sample_latents(eps_fn, noise, context, schedule, 10, 1.0, "euler")
