@@ -35,3 +35,21 @@ def test_temperature_sampling_follows_the_softmax():
     draws = jax.vmap(lambda k: sample_tokens(jnp.log(jnp.asarray(probs))[None], k, 1.0, 1.0))(keys)
     frequencies = np.bincount(np.asarray(draws[:, 0]), minlength=4) / len(keys)
     np.testing.assert_allclose(frequencies, probs, atol=0.03)
+
+
+def test_scanned_and_unrolled_decoding_agree():
+    import flax.linen as nn
+    from convert import llama as llama_convert
+    from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
+    from metamorph_jax.models.llama import LlamaForCausalLM
+    from tests.helpers import tiny_llama_hf_config
+    cfg = llama_convert.config_from_hf(tiny_llama_hf_config())
+    model = LlamaForCausalLM(cfg)
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy))["params"]
+    prompts = [[5, 9, 11], [7, 3, 2, 8, 1, 4]]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1)
+    scanned = TextGenerator(model, params, [-1], unroll_layers=False).generate(prompts, sampling)
+    unrolled = TextGenerator(model, params, [-1]).generate(prompts, sampling)
+    assert scanned == unrolled
+    assert [len(t) for t in unrolled] == [6, 6]

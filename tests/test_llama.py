@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from convert import llama as llama_convert
-from metamorph_jax.models.llama import LlamaForCausalLM
+from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
 from tests.helpers import llama_params_from_torch, tiny_llama_hf_config
 
 CONFIGS = {
@@ -46,7 +46,8 @@ def test_reference_attention_matches_xla():
     tokens = jnp.arange(10)[None] % cfg.vocab_size
     positions = jnp.arange(10)[None]
     params = model.init(jax.random.key(1), tokens, positions=positions)["params"]
-    xla = model.apply({"params": params}, tokens, positions=positions).logits
+    xla = LlamaForCausalLM(cfg.replace(attention_impl="xla")).apply(
+        {"params": params}, tokens, positions=positions).logits
     ref = LlamaForCausalLM(cfg.replace(attention_impl="reference")).apply(
         {"params": params}, tokens, positions=positions).logits
     assert np.abs(np.asarray(xla) - np.asarray(ref)).max() <= 1e-5
@@ -107,13 +108,6 @@ def test_kv_cache_decoding_equals_full_forward(scan):
                            cache=cache, cache_index=jnp.full((2,), t, jnp.int32))
         np.testing.assert_allclose(np.asarray(step.logits[:, 0]), np.asarray(full[:, t]), atol=1e-5)
         cache = step.cache
-
-
-def unstack_layers(params, num_layers):
-    out = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(num_layers):
-        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
-    return out
 
 
 def test_inputs_embeds_equal_tokens():

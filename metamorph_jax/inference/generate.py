@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from metamorph_jax.models.llama import LlamaForCausalLM
+from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,36 +44,45 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float,
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-_sample_jit = jax.jit(sample_tokens, static_argnums=(2, 3))
-
-
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
 class TextGenerator:
-    """Greedy or sampled continuation of token prompts with one model and its params."""
+    """Greedy or sampled continuation of token prompts with one model and its params.
+
+    unroll_layers: decode with the layers unrolled (a scanned model's stacked params are
+    sliced once here). Scan slices every layer's weights out of the stack at each step,
+    which costs a weight copy per token; unrolled decoding measured ~1.5x faster at batch 1.
+    """
 
     def __init__(self, model: LlamaForCausalLM, params, eos_token_ids: Sequence[int],
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, unroll_layers: bool = True):
+        if unroll_layers and model.config.scan_layers:
+            params = unstack_layers(params, model.config.num_layers)
+            model = LlamaForCausalLM(model.config.replace(scan_layers=False))
         self.model = model
         self.params = params
         self.eos_token_ids = np.asarray(sorted(set(eos_token_ids)), np.int32)
         self.pad_token_id = pad_token_id
 
-    @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-    def _prefill(self, params, tokens, cache, lengths):
+    # Sampling happens inside the jitted calls: one dispatch per token, and only the new
+    # token ids travel back to the host.
+    @partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(3,))
+    def _prefill(self, params, tokens, cache, lengths, key, temperature, top_p):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         out = self.model.apply({"params": params}, tokens, positions=positions, cache=cache,
                                cache_index=jnp.zeros(tokens.shape[0], jnp.int32))
         last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return last, out.cache
+        key, sub = jax.random.split(key)
+        return sample_tokens(last, sub, temperature, top_p), out.cache, key
 
-    @partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-    def _step(self, params, tokens, index, cache):
+    @partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(4,))
+    def _step(self, params, tokens, index, cache, key, temperature, top_p):
         out = self.model.apply({"params": params}, tokens[:, None], positions=index[:, None],
                                cache=cache, cache_index=index)
-        return out.logits[:, 0], out.cache
+        key, sub = jax.random.split(key)
+        return sample_tokens(out.logits[:, 0], sub, temperature, top_p), out.cache, key
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
                  progress: bool = False) -> list[list[int]]:
@@ -88,19 +97,20 @@ class TextGenerator:
             tokens[row, :len(prompt)] = prompt
         cache_len = _round_up(width + sampling.max_new_tokens, 8)
         cache = self.model.init_cache(batch, cache_len)
-        logits, cache = self._prefill(self.params, jnp.asarray(tokens), cache, jnp.asarray(lengths))
-        key = jax.random.key(sampling.seed)
+        rule = (float(sampling.temperature), float(sampling.top_p))
+        new, cache, key = self._prefill(self.params, jnp.asarray(tokens), cache,
+                                        jnp.asarray(lengths), jax.random.key(sampling.seed), *rule)
         index = lengths.copy()
         outputs: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, bool)
         for step in tqdm(range(sampling.max_new_tokens), disable=not progress, desc="decoding"):
-            key, sub = jax.random.split(key)
-            new = np.asarray(_sample_jit(logits, sub, sampling.temperature, sampling.top_p))
+            new = np.asarray(new)
             for row in np.flatnonzero(~done):
                 outputs[row].append(int(new[row]))
             done |= np.isin(new, self.eos_token_ids)
             if done.all() or step == sampling.max_new_tokens - 1:
                 break
-            logits, cache = self._step(self.params, jnp.asarray(new), jnp.asarray(index), cache)
+            new, cache, key = self._step(self.params, jnp.asarray(new), jnp.asarray(index), cache,
+                                         key, *rule)
             index += 1
         return outputs

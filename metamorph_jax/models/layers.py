@@ -64,9 +64,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
 
     query [B,T,H,D]; key/value [B,S,K,D] with H % K == 0 (grouped-query attention).
     mask: bool, broadcastable to [B,H,T,S], True = attend. bias: float, same broadcast.
-    Softmax runs in fp32 on every path. implementation: None lets JAX choose (XLA on
-    CPU/TPU; cuDNN flash attention on GPUs where it applies), "xla", "cudnn", or
-    "reference" (plain einsums, used by tests).
+    Softmax runs in fp32 on every path. implementation: None picks per backend (plain
+    einsums on CPU, jax.nn's XLA kernel on TPU, cuDNN flash attention on GPUs where it
+    applies), or "xla", "cudnn", "reference" (plain einsums).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of "
@@ -74,7 +74,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     if query.shape[2] % key.shape[2]:
         raise ValueError(f"{query.shape[2]} query heads are not a multiple of "
                          f"{key.shape[2]} key/value heads")
-    if implementation == "reference":
+    if implementation == "reference" or (implementation is None and jax.default_backend() == "cpu"):
+        # On CPU the plain einsums run ~3x faster than jax.nn's XLA path (measured on the
+        # UNet's 1024-token self-attention), with the same fp32-softmax numerics.
         return reference_attention(query, key, value, mask, bias)
     if implementation is None and jax.default_backend() == "gpu":
         # cuDNN flash attention takes bf16/fp16 with head_dim <= 128; else use XLA.

@@ -105,6 +105,14 @@ class DecoderOutput:
     cache: dict | None
 
 
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned params (layers/... stacked on axis 0) -> unrolled params (layers_0/...)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
 def _update_cache(cache: Array, new: Array, index: Array) -> Array:
     """Writes new [B,T,K,D] into cache [B,S,K,D] at per-row offsets index [B]."""
     def one(row_cache, row_new, row_index):
