@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     to_flax.add_argument("out")
     to_flax.add_argument("--allow-pickle", action="store_true",
                          help="accept .bin/.pt files (loaded with torch.load(weights_only=True))")
+    to_flax.add_argument("--variant", help="read the weights of this variant, e.g. fp16 "
+                                           "(files named model.fp16.safetensors)")
     to_hf = sub.add_parser("to-hf", help="Flax/Orbax model folder -> PyTorch checkpoint folder")
     to_hf.add_argument("model", choices=models)
     to_hf.add_argument("src")
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
             src = Path(args.src) / subfolder if subfolder else Path(args.src)
             out = Path(args.out) / subfolder if subfolder else Path(args.out)
             if args.command == "to-flax":
-                hf_to_flax(get_spec(name), src, out, allow_pickle=args.allow_pickle)
+                hf_to_flax(get_spec(name), src, out, allow_pickle=args.allow_pickle,
+                           variant=args.variant)
             else:
                 flax_to_hf(get_spec(name), src, out, tokenizer_dir=args.tokenizer,
                            max_shard_bytes=args.max_shard_size)

@@ -48,16 +48,53 @@ def _pickle_loaders(path: Path) -> dict[str, Callable[[], np.ndarray]]:
     return {name: (lambda t=t: load(t)) for name, t in state.items()}
 
 
-def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False
+def _select_weight_files(src_dir: Path, weights_name: str | None, variant: str | None
+                         ) -> tuple[list[Path], Path | None]:
+    """(safetensors files, index file or None) to read from a folder.
+
+    With weights_name ("model", "diffusion_pytorch_model") the files of that name (and
+    variant, e.g. "fp16") win when present, so a Hub folder that holds an fp32 and an
+    fp16 copy converts the one asked for; otherwise every *.safetensors is read.
+    """
+    if weights_name is not None:
+        infix = f".{variant}" if variant else ""
+        for index in (src_dir / f"{weights_name}{infix}.safetensors.index.json",
+                      src_dir / f"{weights_name}.safetensors.index{infix}.json"):
+            if index.exists():
+                return [], index
+        single = src_dir / f"{weights_name}{infix}.safetensors"
+        if single.exists():
+            return [single], None
+        if variant:
+            raise ConversionError(f"{src_dir}: no {single.name} and no index for variant "
+                                  f"{variant!r}")
+    indexes = sorted(src_dir.glob("*.safetensors.index*.json"))
+    if len(indexes) > 1:
+        raise ConversionError(f"{src_dir}: several index files {[p.name for p in indexes]}; "
+                              f"pass --variant to choose")
+    return sorted(src_dir.glob("*.safetensors")), (indexes[0] if indexes else None)
+
+
+def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False,
+                    weights_name: str | None = None, variant: str | None = None
                     ) -> tuple[dict[str, Callable[[], np.ndarray]], dict[str, Path]]:
     """Finds the weights in a folder: sharded (index) or single safetensors files, or,
     only with allow_pickle, PyTorch pickles. Returns (name -> loader, name -> file)."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise ConversionError(f"{src_dir} is not a folder")
-    indexes = sorted(src_dir.glob("*.safetensors.index.json"))
-    files = sorted(src_dir.glob("*.safetensors"))
-    if not indexes and not files:
+    files, index = _select_weight_files(src_dir, weights_name, variant)
+    weight_map = None
+    if index is not None:
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: missing field 'weight_map'")
+        for file in sorted(set(weight_map.values())):
+            if not (src_dir / file).exists():
+                raise ConversionError(f"{index}: lists {file}, which does not exist")
+        files = [src_dir / file for file in sorted(set(weight_map.values()))]
+    if not files:
         pickles = sorted(p for p in src_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickles:
             raise ConversionError(f"{src_dir}: no weights found (looked for *.safetensors, "
@@ -68,8 +105,6 @@ def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False
                 f"to safetensors, or pass --allow-pickle to load it with "
                 f"torch.load(weights_only=True).")
         files = pickles
-    if len(indexes) > 1:
-        raise ConversionError(f"{src_dir}: several index files {[p.name for p in indexes]}")
 
     loaders, origin = {}, {}
     for path in files:
@@ -79,17 +114,9 @@ def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False
             if name in loaders:
                 raise ConversionError(f"{path}: tensor {name!r} also stored in {origin[name]}")
             loaders[name], origin[name] = load, path
-    if indexes:
-        with open(indexes[0]) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{indexes[0]}: missing field 'weight_map'")
-        for name, file in weight_map.items():
-            if not (src_dir / file).exists():
-                raise ConversionError(f"{indexes[0]}: tensor {name!r} is in {file}, "
-                                      f"which does not exist")
-            if name not in loaders or origin[name].name != file:
-                raise ConversionError(f"{indexes[0]}: tensor {name!r} is not in {file}")
+    for name, file in (weight_map or {}).items():
+        if name not in loaders or origin[name].name != file:
+            raise ConversionError(f"{index}: tensor {name!r} is not in {file}")
     return loaders, origin
 
 
@@ -131,7 +158,8 @@ def _config_dict(config) -> dict:
 # --------------------------------------------------------------------------- to Flax
 
 def hf_to_flax(spec: ModelSpec, src_dir: str | Path, out_dir: str | Path,
-               allow_pickle: bool = False, progress: bool = True) -> None:
+               allow_pickle: bool = False, progress: bool = True,
+               variant: str | None = None) -> None:
     """Converts a Hugging Face / diffusers folder into an Orbax model folder."""
     src_dir = Path(src_dir)
     hf_config = read_json(src_dir / "config.json")
@@ -139,7 +167,7 @@ def hf_to_flax(spec: ModelSpec, src_dir: str | Path, out_dir: str | Path,
         config = spec.config_from_hf(hf_config)
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
-    loaders, origin = open_checkpoint(src_dir, allow_pickle)
+    loaders, origin = open_checkpoint(src_dir, allow_pickle, spec.weights_name, variant)
     params = tensors_to_flax(spec, config, loaders, origin, progress, where=src_dir)
     pretrained.save_pretrained(out_dir, spec.name, _config_dict(config), params, hf_config)
 

@@ -174,3 +174,23 @@ def test_generate_cli_prints_the_continuation(tmp_path):
          str(tmp_path / "tok"), "--prompt", "hello world", "--chat", "--max-new-tokens", "6"],
         cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == expected_text.strip()
+
+
+def test_variant_files_are_chosen_not_mixed(tmp_path):
+    """A Hub folder with an fp32 and an fp16 copy converts the copy asked for."""
+    model = save_hf_model(tmp_path / "hf")
+    tensors = read_all(tmp_path / "hf")
+    safetensors_io.write_file(tmp_path / "hf" / "model.fp16.safetensors",
+                              [(n, a.shape, np.float16, lambda a=a: a.astype(np.float16))
+                               for n, a in tensors.items()])
+    assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "fp32")]) == 0
+    assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "fp16"),
+                         "--variant", "fp16"]) == 0
+    embed = model.model.embed_tokens.weight.detach().numpy()
+    fp32 = pretrained.load_params(tmp_path / "fp32")["embed_tokens"]["embedding"]
+    fp16 = pretrained.load_params(tmp_path / "fp16")["embed_tokens"]["embedding"]
+    assert fp32.dtype == np.float32 and fp16.dtype == np.float16
+    np.testing.assert_array_equal(fp32, embed)
+    np.testing.assert_array_equal(fp16, embed.astype(np.float16))
+    assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "bf16"),
+                         "--variant", "bf16"]) == 1
