@@ -6,7 +6,9 @@ same weights, same inputs, measured in one run. Prints both rates and the ratio.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +17,10 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from tqdm.auto import tqdm
 
-from convert import unet as unet_convert
-from convert.spec import to_flax as rule_to_flax
-from flax import traverse_util
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from convert import unet as unet_convert  # noqa: E402
+from convert.core import state_dict_to_flax  # noqa: E402
 from metamorph_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 SMALL = dict(
@@ -26,19 +29,6 @@ SMALL = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
-
-
-def torch_to_flax(model: TorchUNet, cfg: UNetConfig) -> dict:
-    """Maps the state dict through the converter's rule table (in memory)."""
-    rules = unet_convert.rules(cfg)
-    shapes = {"/".join(k): tuple(v.shape) for k, v in
-              traverse_util.flatten_dict(unet_convert.param_shapes(cfg)).items()}
-    flat = {}
-    for name, tensor in model.state_dict().items():
-        rule = next(r for r in rules if r.hf_regex.match(name))
-        path = rule.flax.format(**rule.hf_regex.match(name).groupdict())
-        flat[tuple(path.split("/"))] = rule_to_flax(rule, tensor.numpy(), shapes[path])
-    return traverse_util.unflatten_dict(flat)
 
 
 def interleaved_rates(fns: dict, steps: int, block: int = 5) -> dict:
@@ -71,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch_model = TorchUNet(**SMALL).eval()
     cfg = UNetConfig.from_hf(dict(torch_model.config))
-    params = jax.device_put(torch_to_flax(torch_model, cfg))
+    params = jax.device_put(state_dict_to_flax(unet_convert.SPEC, cfg, torch_model.state_dict()))
     model = UNet2DConditionModel(cfg)
     apply = jax.jit(model.apply)
 

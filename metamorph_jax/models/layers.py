@@ -43,6 +43,17 @@ def reference_attention(query: Array, key: Array, value: Array, mask: Array | No
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     groups = num_heads // num_kv_heads
+    if groups == 1:
+        # Plain multi-head layout: XLA's CPU backend runs it markedly faster than the
+        # grouped 5-D form below.
+        logits = jnp.einsum("bthd,bshd->bhts", query, key,
+                            preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+        return jnp.einsum("bhts,bshd->bthd", probs, value)
     q = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, key,
                         preferred_element_type=jnp.float32) / math.sqrt(head_dim)
