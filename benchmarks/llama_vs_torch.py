@@ -1,14 +1,15 @@
 """LLaMA speed, ours (JAX, jit) against transformers' LlamaForCausalLM (PyTorch), same run.
 
-  python benchmarks/llama_vs_torch.py [--steps 5] [--seq-len 256] [--batch 4]
+  python benchmarks/llama_vs_torch.py [--steps 5] [--seq-len 256] [--batch 4] [--repeats 3]
 
 Rows: training-step tokens/s (AdamW, fp32) and greedy-decode tokens/s at batch 1 and 8,
 each with ours/torch. Both sides use the same ~100M-parameter config and the same CPU
-threads; timings exclude compilation / warm-up steps.
+threads; timings exclude compilation / warm-up steps and are medians over the calls.
 """
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -34,10 +35,13 @@ HF_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
 
 
 def timed(fn, repeats: int) -> float:
-    start = time.perf_counter()
+    """Median seconds per call (robust to a stray slow call on a shared machine)."""
+    times = []
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def torch_params_to_flax(model, cfg):
@@ -54,7 +58,7 @@ def train_rows(reference, params, cfg, args) -> tuple[float, float]:
     inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
     positions = jnp.broadcast_to(jnp.arange(args.seq_len), inputs.shape)
 
-    @jax.jit
+    @partial(jax.jit, donate_argnums=(0, 1))  # update in place, as torch's optimizer does
     def step(params, opt_state):
         def loss_fn(p):
             logits = model.apply({"params": p}, inputs, positions=positions).logits
@@ -63,7 +67,8 @@ def train_rows(reference, params, cfg, args) -> tuple[float, float]:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    state = [params, optimizer.init(params)]
+    train_params = jax.tree.map(jnp.copy, params)  # donated below; decode rows reuse params
+    state = [train_params, optimizer.init(train_params)]
 
     def run_ours():
         state[0], state[1], loss = step(*state)
@@ -96,7 +101,7 @@ def decode_rows(reference, params, cfg, batch: int, args) -> tuple[float, float]
     generator = TextGenerator(LlamaForCausalLM(cfg), params, eos_token_ids=[-1])
     sampling = SamplingConfig(max_new_tokens=new)
     generator.generate(prompts.tolist(), sampling)  # compile at the timed shapes
-    ours = batch * new / timed(lambda: generator.generate(prompts.tolist(), sampling), 1)
+    ours = batch * new / timed(lambda: generator.generate(prompts.tolist(), sampling), args.repeats)
 
     t_prompts = torch.tensor(prompts)
 
@@ -105,7 +110,7 @@ def decode_rows(reference, params, cfg, batch: int, args) -> tuple[float, float]
             reference.generate(t_prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
     run_torch()
-    theirs = batch * new / timed(run_torch, 1)
+    theirs = batch * new / timed(run_torch, args.repeats)
     return ours, theirs
 
 
@@ -117,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed decode runs per side")
     args = parser.parse_args()
 
     torch.manual_seed(0)
