@@ -3,11 +3,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
 
 from convert import llama as llama_convert
+from convert.core import state_dict_to_flax
 from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
 from tests.helpers import llama_params_from_torch, tiny_llama_hf_config
 
@@ -151,3 +153,33 @@ def test_remat_policies_give_same_gradients():
     remat = jax.grad(loss)(params, cfg.replace(remat_policy="full"))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
                  base, remat)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+@pytest.mark.parametrize("name", ["gqa_untied", "mha_tied"])
+def test_gradients_match_transformers(name, scan):
+    """The CPU backward passes (stacked attention, dense matmul) against torch autograd."""
+    hf_config = tiny_llama_hf_config(**CONFIGS[name])
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
+    cfg = llama_convert.config_from_hf(hf_config).replace(scan_layers=scan)
+    params = llama_params_from_torch(reference, cfg)
+    tokens = np.random.default_rng(1).integers(0, hf_config["vocab_size"], (2, 12))
+    logits = reference(torch.tensor(tokens[:, :-1])).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      torch.tensor(tokens[:, 1:]).reshape(-1)).backward()
+    expected = state_dict_to_flax(llama_convert.SPEC, cfg,
+                                  {k: p.grad for k, p in reference.named_parameters()})
+    positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+
+    def loss(p):
+        out = LlamaForCausalLM(cfg).apply({"params": p}, jnp.asarray(tokens[:, :-1]),
+                                          positions=positions).logits
+        return optax.softmax_cross_entropy_with_integer_labels(
+            out, jnp.asarray(tokens[:, 1:])).mean()
+    grads = jax.grad(loss)(params)
+    flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
+    for path, got in jax.tree_util.tree_leaves_with_path(grads):
+        want = np.asarray(flat_expected[path])
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-6 + 1e-4 * np.abs(want).max(),
+                                   err_msg=jax.tree_util.keystr(path))

@@ -7,6 +7,7 @@ checkpoint converters stay tables.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -34,7 +35,7 @@ def to_dtype(name: str | Any) -> Any:
 
 # --------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "reference")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "stacked", "reference")
 
 
 def reference_attention(query: Array, key: Array, value: Array, mask: Array | None,
@@ -68,6 +69,74 @@ def reference_attention(query: Array, key: Array, value: Array, mask: Array | No
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def _stack_groups(x: Array, groups: int) -> Array:
+    """[B,T,K*G,D] -> [B,K,G*T,D]: each key/value head's query groups stacked as rows."""
+    batch, length, heads, dim = x.shape
+    x = x.reshape(batch, length, heads // groups, groups, dim)
+    return x.transpose(0, 2, 3, 1, 4).reshape(batch, heads // groups, groups * length, dim)
+
+
+def _unstack_groups(x: Array, groups: int) -> Array:
+    """Inverse of _stack_groups: [B,K,G*T,D] -> [B,T,K*G,D]."""
+    batch, kv_heads, rows, dim = x.shape
+    x = x.reshape(batch, kv_heads, groups, rows // groups, dim)
+    return x.transpose(0, 3, 1, 2, 4).reshape(batch, rows // groups, kv_heads * groups, dim)
+
+
+def _stacked_probs(q_rows: Array, k_heads: Array, mask: Array, groups: int,
+                   scale: float) -> Array:
+    """Softmax probabilities [B,K,G*T,S] in fp32."""
+    scores = jnp.einsum("bkmd,bksd->bkms", q_rows, k_heads,
+                        preferred_element_type=jnp.float32) * scale
+    batch, kv_heads, rows, keys = scores.shape
+    scores = scores.reshape(batch, kv_heads, groups, rows // groups, keys)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, rows, keys)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def stacked_attention(query: Array, key: Array, value: Array, mask: Array, groups: int) -> Array:
+    """Grouped-query attention with each key/value head's query groups stacked as rows.
+
+    query [B,T,K*G,D], key/value [B,S,K,D], mask bool [B,1,T,S] (the same for every
+    head). One [G*T, D] x [D, S] product per (batch, kv head) needs no repeated keys,
+    and the hand-written backward keeps XLA's CPU backend from transposing the
+    probabilities back and forth (measured 38 -> 20 ms forward, 91 -> 73 ms forward +
+    backward for a 125M model's attention block at 4 x 256 tokens).
+    """
+    return _stacked_attention_fwd(query, key, value, mask, groups)[0]
+
+
+def _stacked_attention_fwd(query, key, value, mask, groups):
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    q_rows = _stack_groups(query, groups)
+    k_heads, v_heads = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    probs = _stacked_probs(q_rows, k_heads, mask, groups, scale)
+    out_rows = jnp.einsum("bkms,bksd->bkmd", probs.astype(value.dtype), v_heads)
+    return _unstack_groups(out_rows, groups), (q_rows, k_heads, v_heads, probs, out_rows)
+
+
+def _stacked_attention_bwd(groups, residuals, d_out):
+    q_rows, k_heads, v_heads, probs, out_rows = residuals
+    scale = 1.0 / math.sqrt(q_rows.shape[-1])
+    d_rows = _stack_groups(d_out, groups)
+    d_value = jnp.einsum("bkms,bkmd->bksd", probs.astype(d_rows.dtype), d_rows)
+    d_probs = jnp.einsum("bkmd,bksd->bkms", d_rows, v_heads, preferred_element_type=jnp.float32)
+    # Softmax backward: p * (dp - sum_s(dp * p)), and sum_s(dp * p) = sum_d(d_out * out).
+    delta = jnp.sum(d_rows.astype(jnp.float32) * out_rows.astype(jnp.float32), axis=-1,
+                    keepdims=True)
+    # The score scale is applied to the [.., D] products, not to the [.., S] scores: a
+    # scalar there becomes a broadcast constant array in XLA's CPU fusions.
+    d_scores = (probs * (d_probs - delta)).astype(q_rows.dtype)
+    d_query = jnp.einsum("bkms,bksd->bkmd", d_scores, k_heads) * jnp.asarray(scale, q_rows.dtype)
+    d_key = jnp.einsum("bkms,bkmd->bksd", d_scores, q_rows) * jnp.asarray(scale, q_rows.dtype)
+    return (_unstack_groups(d_query, groups), d_key.transpose(0, 2, 1, 3),
+            d_value.transpose(0, 2, 1, 3), None)
+
+
+stacked_attention.defvjp(_stacked_attention_fwd, _stacked_attention_bwd)
+
+
 def dot_product_attention(query: Array, key: Array, value: Array, *,
                           mask: Array | None = None, bias: Array | None = None,
                           implementation: str | None = None) -> Array:
@@ -75,9 +144,10 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
 
     query [B,T,H,D]; key/value [B,S,K,D] with H % K == 0 (grouped-query attention).
     mask: bool, broadcastable to [B,H,T,S], True = attend. bias: float, same broadcast.
-    Softmax runs in fp32 on every path. implementation: None picks per backend (plain
-    einsums on CPU, jax.nn's XLA kernel on TPU, cuDNN flash attention on GPUs where it
-    applies), or "xla", "cudnn", "reference" (plain einsums).
+    Softmax runs in fp32 on every path. implementation: None picks per backend (on CPU
+    `stacked_attention` when the mask is the same for every head, else plain einsums;
+    jax.nn's XLA kernel on TPU; cuDNN flash attention on GPUs where it applies), or
+    "xla", "cudnn", "stacked", "reference" (plain einsums).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of "
@@ -85,9 +155,15 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     if query.shape[2] % key.shape[2]:
         raise ValueError(f"{query.shape[2]} query heads are not a multiple of "
                          f"{key.shape[2]} key/value heads")
-    if implementation == "reference" or (implementation is None and jax.default_backend() == "cpu"):
-        # On CPU the plain einsums run ~3x faster than jax.nn's XLA path (measured on the
-        # UNet's 1024-token self-attention), with the same fp32-softmax numerics.
+    on_cpu = implementation is None and jax.default_backend() == "cpu"
+    head_independent_mask = (mask is not None and bias is None and mask.ndim == 4
+                             and mask.shape[1] == 1)
+    if implementation == "stacked" or (on_cpu and head_independent_mask):
+        if not head_independent_mask:
+            raise ValueError("stacked attention takes a bool mask [B,1,T,S] and no bias")
+        mask = jnp.broadcast_to(mask, (query.shape[0], 1, query.shape[1], key.shape[1]))
+        return stacked_attention(query, key, value, mask, query.shape[2] // key.shape[2])
+    if implementation == "reference" or on_cpu:
         return reference_attention(query, key, value, mask, bias)
     if implementation is None and jax.default_backend() == "gpu":
         # cuDNN flash attention takes bf16/fp16 with head_dim <= 128; else use XLA.
@@ -158,13 +234,23 @@ def rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-    """Rotary embedding in Hugging Face's half-split layout. x [B,T,H,D], positions [B,T]."""
+def rotary_tables(positions: Array, inv_freq: np.ndarray, dtype: Any) -> tuple[Array, Array]:
+    """cos and sin [B,T,1,D] of the rotary angles, in Hugging Face's half-split layout.
+
+    Computed once per forward and shared by every layer. The optimisation barrier keeps
+    them materialised: left to fuse, XLA recomputes sin and cos inside every consumer,
+    once per head element of every layer (measured ~7 ms per layer on CPU).
+    """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos = jnp.cos(angles).astype(x.dtype)
-    sin = jnp.sin(angles).astype(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return jax.lax.optimization_barrier((jnp.cos(angles).astype(dtype),
+                                         jnp.sin(angles).astype(dtype)))
+
+
+def apply_rotary(x: Array, rope: tuple[Array, Array]) -> Array:
+    """Rotates x [B,T,H,D] by the (cos, sin) tables of `rotary_tables`."""
+    cos, sin = rope
+    return x * cos.astype(x.dtype) + rotate_half(x) * sin.astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- dense
@@ -176,6 +262,39 @@ def dense_init(axes: Sequence[str], stddev: float = 0.02) -> Callable:
 
 def bias_init(axes: Sequence[str]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
+
+
+@jax.custom_vjp
+def dense_matmul(inputs: Array, kernel: Array) -> Array:
+    """inputs [..., N] @ kernel [N, F], with a backward pass laid out for XLA's CPU backend.
+
+    Autodiff's weight gradient contracts the token axis of both operands; on CPU, XLA
+    then transposes each activation gradient and runs a slower Eigen product (measured
+    285 -> 210 ms for one 125M-model layer's forward + backward). Here the weight
+    gradient is transposed(inputs) @ grad, with the transpose materialised so the
+    product runs as a plain row-major matmul. Other backends get autodiff's product.
+    """
+    return inputs @ kernel
+
+
+def _dense_matmul_fwd(inputs, kernel):
+    return inputs @ kernel, (inputs, kernel)
+
+
+def _dense_matmul_bwd(residuals, grad):
+    inputs, kernel = residuals
+    d_inputs = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
+    flat_inputs = inputs.reshape(-1, inputs.shape[-1])
+    flat_grad = grad.reshape(-1, grad.shape[-1])
+    if jax.default_backend() == "cpu":
+        # The barrier stops XLA from folding the transpose back into the product.
+        d_kernel = jax.lax.optimization_barrier(flat_inputs.T) @ flat_grad
+    else:
+        d_kernel = jax.lax.dot_general(flat_inputs, flat_grad, (((0,), (0,)), ((), ())))
+    return d_inputs, d_kernel.astype(kernel.dtype)
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
 class MultiAxisDense(nn.Module):
@@ -207,7 +326,7 @@ class MultiAxisDense(nn.Module):
         # backend emits far fewer transposes for it than for a multi-axis dot_general.
         fan_in = int(np.prod(in_shape))
         flat = inputs.astype(self.dtype).reshape(*inputs.shape[:inputs.ndim - self.num_in], fan_in)
-        out = flat @ jnp.asarray(kernel, self.dtype).reshape(fan_in, -1)
+        out = dense_matmul(flat, jnp.asarray(kernel, self.dtype).reshape(fan_in, -1))
         out = out.reshape(*out.shape[:-1], *self.features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
@@ -229,9 +348,11 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         def proj(features, name, axes):
-            return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
-                            param_dtype=self.param_dtype, kernel_init=dense_init(axes),
-                            bias_init=bias_init(axes[-1:]), name=name)
+            # MultiAxisDense runs 2-D matmuls on flattened tokens; nn.Dense's 3-D dot_general
+            # made XLA's CPU backward transpose each gradient before its weight product.
+            return MultiAxisDense((features,), axes, use_bias=self.use_bias,
+                                  kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=name)
         gate = proj(self.intermediate_size, "gate_proj", ("embed", "mlp"))(x)
         up = proj(self.intermediate_size, "up_proj", ("embed", "mlp"))(x)
         act = getattr(jax.nn, self.activation)

@@ -125,8 +125,8 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, cache_index: Array | None,
-                 layer_cache: tuple[Array, Array] | None):
+    def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array,
+                 cache_index: Array | None, layer_cache: tuple[Array, Array] | None):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
@@ -137,10 +137,8 @@ class LlamaAttention(nn.Module):
         query = proj(cfg.num_heads, "heads", "q_proj")(x)
         key = proj(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
         value = proj(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
-        inv_freq = layers.rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta,
-                                                   cfg.rope_scaling_dict)
-        query = layers.apply_rotary(query, positions, inv_freq)
-        key = layers.apply_rotary(key, positions, inv_freq)
+        query = layers.apply_rotary(query, rope)
+        key = layers.apply_rotary(key, rope)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
         key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
         value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
@@ -164,14 +162,14 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, positions: Array, mask: Array,
+    def __call__(self, hidden: Array, rope: tuple[Array, Array], mask: Array,
                  cache_index: Array | None, layer_cache):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         attn_out, new_cache = LlamaAttention(cfg, name="self_attn")(
             layers.RMSNorm(**norm, name="input_layernorm")(hidden),
-            positions, mask, cache_index, layer_cache)
+            rope, mask, cache_index, layer_cache)
         hidden = hidden + attn_out
         mlp_out = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias,
                                   dtype=dtype, param_dtype=param_dtype, name="mlp")(
@@ -209,9 +207,10 @@ class LlamaForCausalLM(nn.Module):
             self.layer_list = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = layers.RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
-                                    param_dtype=param_dtype,
-                                    kernel_init=layers.dense_init(("embed", "vocab")))
+            self.lm_head = layers.MultiAxisDense((cfg.vocab_size,), ("embed", "vocab"),
+                                                 use_bias=False, dtype=dtype,
+                                                 param_dtype=param_dtype,
+                                                 kernel_init=NORMAL_INIT)
 
     def embed(self, tokens: Array) -> Array:
         return self.embed_tokens(tokens)
@@ -253,17 +252,21 @@ class LlamaForCausalLM(nn.Module):
                 segment_ids = jnp.ones((batch, length), jnp.int32)
             mask = layers.packed_causal_mask(segment_ids)
 
+        cfg = self.config
+        inv_freq = layers.rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                   cfg.rope_scaling_dict)
+        rope = layers.rotary_tables(positions, inv_freq, layers.to_dtype(cfg.dtype))
         new_cache = None
-        if self.config.scan_layers:
+        if cfg.scan_layers:
             layer_cache = (cache["key"], cache["value"]) if cache is not None else None
-            hidden, stacked = self.layers(hidden, positions, mask, cache_index, layer_cache)
+            hidden, stacked = self.layers(hidden, rope, mask, cache_index, layer_cache)
             if cache is not None:
                 new_cache = {"key": stacked[0], "value": stacked[1]}
         else:
             keys, values = [], []
             for i, layer in enumerate(self.layer_list):
                 layer_cache = (cache["key"][i], cache["value"][i]) if cache is not None else None
-                hidden, updated = layer(hidden, positions, mask, cache_index, layer_cache)
+                hidden, updated = layer(hidden, rope, mask, cache_index, layer_cache)
                 if cache is not None:
                     keys.append(updated[0])
                     values.append(updated[1])
