@@ -53,3 +53,61 @@ def test_scanned_and_unrolled_decoding_agree():
     unrolled = TextGenerator(model, params, [-1]).generate(prompts, sampling)
     assert scanned == unrolled
     assert [len(t) for t in unrolled] == [6, 6]
+
+
+def _tiny_generator_inputs():
+    import flax.linen as nn
+    from convert import llama as llama_convert
+    from metamorph_jax.models.llama import LlamaForCausalLM
+    from tests.helpers import tiny_llama_hf_config
+    cfg = llama_convert.config_from_hf(tiny_llama_hf_config())
+    model = LlamaForCausalLM(cfg)
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy))["params"]
+    # Larger weights than the init's, so greedy continuations vary instead of looping.
+    params = jax.tree.map(lambda p: p * 4.0, params)
+    return model, params
+
+
+def _greedy_without_cache(model, params, prompt, steps):
+    # Full causal forwards over a fixed-width row (one compile): the zeros after the
+    # current token cannot change its logits.
+    width = len(prompt) + steps
+    forward = jax.jit(lambda ids: model.apply({"params": params}, ids,
+                                              positions=jnp.arange(width)[None]).logits)
+    tokens = list(prompt)
+    for _ in range(steps):
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(forward(jnp.asarray(ids))[0, len(tokens) - 1])))
+    return tokens[len(prompt):]
+
+
+def test_chunked_decoding_equals_full_forward_and_stops_per_row():
+    from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
+    model, params = _tiny_generator_inputs()
+    prompts = [[5, 9, 11], [7, 3, 2, 8, 1, 4]]
+    steps = 2 * TextGenerator.DECODE_CHUNK + 5  # crosses two chunk boundaries
+    sampling = SamplingConfig(max_new_tokens=steps)
+    expected = [_greedy_without_cache(model, params, p, steps) for p in prompts]
+    assert TextGenerator(model, params, [-1]).generate(prompts, sampling) == expected
+
+    # An end token first produced by row 0 late in the second chunk ends that row there;
+    # the other row runs on (to its own first end token, if any).
+    eos = expected[0][TextGenerator.DECODE_CHUNK + 3]
+    got = TextGenerator(model, params, [eos]).generate(prompts, sampling)
+    for row, tokens in zip(got, expected):
+        stop = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        assert row == tokens[:stop]
+    assert len(got[0]) <= TextGenerator.DECODE_CHUNK + 4
+
+
+def test_fused_projections_decode_the_same_tokens():
+    from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
+    model, params = _tiny_generator_inputs()
+    prompts = [[5, 9, 11], [7, 3, 2, 8, 1, 4]]
+    sampling = SamplingConfig(max_new_tokens=10)
+    fused = TextGenerator(model, params, [-1], fuse_projections=True)
+    assert fused.model.config.fused_projections and "qkv_proj" in fused.params["layers_0"]["self_attn"]
+    plain = TextGenerator(model, params, [-1], fuse_projections=False)
+    assert fused.generate(prompts, sampling) == plain.generate(prompts, sampling)

@@ -344,6 +344,9 @@ class GatedMLP(nn.Module):
     activation: str = "silu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # One "gate_up_proj" kernel [E, 2F] (gate columns first) in place of gate_proj and
+    # up_proj: a decoding layout, see llama.fuse_projections.
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -353,8 +356,12 @@ class GatedMLP(nn.Module):
             return MultiAxisDense((features,), axes, use_bias=self.use_bias,
                                   kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=name)
-        gate = proj(self.intermediate_size, "gate_proj", ("embed", "mlp"))(x)
-        up = proj(self.intermediate_size, "up_proj", ("embed", "mlp"))(x)
+        if self.fused:
+            gate_up = proj(2 * self.intermediate_size, "gate_up_proj", ("embed", "fused_mlp"))(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate = proj(self.intermediate_size, "gate_proj", ("embed", "mlp"))(x)
+            up = proj(self.intermediate_size, "up_proj", ("embed", "mlp"))(x)
         act = getattr(jax.nn, self.activation)
         hidden = nn.with_logical_constraint(act(gate) * up, ("batch", "length", "mlp"))
         return proj(self.hidden_size, "down_proj", ("mlp", "embed"))(hidden)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metamorph_jax.models import layers
 
@@ -51,6 +52,8 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None
+    # Decoding layout: q/k/v and gate/up kernels concatenated (see fuse_projections).
+    fused_projections: bool = False
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -113,6 +116,36 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
     return out
 
 
+def fuse_projections(params: dict) -> dict:
+    """Params for `fused_projections=True`: q/k/v and gate/up kernels (and biases) joined.
+
+    Decoding at batch 1 is a chain of matrix-vector products; on CPU four larger ones per
+    layer run ~10% faster than seven. Works on scanned and unrolled params; the layout
+    is for decoding only (checkpoints and the converter keep the separate names).
+    """
+    def flat_heads(x, trailing):  # [..., heads, head_dim] -> [..., heads*head_dim]
+        return x.reshape(*x.shape[:x.ndim - trailing], -1)
+
+    def fuse_layer(layer: dict) -> dict:
+        layer = dict(layer)
+        attn = dict(layer["self_attn"])
+        names = ("q_proj", "k_proj", "v_proj")
+        fused = {"kernel": jnp.concatenate([flat_heads(attn[n]["kernel"], 2) for n in names],
+                                           axis=-1)}
+        if "bias" in attn["q_proj"]:
+            fused["bias"] = jnp.concatenate([flat_heads(attn[n]["bias"], 2) for n in names], -1)
+        layer["self_attn"] = {"qkv_proj": fused,
+                              **{k: v for k, v in attn.items() if k not in names}}
+        mlp = dict(layer["mlp"])
+        gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
+        mlp["gate_up_proj"] = {k: jnp.concatenate([gate[k], up[k]], axis=-1) for k in gate}
+        layer["mlp"] = mlp
+        return layer
+
+    return {name: fuse_layer(value) if name == "layers" or name.startswith("layers_") else value
+            for name, value in params.items()}
+
+
 def _update_cache(cache: Array, new: Array, index: Array) -> Array:
     """Writes new [B,T,K,D] into cache [B,S,K,D] at per-row offsets index [B]."""
     def one(row_cache, row_new, row_index):
@@ -134,9 +167,17 @@ class LlamaAttention(nn.Module):
             return layers.MultiAxisDense((num_heads, cfg.head_dim), ("embed", heads_axis, "head_dim"),
                                          use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
                                          dtype=dtype, param_dtype=param_dtype, name=name)
-        query = proj(cfg.num_heads, "heads", "q_proj")(x)
-        key = proj(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
-        value = proj(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
+        if cfg.fused_projections:
+            widths = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
+            qkv = layers.MultiAxisDense((sum(widths) * cfg.head_dim,), ("embed", "fused_qkv"),
+                                        use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
+                                        dtype=dtype, param_dtype=param_dtype, name="qkv_proj")(x)
+            qkv = qkv.reshape(*qkv.shape[:-1], sum(widths), cfg.head_dim)
+            query, key, value = jnp.split(qkv, np.cumsum(widths)[:-1], axis=-2)
+        else:
+            query = proj(cfg.num_heads, "heads", "q_proj")(x)
+            key = proj(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
+            value = proj(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
         query = layers.apply_rotary(query, rope)
         key = layers.apply_rotary(key, rope)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
@@ -172,7 +213,8 @@ class LlamaDecoderLayer(nn.Module):
             rope, mask, cache_index, layer_cache)
         hidden = hidden + attn_out
         mlp_out = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias,
-                                  dtype=dtype, param_dtype=param_dtype, name="mlp")(
+                                  dtype=dtype, param_dtype=param_dtype,
+                                  fused=cfg.fused_projections, name="mlp")(
             layers.RMSNorm(**norm, name="post_attention_layernorm")(hidden))
         hidden = nn.with_logical_constraint(hidden + mlp_out, ("batch", "length", "embed"))
         return hidden, new_cache
