@@ -16,8 +16,11 @@ def _packed_mask(batch: int, length: int) -> jnp.ndarray:
     return layers.packed_causal_mask(jnp.asarray(segments))
 
 
+@pytest.mark.parametrize("causal_block", [0, 4], ids=["one_block", "causal_blocks"])
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
-def test_stacked_attention_matches_reference(heads, kv_heads):
+def test_stacked_attention_matches_reference(heads, kv_heads, causal_block, monkeypatch):
+    # Blocks of 4 over 11 positions: three blocks, the last one short.
+    monkeypatch.setattr(layers, "CAUSAL_BLOCK", causal_block)
     rng = np.random.default_rng(heads * 10 + kv_heads)
     batch, length, dim = 2, 11, 8
     query = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
@@ -28,7 +31,8 @@ def test_stacked_attention_matches_reference(heads, kv_heads):
 
     def run(implementation):
         def fn(q, k, v):
-            out = layers.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+            out = layers.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
+                                               causal=True)
             return jnp.sum(out * cotangent), out
         (_, out), grads = jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(
             query, key, value)
@@ -48,6 +52,13 @@ def test_stacked_attention_is_the_cpu_default_for_head_independent_masks():
     mask = _packed_mask(1, 5)
     auto = jax.make_jaxpr(lambda q: layers.dot_product_attention(q, key, value, mask=mask))(query)
     assert "custom_vjp_call" in str(auto)
+
+
+def test_causal_attention_needs_as_many_keys_as_queries():
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        layers.dot_product_attention(jnp.zeros((1, 1, 2, 8)), jnp.zeros((1, 4, 2, 8)),
+                                     jnp.zeros((1, 4, 2, 8)), mask=jnp.ones((1, 1, 1, 4), bool),
+                                     causal=True)
 
 
 def test_stacked_attention_rejects_bias_and_per_head_masks():

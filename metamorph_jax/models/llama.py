@@ -191,7 +191,8 @@ class LlamaAttention(nn.Module):
             new_cache = (key, value)
             key, value = key.astype(dtype), value.astype(dtype)
         out = layers.dot_product_attention(query, key, value, mask=mask,
-                                           implementation=cfg.attention_impl)
+                                           implementation=cfg.attention_impl,
+                                           causal=layer_cache is None)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
                                     use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
