@@ -1,10 +1,13 @@
 """LLaMA speed, ours (JAX, jit) against transformers' LlamaForCausalLM (PyTorch), same run.
 
-  python benchmarks/llama_vs_torch.py [--steps 5] [--seq-len 256] [--batch 4] [--repeats 3]
+  python benchmarks/llama_vs_torch.py [--steps 3] [--seq-len 256] [--batch 4] [--repeats 3]
 
 Rows: training-step tokens/s (AdamW, fp32; our layers unrolled, the faster layout on CPU,
-and again under nn.scan) and greedy-decode tokens/s at batch 1 and 8, each with ours/torch. Both sides use the same ~100M-parameter config and the same CPU
-threads; timings exclude compilation / warm-up steps and are medians over the calls.
+and again under nn.scan) and greedy-decode tokens/s at batch 1 and 8, each with
+ours/torch. Both sides use the same ~100M-parameter config and the same CPU threads;
+timings exclude compilation and warm-up, come in blocks alternating between the sides,
+and are medians.
+Run it on a quiet machine: torch's OpenMP threads slow down sharply under contention.
 """
 from __future__ import annotations
 
@@ -34,22 +37,31 @@ HF_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds per call (robust to a stray slow call on a shared machine)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def alternating_blocks(runs: list, calls: int, blocks: int = 2) -> list[float]:
+    """Median seconds per call of each warmed-up callable, timed in alternating blocks.
+
+    Each block makes one untimed call, then `calls` timed ones, so neither side is timed
+    while the other's idle threads still spin (torch's OpenMP threads and XLA's pool
+    both do). Alternating blocks puts both sides under the same machine conditions: on
+    a shared machine either one drifts by 10-20% over minutes.
+    """
+    times = [[] for _ in runs]
+    for _ in range(blocks):
+        for run, spent in zip(runs, times):
+            run()
+            for _ in range(calls):
+                start = time.perf_counter()
+                run()
+                spent.append(time.perf_counter() - start)
+    return [float(np.median(spent)) for spent in times]
 
 
 def torch_params_to_flax(model, cfg):
     return jax.tree.map(jnp.asarray, state_dict_to_flax(llama_convert.SPEC, cfg, model.state_dict()))
 
 
-def train_tokens_per_second(params, cfg, tokens, args) -> float:
-    """Ours: one jitted step (forward, backward, AdamW) with the train state donated."""
+def our_train_step(params, cfg, tokens, args):
+    """Ours: a warmed-up callable running one jitted step (forward, backward, AdamW)."""
     model = LlamaForCausalLM(cfg)
     optimizer = optax.adamw(1e-4)
     inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
@@ -67,38 +79,40 @@ def train_tokens_per_second(params, cfg, tokens, args) -> float:
     train_params = jax.tree.map(jnp.copy, params)  # donated below; decode rows reuse params
     state = [train_params, optimizer.init(train_params)]
 
-    def run_ours():
+    def run():
         state[0], state[1], loss = step(*state)
         loss.block_until_ready()
-    run_ours()
-    return args.batch * args.seq_len / timed(run_ours, args.steps)
+    run()
+    return run
 
 
-def torch_train_tokens_per_second(reference, tokens, args) -> float:
+def torch_train_step(reference, tokens):
+    """transformers' model with torch.optim.AdamW (its defaults), warmed up."""
     reference.train()
-    torch_opt = torch.optim.AdamW(reference.parameters(), lr=1e-4)
-    t_in, t_target = torch.tensor(tokens[:, :-1]), torch.tensor(tokens[:, 1:])
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-4)
+    inputs, targets = torch.tensor(tokens[:, :-1]), torch.tensor(tokens[:, 1:])
 
-    def run_torch():
-        torch_opt.zero_grad()
-        logits = reference(t_in).logits
+    def run():
+        optimizer.zero_grad()
+        logits = reference(inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 t_target.reshape(-1))
+                                                 targets.reshape(-1))
         loss.backward()
-        torch_opt.step()
-    run_torch()
-    theirs = args.batch * args.seq_len / timed(run_torch, args.steps)
-    reference.eval()
-    return theirs
+        optimizer.step()
+    run()
+    return run
 
 
 def train_rows(reference, params, cfg, args) -> list[tuple[str, float, float]]:
-    """Unrolled layers (the faster layout on CPU) and scanned layers, against one torch run."""
+    """Unrolled layers (the faster layout on CPU) and scanned layers, against torch."""
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
-    unrolled = train_tokens_per_second(unstack_layers(params, cfg.num_layers),
-                                       cfg.replace(scan_layers=False), tokens, args)
-    scanned = train_tokens_per_second(params, cfg.replace(scan_layers=True), tokens, args)
-    theirs = torch_train_tokens_per_second(reference, tokens, args)
+    runs = [our_train_step(unstack_layers(params, cfg.num_layers),
+                           cfg.replace(scan_layers=False), tokens, args),
+            our_train_step(params, cfg.replace(scan_layers=True), tokens, args),
+            torch_train_step(reference, tokens)]
+    unrolled, scanned, theirs = (args.batch * args.seq_len / t
+                                 for t in alternating_blocks(runs, args.steps))
+    reference.eval()
     return [("train step tokens/s (AdamW)", unrolled, theirs),
             ("  same, layers under nn.scan", scanned, theirs)]
 
@@ -110,29 +124,32 @@ def decode_rows(reference, params, cfg, batch: int, args) -> tuple[float, float]
     # No end token: both sides decode exactly `new` tokens per row.
     generator = TextGenerator(LlamaForCausalLM(cfg), params, eos_token_ids=[-1])
     sampling = SamplingConfig(max_new_tokens=new)
-    generator.generate(prompts.tolist(), sampling)  # compile at the timed shapes
-    ours = batch * new / timed(lambda: generator.generate(prompts.tolist(), sampling), args.repeats)
-
     t_prompts = torch.tensor(prompts)
+
+    def run_ours():
+        generator.generate(prompts.tolist(), sampling)
 
     def run_torch():
         with torch.no_grad():
             reference.generate(t_prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                pad_token_id=0, eos_token_id=None)
+    run_ours()  # compile at the timed shapes
     run_torch()
-    theirs = batch * new / timed(run_torch, args.repeats)
-    return ours, theirs
+    ours, theirs = alternating_blocks([run_ours, run_torch], args.repeats)
+    return batch * new / ours, batch * new / theirs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed train steps per side and block (two blocks)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed decode runs per side")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed decode runs per side and block (two blocks)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
