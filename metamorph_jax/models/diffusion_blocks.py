@@ -104,6 +104,18 @@ def group_norm(num_groups: int, epsilon: float, name: str, param_dtype: Dtype):
     return GroupNorm(num_groups, epsilon, param_dtype, name=name)
 
 
+def norm_silu_conv_out(x, features: int, num_groups: int, epsilon: float, *,
+                       dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    """The UNet's and the VAE's tail: GroupNorm "conv_norm_out" (fp32), SiLU, 3x3 "conv_out".
+
+    Call inside a compact module: the two layers become its children.
+    """
+    x = group_norm(num_groups, epsilon, "conv_norm_out", param_dtype)(
+        x.astype(jnp.float32)).astype(dtype)
+    return conv(features, 3, "conv_out", out_axis="image_channels", dtype=dtype,
+                param_dtype=param_dtype)(nn.silu(x))
+
+
 def layer_norm(epsilon: float, name: str, param_dtype: Dtype, axis_name: str = "embed"):
     """torch.nn.LayerNorm (affine) computed in fp32."""
     return nn.LayerNorm(

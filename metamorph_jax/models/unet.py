@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from metamorph_jax.models.diffusion_blocks import (
-    IMAGE_AXES, Downsample2D, ResnetBlock2D, Transformer2D, Upsample2D, conv, dense, group_norm)
+    IMAGE_AXES, Downsample2D, ResnetBlock2D, Transformer2D, Upsample2D, conv, dense,
+    norm_silu_conv_out)
 
 Dtype = Any
 
@@ -356,8 +357,5 @@ class UNet2DConditionModel(nn.Module):
                              resample=i < n_blocks - 1, name=f"up_blocks_{i}", **blk)(
                                  x, temb, context, block_skips)
 
-        x = group_norm(cfg.norm_num_groups, cfg.norm_eps, "conv_norm_out", self.param_dtype)(
-            x.astype(jnp.float32)).astype(self.dtype)
-        x = nn.silu(x)
-        x = conv(cfg.out_channels, 3, "conv_out", out_axis="image_channels", **kw)(x)
+        x = norm_silu_conv_out(x, cfg.out_channels, cfg.norm_num_groups, cfg.norm_eps, **kw)
         return nn.with_logical_constraint(x, IMAGE_AXES)

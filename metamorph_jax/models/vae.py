@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from metamorph_jax.models.diffusion_blocks import (
-    IMAGE_AXES, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv, group_norm)
+    IMAGE_AXES, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv,
+    norm_silu_conv_out)
 from metamorph_jax.models.unet import check_fields, load_config_dict
 
 Dtype = Any
@@ -159,10 +160,7 @@ class Encoder(nn.Module):
                               **kw)(x)
         x = VAEMidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, remat=self.remat,
                         attention_impl=self.attention_impl, name="mid_block", **kw)(x)
-        x = group_norm(cfg.norm_num_groups, _VAE_EPS, "conv_norm_out", self.param_dtype)(
-            x.astype(jnp.float32)).astype(self.dtype)
-        x = nn.silu(x)
-        return conv(2 * cfg.latent_channels, 3, "conv_out", out_axis="image_channels", **kw)(x)
+        return norm_silu_conv_out(x, 2 * cfg.latent_channels, cfg.norm_num_groups, _VAE_EPS, **kw)
 
 
 class Decoder(nn.Module):
@@ -186,10 +184,7 @@ class Decoder(nn.Module):
         for i, channels in enumerate(rev):
             x = ResampleBlock(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, "up",
                               resample=i < n - 1, remat=self.remat, name=f"up_blocks_{i}", **kw)(x)
-        x = group_norm(cfg.norm_num_groups, _VAE_EPS, "conv_norm_out", self.param_dtype)(
-            x.astype(jnp.float32)).astype(self.dtype)
-        x = nn.silu(x)
-        return conv(cfg.out_channels, 3, "conv_out", out_axis="image_channels", **kw)(x)
+        return norm_silu_conv_out(x, cfg.out_channels, cfg.norm_num_groups, _VAE_EPS, **kw)
 
 
 class AutoencoderKL(nn.Module):
