@@ -30,6 +30,7 @@ from convert import llama as llama_convert  # noqa: E402
 from convert.core import state_dict_to_flax  # noqa: E402
 from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
 from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
+from metamorph_jax.training.losses import masked_cross_entropy
 
 HF_CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
@@ -61,17 +62,20 @@ def torch_params_to_flax(model, cfg):
 
 
 def our_train_step(params, cfg, tokens, args):
-    """Ours: a warmed-up callable running one jitted step (forward, backward, AdamW)."""
+    """Ours: a warmed-up callable running one jitted step (forward, backward, AdamW), with
+    the text stage's loss (training/losses.py)."""
     model = LlamaForCausalLM(cfg)
     optimizer = optax.adamw(1e-4)
     inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
     positions = jnp.broadcast_to(jnp.arange(args.seq_len), inputs.shape)
+    every_token = jnp.ones(inputs.shape, bool)
 
     @partial(jax.jit, donate_argnums=(0, 1))  # update in place, as torch's optimizer does
     def step(params, opt_state):
         def loss_fn(p):
             logits = model.apply({"params": p}, inputs, positions=positions).logits
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            loss_sum, count = masked_cross_entropy(logits, targets, every_token)
+            return loss_sum / count
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss

@@ -20,12 +20,47 @@ def masked_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Ar
     An all-zero mask gives (0, 0): masked positions are selected with `where`, so a
     non-finite logit at an untrained position cannot leak in as NaN.
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32),
-                                           axis=-1)[..., 0]
     selected = mask.astype(bool)
-    loss_sum = -jnp.sum(jnp.where(selected, target_log_probs, 0.0))
+    loss_sum = _selected_nll_sum(logits, targets.astype(jnp.int32), selected)
     return loss_sum, jnp.sum(selected, dtype=jnp.float32)
+
+
+def _nll_parts(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """fp32 log-sum-exp over the vocabulary and the target's logit, both [B,T]."""
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1), target_logits
+
+
+@jax.custom_vjp
+def _selected_nll_sum(logits: Array, targets: Array, selected: Array) -> Array:
+    """sum over selected positions of logsumexp(logits) - logits[target].
+
+    The backward pass is written out (softmax minus a one-hot made by comparing the
+    vocabulary index with the target): autodiff of the gather is a scatter into a zeroed
+    [B,T,V] buffer plus separate passes over the logits, measured at 125 ms more per step
+    for a 32k vocabulary and 1024 tokens on CPU (fwd+bwd of lm_head and loss: 856 -> 731 ms).
+    """
+    log_norm, target_logits = _nll_parts(logits, targets)
+    return jnp.sum(jnp.where(selected, log_norm - target_logits, 0.0))
+
+
+def _selected_nll_sum_fwd(logits, targets, selected):
+    log_norm, target_logits = _nll_parts(logits, targets)
+    loss_sum = jnp.sum(jnp.where(selected, log_norm - target_logits, 0.0))
+    return loss_sum, (logits, log_norm, targets, selected)
+
+
+def _selected_nll_sum_bwd(residuals, grad):
+    logits, log_norm, targets, selected = residuals
+    vocab_index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    probs = jnp.exp(logits.astype(jnp.float32) - log_norm[..., None])
+    d_logits = probs - (vocab_index == targets[..., None]).astype(jnp.float32)
+    d_logits = jnp.where(selected[..., None], d_logits * grad, 0.0)
+    return d_logits.astype(logits.dtype), None, None
+
+
+_selected_nll_sum.defvjp(_selected_nll_sum_fwd, _selected_nll_sum_bwd)
 
 
 def _l2_normalize(x: Array, eps: float) -> Array:
