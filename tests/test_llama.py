@@ -10,7 +10,7 @@ import transformers
 
 from convert import llama as llama_convert
 from convert.core import state_dict_to_flax
-from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
+from metamorph_jax.models.llama import LlamaForCausalLM, stack_layers, unstack_layers
 from tests.helpers import llama_params_from_torch, tiny_llama_hf_config
 
 CONFIGS = {
@@ -87,6 +87,20 @@ def test_packed_rows_equal_separate_sequences():
         np.testing.assert_allclose(np.asarray(packed[start:start + len(seq)]), np.asarray(alone),
                                    atol=1e-5)
         start += len(seq)
+
+
+@pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
+def test_stack_layers_inverts_unstack_layers(on_host):
+    cfg, _, params = _random_model()
+    if on_host:
+        params = jax.tree.map(np.asarray, params)
+    unrolled = unstack_layers(params, cfg.num_layers)
+    assert "layers" not in unrolled and f"layers_{cfg.num_layers - 1}" in unrolled
+    restacked = stack_layers(unrolled, cfg.num_layers)
+    assert jax.tree.structure(restacked) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(params)):
+        assert isinstance(a, np.ndarray) == on_host
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])

@@ -267,3 +267,35 @@ def test_a_record_with_images_stops_the_text_stage(tmp_path):
                                                          shard_count=1))
     with pytest.raises(text_loop.TextStageError, match=r"mixed.jsonl:3: field 'images'"):
         next(batches)
+
+
+def test_training_unrolled_from_a_scanned_folder_matches_scanned_training(tmp_path):
+    """scan_layers=False trains the same model (the same losses and final params, up to
+    float rounding) and saves final/ in the folder's scanned layout."""
+    from metamorph_jax.training import text_loop
+    tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
+    config = tiny.tiny_llama_config(tokenizer)
+    assert config.scan_layers
+    dummy = np.zeros((1, 1), np.int32)
+    initial = jax.tree.map(np.asarray, nn.unbox(LlamaForCausalLM(config).init(
+        jax.random.key(0), dummy, positions=dummy))["params"])
+    pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
+    data = text_loop.write_text_records(tmp_path / "text.jsonl", count=8)
+    finals, losses = [], []
+    for scan in (None, False):
+        work = tmp_path / f"run_{scan}"
+        run = text_loop.parse_flags([
+            "train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=3",
+            f"--config.llm_dir={tmp_path / 'llm'}", f"--config.tokenizer_dir={tmp_path / 'tok'}",
+            f"--config.work_dir={work}", f"--config.data.sources.text.path={data}",
+            "--config.data.seq_len=64", "--config.optim.lr=3e-3"]
+            + ([] if scan is None else [f"--config.scan_layers={scan}"]))
+        text_loop.train(run)
+        losses.append([json.loads(line)["loss"]
+                       for line in (work / "metrics.jsonl").read_text().splitlines()])
+        assert pretrained.read_model_config(work / "final")["config"] == config.to_dict()
+        finals.append(pretrained.load_params(work / "final"))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert jax.tree.structure(finals[0]) == jax.tree.structure(initial)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                         rtol=1e-4, atol=1e-6), *finals)

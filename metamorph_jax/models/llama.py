@@ -116,6 +116,18 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
     return out
 
 
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled params (layers_0/...) -> scanned params (layers/... stacked on axis 0).
+
+    The inverse of unstack_layers; host (numpy) leaves stay on the host."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    out["layers"] = jax.tree.map(
+        lambda *leaves: (np.stack(leaves) if isinstance(leaves[0], np.ndarray)
+                         else jnp.stack(leaves)), *per_layer)
+    return out
+
+
 def fuse_projections(params: dict) -> dict:
     """Params for `fused_projections=True`: q/k/v and gate/up kernels (and biases) joined.
 

@@ -39,7 +39,8 @@ from metamorph_jax import pretrained, sharding
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
 from metamorph_jax.data.packing import PackedBatchIterator
-from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from metamorph_jax.models.llama import (LlamaConfig, LlamaForCausalLM, stack_layers,
+                                        unstack_layers)
 from metamorph_jax.training import text_step
 
 logger = logging.getLogger("metamorph_jax.training")
@@ -133,8 +134,13 @@ def write_text_records(path: str | Path, count: int = 64, seed: int = 0) -> Path
 # --- model and optimizer ------------------------------------------------------------------
 
 def load_model(llm_dir: str | Path, mesh, rules=sharding.DEFAULT_RULES, *, dtype: str = "float32",
-               remat_policy: str | None = None) -> tuple[LlamaForCausalLM, Any, dict]:
-    """(model, fp32 params placed on the mesh by their logical axes, saved model_config)."""
+               remat_policy: str | None = None, scan_layers: bool | None = None
+               ) -> tuple[LlamaForCausalLM, Any, dict]:
+    """(model, fp32 params placed on the mesh by their logical axes, saved model_config).
+
+    scan_layers: None keeps the folder's layer layout; True/False trains in that layout,
+    converting the params once here (save_params turns them back for the saved folder).
+    """
     saved = pretrained.read_model_config(llm_dir)
     if saved["model"] != "llama":
         raise ValueError(f"{Path(llm_dir) / pretrained.CONFIG_FILE}: field 'model' is "
@@ -142,10 +148,25 @@ def load_model(llm_dir: str | Path, mesh, rules=sharding.DEFAULT_RULES, *, dtype
     changes = dict(dtype=dtype, param_dtype="float32")
     if remat_policy is not None:
         changes["remat_policy"] = remat_policy
-    model = LlamaForCausalLM(LlamaConfig.from_dict(saved["config"]).replace(**changes))
-    shardings = text_step.param_shardings(model, mesh, rules)
-    params = pretrained.load_params(llm_dir, shardings, dtype=jnp.float32)
+    stored = LlamaForCausalLM(LlamaConfig.from_dict(saved["config"]).replace(**changes))
+    params = pretrained.load_params(llm_dir, text_step.param_shardings(stored, mesh, rules),
+                                    dtype=jnp.float32)
+    if scan_layers is None or bool(scan_layers) == stored.config.scan_layers:
+        return stored, params, saved
+    model = LlamaForCausalLM(stored.config.replace(scan_layers=bool(scan_layers)))
+    relayout = stack_layers if model.config.scan_layers else unstack_layers
+    params = jax.jit(lambda p: relayout(p, model.config.num_layers),
+                     out_shardings=text_step.param_shardings(model, mesh, rules))(params)
     return model, params, saved
+
+
+def saved_layout(model: LlamaForCausalLM, saved: dict, host_params: Any) -> Any:
+    """Host params in the layer layout of the folder the run started from."""
+    stored_scan = LlamaConfig.from_dict(saved["config"]).scan_layers
+    if stored_scan == model.config.scan_layers:
+        return host_params
+    relayout = stack_layers if stored_scan else unstack_layers
+    return relayout(host_params, model.config.num_layers)
 
 
 def check_vocab(model: LlamaForCausalLM, tokenizer, llm_dir, tokenizer_dir) -> None:
@@ -226,7 +247,8 @@ def train(config) -> dict:
     rules = sharding.DEFAULT_RULES
     tokenizer = load_tokenizer(config.tokenizer_dir)
     model, params, saved = load_model(config.llm_dir, mesh, rules, dtype=config.dtype,
-                                      remat_policy=config.get("remat_policy"))
+                                      remat_policy=config.get("remat_policy"),
+                                      scan_layers=config.get("scan_layers"))
     check_vocab(model, tokenizer, config.llm_dir, config.tokenizer_dir)
     sources, data_config = data_from_config(config.data)
     batches = text_batches(sources, tokenizer, data_config)
@@ -277,7 +299,7 @@ def train(config) -> dict:
     batches.bad_records.report(final=True)
 
     if is_main:
-        host_params = jax.device_get(state.params)
+        host_params = saved_layout(model, saved, jax.device_get(state.params))
         pretrained.save_pretrained(final_dir, "llama", saved["config"], host_params,
                                    hf_config=saved.get("hf_config"))
         tokenizer.save_pretrained(str(final_dir))
