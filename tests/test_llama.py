@@ -104,7 +104,11 @@ def test_stack_layers_inverts_unstack_layers(on_host):
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
-def test_kv_cache_decoding_equals_full_forward(scan):
+@pytest.mark.parametrize("empty_prefill", [False, True], ids=["indexed", "empty_prefill"])
+def test_kv_cache_decoding_equals_full_forward(scan, empty_prefill):
+    """Prefill then one-token steps equal the full forward; the prefill either writes at
+    cache_index 0 (attending over the cache) or, without an index, fills the empty cache
+    attending to its own tokens only."""
     cfg, _, params = _random_model()
     cfg = cfg.replace(scan_layers=scan)
     if not scan:
@@ -116,7 +120,9 @@ def test_kv_cache_decoding_equals_full_forward(scan):
     full = model.apply({"params": params}, tokens, positions=positions).logits
     cache = model.apply({"params": params}, 2, 16, method=LlamaForCausalLM.init_cache)
     prefill = model.apply({"params": params}, tokens[:, :7], positions=positions[:, :7],
-                          cache=cache, cache_index=jnp.zeros(2, jnp.int32))
+                          cache=cache,
+                          cache_index=None if empty_prefill else jnp.zeros(2, jnp.int32))
+    assert jax.tree.map(jnp.shape, prefill.cache) == jax.tree.map(jnp.shape, cache)
     np.testing.assert_allclose(np.asarray(prefill.logits), np.asarray(full[:, :7]), atol=1e-5)
     cache = prefill.cache
     for t in range(7, 12):
@@ -124,6 +130,14 @@ def test_kv_cache_decoding_equals_full_forward(scan):
                            cache=cache, cache_index=jnp.full((2,), t, jnp.int32))
         np.testing.assert_allclose(np.asarray(step.logits[:, 0]), np.asarray(full[:, t]), atol=1e-5)
         cache = step.cache
+
+
+def test_a_prefill_longer_than_the_cache_is_an_error():
+    cfg, model, params = _random_model()
+    cache = model.apply({"params": params}, 1, 4, method=LlamaForCausalLM.init_cache)
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    with pytest.raises(ValueError, match="prefill of 6 tokens does not fit a cache of 4"):
+        model.apply({"params": params}, tokens, positions=jnp.arange(6)[None], cache=cache)
 
 
 def test_inputs_embeds_equal_tokens():

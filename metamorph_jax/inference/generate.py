@@ -86,12 +86,16 @@ class TextGenerator:
 
     @partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(3,))
     def _prefill(self, params, tokens, cache, lengths, key, temperature, top_p):
+        # Causal attention over the prompt alone, and logits for each row's last prompt
+        # position only: the other positions' logits are never used.
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         out = self.model.apply({"params": params}, tokens, positions=positions, cache=cache,
-                               cache_index=jnp.zeros(tokens.shape[0], jnp.int32))
-        last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+                               compute_logits=False, return_hidden=True)
+        last_hidden = jnp.take_along_axis(out.hidden_states, (lengths - 1)[:, None, None], axis=1)
+        logits = self.model.apply({"params": params}, last_hidden,
+                                  method=LlamaForCausalLM.logits)[:, 0]
         key, sub = jax.random.split(key)
-        return sample_tokens(last, sub, temperature, top_p), out.cache, key
+        return sample_tokens(logits, sub, temperature, top_p), out.cache, key
 
     @partial(jax.jit, static_argnums=(0, 8, 9), donate_argnums=(4,))
     def _decode_chunk(self, params, tokens, index, cache, key, done, num_steps, temperature,

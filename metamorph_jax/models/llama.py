@@ -159,11 +159,16 @@ def fuse_projections(params: dict) -> dict:
 
 
 def _update_cache(cache: Array, new: Array, index: Array) -> Array:
-    """Writes new [B,T,K,D] into cache [B,S,K,D] at per-row offsets index [B]."""
-    def one(row_cache, row_new, row_index):
-        return jax.lax.dynamic_update_slice(row_cache, row_new.astype(row_cache.dtype),
-                                            (row_index, 0, 0))
-    return jax.vmap(one)(cache, new, index)
+    """Writes new [B,T,K,D] into the head-major cache [B,K,S,D] at per-row offsets index [B].
+
+    One dynamic_update_slice per row: XLA updates the cache in place. (A vmapped update
+    becomes a scatter, which XLA's CPU backend ran as several copies of the whole cache
+    per layer and step.)
+    """
+    new = new.transpose(0, 2, 1, 3).astype(cache.dtype)
+    for row in range(cache.shape[0]):
+        cache = jax.lax.dynamic_update_slice(cache, new[row:row + 1], (row, 0, index[row], 0))
+    return cache
 
 
 class LlamaAttention(nn.Module):
@@ -197,14 +202,21 @@ class LlamaAttention(nn.Module):
         value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
 
         new_cache = None
-        if layer_cache is not None:
-            key = _update_cache(layer_cache[0], key, cache_index)
-            value = _update_cache(layer_cache[1], value, cache_index)
-            new_cache = (key, value)
-            key, value = key.astype(dtype), value.astype(dtype)
+        if layer_cache is not None and cache_index is None:
+            # Prefill of an empty cache: the keys go in at position 0, and attention needs
+            # only this call's own keys, causally (not the whole cache's length).
+            new_cache = tuple(jax.lax.dynamic_update_slice(
+                stored, fresh.transpose(0, 2, 1, 3).astype(stored.dtype), (0,) * stored.ndim)
+                for stored, fresh in zip(layer_cache, (key, value)))
+        elif layer_cache is not None:
+            new_cache = (_update_cache(layer_cache[0], key, cache_index),
+                         _update_cache(layer_cache[1], value, cache_index))
+            # Back to [B,S,K,D] for the attention call; the CPU attention's own transpose
+            # to head-major then cancels this one, so the cache is never copied.
+            key, value = (c.transpose(0, 2, 1, 3).astype(dtype) for c in new_cache)
         out = layers.dot_product_attention(query, key, value, mask=mask,
                                            implementation=cfg.attention_impl,
-                                           causal=layer_cache is None)
+                                           causal=cache_index is None)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
                                     use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
@@ -239,7 +251,10 @@ class LlamaForCausalLM(nn.Module):
     Call with `tokens` [B,T] or `inputs_embeds` [B,T,E], plus `positions` [B,T].
     Training / full forward: `segment_ids` [B,T] (0 = padding) keep packed sequences
     apart. Decoding: pass `cache` (from `init_cache`) and `cache_index` [B] (where each
-    row's new tokens are written); attention then covers the cache causally.
+    row's new tokens are written); attention then covers the cache causally. Prefill of an
+    empty cache: pass `cache` without `cache_index`; the tokens are written from position
+    0 and attend causally to each other only (as without a cache), so a prompt's
+    attention does not span the cache's whole length.
     """
     config: LlamaConfig
 
@@ -278,11 +293,20 @@ class LlamaForCausalLM(nn.Module):
         return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """Zeroed KV cache {"key","value"}: [layers, B, max_length, kv_heads, head_dim]."""
+        """Zeroed KV cache {"key","value"}, head-major: each layer's is
+        [B, kv_heads, max_length, head_dim].
+
+        Scanned layers hold one array per name with the layers stacked in front; unrolled
+        layers a list with one array per layer, so that a decoding step updates each in
+        place instead of slicing it out of, and stacking it back into, a joint array.
+        """
         cfg = self.config
-        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         dtype = layers.to_dtype(cfg.dtype)
-        return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+        if cfg.scan_layers:
+            return {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name in ("key", "value")}
+        return {name: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+                for name in ("key", "value")}
 
     def __call__(self, tokens: Array | None = None, *, positions: Array,
                  segment_ids: Array | None = None, inputs_embeds: Array | None = None,
@@ -296,11 +320,13 @@ class LlamaForCausalLM(nn.Module):
             hidden = inputs_embeds.astype(layers.to_dtype(self.config.dtype))
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         batch, length = hidden.shape[:2]
-        if cache is not None:
-            if cache_index is None:
-                raise ValueError("decoding with a cache needs cache_index [B]")
+        cache_length = None if cache is None else jax.tree.leaves(cache["key"])[0].shape[-2]
+        if cache is not None and cache_index is None and length > cache_length:
+            raise ValueError(f"a prefill of {length} tokens does not fit a cache of "
+                             f"{cache_length} positions")
+        if cache is not None and cache_index is not None:
             query_index = cache_index[:, None] + jnp.arange(length)[None, :]
-            key_index = jnp.arange(cache["key"].shape[2])
+            key_index = jnp.arange(cache_length)
             mask = (key_index[None, None, :] <= query_index[:, :, None])[:, None]
         else:
             if segment_ids is None:
@@ -326,7 +352,7 @@ class LlamaForCausalLM(nn.Module):
                     keys.append(updated[0])
                     values.append(updated[1])
             if cache is not None:
-                new_cache = {"key": jnp.stack(keys), "value": jnp.stack(values)}
+                new_cache = {"key": keys, "value": values}
         hidden = self.norm(hidden)
         logits = self.logits(hidden) if compute_logits else None
         return DecoderOutput(logits=logits, hidden_states=hidden if return_hidden else None,
