@@ -102,9 +102,9 @@ def _query_blocks(length: int, keys: int, block: int) -> list[tuple[int, int, in
             for first in range(0, length, block)]
 
 
-def _block_probs(q_rows, k_heads, mask, groups, scale, first, end, key_end):
-    """Softmax probabilities [B,K,(end-first)*G,key_end] in fp32 for one query block."""
-    q_block = q_rows[:, :, first * groups:end * groups]
+def _block_probs(q_block, k_heads, mask, groups, scale, first, end, key_end):
+    """Softmax probabilities [B,K,(end-first)*G,key_end] in fp32 for the query block of
+    positions [first, end), given as stacked rows q_block [B,K,(end-first)*G,D]."""
     scores = jnp.einsum("bkmd,bksd->bkms", q_block, k_heads[:, :, :key_end],
                         preferred_element_type=jnp.float32) * scale
     batch, kv_heads = scores.shape[:2]
@@ -130,53 +130,58 @@ def stacked_attention(query: Array, key: Array, value: Array, mask: Array, group
 
 
 def _stacked_attention_fwd(query, key, value, mask, groups, causal_block):
+    # Each block's stacked query rows come straight from the [B,T,H,D] layout (the slice
+    # fuses into the transpose): slicing blocks out of all rows stacked cost a copy each.
     scale = 1.0 / math.sqrt(query.shape[-1])
-    q_rows = _query_rows(query, groups)
     k_heads, v_heads = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    probs, outs = [], []
+    q_rows, q_cols, probs, outs = [], [], [], []
     for first, end, key_end in _query_blocks(query.shape[1], key.shape[1], causal_block):
-        block_probs = _block_probs(q_rows, k_heads, mask, groups, scale, first, end, key_end)
-        outs.append(jnp.einsum("bkms,bksd->bkmd", block_probs.astype(value.dtype),
-                               v_heads[:, :, :key_end]))
-        probs.append(block_probs)
-    out_rows = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    residuals = (q_rows, _query_columns(query, groups), k_heads, v_heads, probs, out_rows)
-    return _from_query_rows(out_rows, groups), residuals
+        q_block = query[:, first:end]
+        q_rows.append(_query_rows(q_block, groups))
+        q_cols.append(_query_columns(q_block, groups))
+        probs.append(_block_probs(q_rows[-1], k_heads, mask, groups, scale, first, end,
+                                  key_end))
+        out_rows = jnp.einsum("bkms,bksd->bkmd", probs[-1].astype(value.dtype),
+                              v_heads[:, :, :key_end])
+        outs.append(_from_query_rows(out_rows, groups))
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    return out, (q_rows, q_cols, k_heads, v_heads, probs, out)
 
 
 def _stacked_attention_bwd(groups, causal_block, residuals, d_out):
-    q_rows, q_cols, k_heads, v_heads, probs, out_rows = residuals
-    scale = 1.0 / math.sqrt(q_rows.shape[-1])
-    length, keys = q_rows.shape[2] // groups, k_heads.shape[2]
-    d_rows = _query_rows(d_out, groups)
-    # Transposed copies (the barrier keeps XLA from folding them back into the products),
-    # so the key/value gradients are [D, rows] x [rows, S] row-major products.
-    d_cols = jax.lax.optimization_barrier(_query_columns(d_out, groups))
-    q_cols = jax.lax.optimization_barrier(q_cols)
-    # Softmax backward: p * (dp - sum_s(dp * p)), and sum_s(dp * p) = sum_d(d_out * out).
-    delta = jnp.sum(d_rows.astype(jnp.float32) * out_rows.astype(jnp.float32), axis=-1,
-                    keepdims=True)
+    q_rows, q_cols, k_heads, v_heads, probs, out = residuals
+    scale = 1.0 / math.sqrt(out.shape[-1])
+    length, keys = out.shape[1], k_heads.shape[2]
+    # Softmax backward: p * (dp - sum_s(dp * p)), and sum_s(dp * p) = sum_d(d_out * out),
+    # computed per [B,T,H] and laid out as rows.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = _query_rows(delta[..., None], groups)
     d_query, d_key_cols, d_value_cols = [], None, None
-    for (first, end, key_end), block_probs in zip(
-            _query_blocks(length, keys, causal_block), probs):
-        rows = slice(first * groups, end * groups)
-        d_block = d_rows[:, :, rows]
-        d_value_block = jnp.einsum("bkdm,bkms->bkds", d_cols[..., rows],
-                                   block_probs.astype(d_rows.dtype))
-        d_probs = jnp.einsum("bkmd,bksd->bkms", d_block, v_heads[:, :, :key_end],
+    for (first, end, key_end), block_q_rows, block_q_cols, block_probs in zip(
+            _query_blocks(length, keys, causal_block), q_rows, q_cols, probs):
+        d_block = d_out[:, first:end]
+        d_rows = _query_rows(d_block, groups)
+        # Transposed copies (the barrier keeps XLA from folding them back into the
+        # products), so the key/value gradients are [D, rows] x [rows, S] row-major products.
+        d_cols = jax.lax.optimization_barrier(_query_columns(d_block, groups))
+        block_q_cols = jax.lax.optimization_barrier(block_q_cols)
+        d_value_block = jnp.einsum("bkdm,bkms->bkds", d_cols, block_probs.astype(d_rows.dtype))
+        d_probs = jnp.einsum("bkmd,bksd->bkms", d_rows, v_heads[:, :, :key_end],
                              preferred_element_type=jnp.float32)
         # The score scale goes on the [.., D] products, not on the [.., S] scores: a
         # scalar there becomes a broadcast constant array in XLA's CPU fusions.
-        d_scores = (block_probs * (d_probs - delta[:, :, rows])).astype(q_rows.dtype)
-        d_query.append(jnp.einsum("bkms,bksd->bkmd", d_scores, k_heads[:, :, :key_end]))
-        d_key_block = jnp.einsum("bkdm,bkms->bkds", q_cols[..., rows], d_scores)
+        block_delta = delta[:, :, first * groups:end * groups]
+        d_scores = (block_probs * (d_probs - block_delta)).astype(block_q_rows.dtype)
+        d_query.append(_from_query_rows(
+            jnp.einsum("bkms,bksd->bkmd", d_scores, k_heads[:, :, :key_end]), groups))
+        d_key_block = jnp.einsum("bkdm,bkms->bkds", block_q_cols, d_scores)
         pad = [(0, 0)] * 3 + [(0, keys - key_end)]
         d_key_block, d_value_block = jnp.pad(d_key_block, pad), jnp.pad(d_value_block, pad)
         d_key_cols = d_key_block if d_key_cols is None else d_key_cols + d_key_block
         d_value_cols = d_value_block if d_value_cols is None else d_value_cols + d_value_block
-    d_query = jnp.concatenate(d_query, axis=2) if len(d_query) > 1 else d_query[0]
-    cast = jnp.asarray(scale, q_rows.dtype)
-    return (_from_query_rows(d_query * cast, groups), (d_key_cols * cast).transpose(0, 3, 1, 2),
+    d_query = jnp.concatenate(d_query, axis=1) if len(d_query) > 1 else d_query[0]
+    cast = jnp.asarray(scale, out.dtype)
+    return (d_query * cast, (d_key_cols * cast).transpose(0, 3, 1, 2),
             d_value_cols.transpose(0, 3, 1, 2), None)
 
 
