@@ -3,10 +3,10 @@
   python benchmarks/llama_vs_torch.py [--steps 3] [--seq-len 256] [--batch 4] [--repeats 3]
 
 Rows: training-step tokens/s (AdamW, fp32; our layers unrolled, the faster layout on CPU,
-and again under nn.scan) and greedy-decode tokens/s at batch 1 and 8, each with
-ours/torch. Both sides use the same ~100M-parameter config and the same CPU threads;
-timings exclude compilation and warm-up, come in blocks alternating between the sides,
-and are medians.
+and again under nn.scan) and greedy-decode tokens/s at batch 1 and 8 (prefill included),
+plus batch 1 after a long prompt, each with ours/torch. Both sides use the same
+~100M-parameter config and the same CPU threads; timings exclude compilation and
+warm-up, come in blocks alternating between the sides, and are medians.
 Run it on a quiet machine: torch's OpenMP threads slow down sharply under contention.
 """
 from __future__ import annotations
@@ -121,9 +121,10 @@ def train_rows(reference, params, cfg, args) -> list[tuple[str, float, float]]:
             ("  same, layers under nn.scan", scanned, theirs)]
 
 
-def decode_rows(reference, params, cfg, batch: int, args) -> tuple[float, float]:
+def decode_rows(reference, params, cfg, batch: int, prompt_len: int, args) -> tuple[float, float]:
+    """Greedy decoding tokens/s of both sides, prefill included."""
     rng = np.random.default_rng(batch)
-    prompts = rng.integers(3, cfg.vocab_size, (batch, args.prompt_len))
+    prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len))
     new = args.new_tokens
     # No end token: both sides decode exactly `new` tokens per row.
     generator = TextGenerator(LlamaForCausalLM(cfg), params, eos_token_ids=[-1])
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--long-prompt-len", type=int, default=1024,
+                        help="prompt of the long-context decode row (batch 1); 0 skips it")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed decode runs per side and block (two blocks)")
     args = parser.parse_args()
@@ -166,7 +169,10 @@ def main() -> None:
     rows = train_rows(reference, params, cfg, args)
     for batch in (1, 8):
         rows.append((f"greedy decode tokens/s, batch {batch}",
-                     *decode_rows(reference, params, cfg, batch, args)))
+                     *decode_rows(reference, params, cfg, batch, args.prompt_len, args)))
+    if args.long_prompt_len:
+        rows.append((f"  same, batch 1, {args.long_prompt_len}-token prompt",
+                     *decode_rows(reference, params, cfg, 1, args.long_prompt_len, args)))
     print(f"{'row':40s} {'ours':>10s} {'torch':>10s} {'ratio':>7s}")
     for name, ours, theirs in rows:
         print(f"{name:40s} {ours:10.1f} {theirs:10.1f} {ours / theirs:6.2f}x")
