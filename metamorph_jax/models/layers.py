@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -317,15 +317,6 @@ def apply_rotary(x: Array, rope: tuple[Array, Array]) -> Array:
 
 
 # --------------------------------------------------------------------------- dense
-
-def dense_init(axes: Sequence[str], stddev: float = 0.02) -> Callable:
-    """Normal(stddev) kernel initialiser carrying logical axis names."""
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev), tuple(axes))
-
-
-def bias_init(axes: Sequence[str]) -> Callable:
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
-
 
 @jax.custom_vjp
 def dense_matmul(inputs: Array, kernel: Array) -> Array:

@@ -128,6 +128,14 @@ def stack_layers(params: dict, num_layers: int) -> dict:
     return out
 
 
+def with_layer_layout(params: dict, num_layers: int, scanned: bool) -> dict:
+    """params in the scanned (`layers/...`) or unrolled (`layers_i/...`) layout, converted
+    only when they are in the other one."""
+    if scanned == ("layers" in params):
+        return params
+    return stack_layers(params, num_layers) if scanned else unstack_layers(params, num_layers)
+
+
 def fuse_projections(params: dict) -> dict:
     """Params for `fused_projections=True`: q/k/v and gate/up kernels (and biases) joined.
 

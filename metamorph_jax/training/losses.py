@@ -25,13 +25,6 @@ def masked_cross_entropy(logits: Array, targets: Array, mask: Array) -> tuple[Ar
     return loss_sum, jnp.sum(selected, dtype=jnp.float32)
 
 
-def _nll_parts(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """fp32 log-sum-exp over the vocabulary and the target's logit, both [B,T]."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1), target_logits
-
-
 @jax.custom_vjp
 def _selected_nll_sum(logits: Array, targets: Array, selected: Array) -> Array:
     """Sum over selected positions of logsumexp(logits) - logits[target].
@@ -45,7 +38,9 @@ def _selected_nll_sum(logits: Array, targets: Array, selected: Array) -> Array:
 
 
 def _selected_nll_sum_fwd(logits, targets, selected):
-    log_norm, target_logits = _nll_parts(logits, targets)
+    upcast = logits.astype(jnp.float32)
+    log_norm = jax.nn.logsumexp(upcast, axis=-1)
+    target_logits = jnp.take_along_axis(upcast, targets[..., None], axis=-1)[..., 0]
     loss_sum = jnp.sum(jnp.where(selected, log_norm - target_logits, 0.0))
     return loss_sum, (logits, log_norm, targets, selected)
 

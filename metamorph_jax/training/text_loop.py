@@ -39,8 +39,7 @@ from metamorph_jax import pretrained, sharding
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
 from metamorph_jax.data.packing import PackedBatchIterator
-from metamorph_jax.models.llama import (LlamaConfig, LlamaForCausalLM, stack_layers,
-                                        unstack_layers)
+from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM, with_layer_layout
 from metamorph_jax.training import text_step
 
 logger = logging.getLogger("metamorph_jax.training")
@@ -139,7 +138,7 @@ def load_model(llm_dir: str | Path, mesh, rules=sharding.DEFAULT_RULES, *, dtype
     """(model, fp32 params placed on the mesh by their logical axes, saved model_config).
 
     scan_layers: None keeps the folder's layer layout; True/False trains in that layout,
-    converting the params once here (save_params turns them back for the saved folder).
+    converting the params once here (saved_layout turns them back for the saved folder).
     """
     saved = pretrained.read_model_config(llm_dir)
     if saved["model"] != "llama":
@@ -154,19 +153,15 @@ def load_model(llm_dir: str | Path, mesh, rules=sharding.DEFAULT_RULES, *, dtype
     if scan_layers is None or bool(scan_layers) == stored.config.scan_layers:
         return stored, params, saved
     model = LlamaForCausalLM(stored.config.replace(scan_layers=bool(scan_layers)))
-    relayout = stack_layers if model.config.scan_layers else unstack_layers
-    params = jax.jit(lambda p: relayout(p, model.config.num_layers),
+    params = jax.jit(lambda p: with_layer_layout(p, model.config.num_layers, bool(scan_layers)),
                      out_shardings=text_step.param_shardings(model, mesh, rules))(params)
     return model, params, saved
 
 
 def saved_layout(model: LlamaForCausalLM, saved: dict, host_params: Any) -> Any:
     """Host params in the layer layout of the folder the run started from."""
-    stored_scan = LlamaConfig.from_dict(saved["config"]).scan_layers
-    if stored_scan == model.config.scan_layers:
-        return host_params
-    relayout = stack_layers if stored_scan else unstack_layers
-    return relayout(host_params, model.config.num_layers)
+    return with_layer_layout(host_params, model.config.num_layers,
+                             LlamaConfig.from_dict(saved["config"]).scan_layers)
 
 
 def check_vocab(model: LlamaForCausalLM, tokenizer, llm_dir, tokenizer_dir) -> None:
