@@ -1,7 +1,7 @@
 """Mean response-token loss and perplexity of a model folder over text-only records.
 
-  python eval.py --llm DIR --tokenizer DIR --data FILE.jsonl [--data MORE.jsonl]
-      [--template llama3] [--seq-len N] [--batch-size B] [--mesh DATA,FSDP,TENSOR]
+  python eval.py --llm DIR [--tokenizer DIR] --data FILE.jsonl [--data MORE.jsonl]
+      [--template NAME] [--seq-len N] [--batch-size B] [--mesh DATA,FSDP,TENSOR]
       [--dtype float32] [--out results.json]
 
 Prints one line per file and the total, and writes everything (with bad-record counts)
@@ -20,10 +20,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm", required=True, help="model folder (converted, or train.py's final/)")
-    parser.add_argument("--tokenizer", required=True, help="folder with tokenizer.json / tokenizer_config.json")
+    parser.add_argument("--tokenizer", help="folder with tokenizer.json / tokenizer_config.json "
+                                             "(default: the model folder)")
     parser.add_argument("--data", required=True, action="append",
                         help="conversation records (JSONL, JSON, ArrayRecord); repeat for several files")
-    parser.add_argument("--template", default="llama3", choices=TEMPLATES)
+    parser.add_argument("--template", choices=TEMPLATES,
+                        help="chat template (default: the one saved in the model folder)")
     parser.add_argument("--seq-len", type=int, default=2048,
                         help="packed row length; longer records are counted as too_long")
     parser.add_argument("--batch-size", type=int, default=8,

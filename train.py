@@ -21,7 +21,7 @@ def main(argv=None) -> int:
         print(f"{argv[0]}: {error}", file=sys.stderr)
         return 2
     summary = text_loop.train(config)
-    if summary["steps"]:
+    if summary["first_loss"] is not None:
         print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> "
               f"{summary['last_loss']:.4f}; model folder {summary['final_dir']}")
     return 0

@@ -1,6 +1,6 @@
 """Peak memory of `python -m convert` against the checkpoint's own size, same run.
 
-  python benchmarks/convert_memory.py [--layers 8] [--hidden 2048] [--work-dir DIR]
+  python -m benchmarks.convert_memory [--layers 8] [--hidden 2048] [--work-dir DIR]
 
 Writes a random bf16 LLaMA checkpoint (sharded safetensors), converts it to Flax and back in
 child processes, and prints each child's peak resident memory divided by the checkpoint
@@ -20,9 +20,8 @@ import ml_dtypes
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from convert import safetensors_io  # noqa: E402
+from convert import safetensors_io
 
 
 def write_checkpoint(folder: Path, layers: int, hidden: int) -> int:

@@ -1,6 +1,6 @@
 """Data pipeline throughput (decode, preprocess, render, pack) against what training eats.
 
-  python benchmarks/data_pipeline.py [--scenes 400] [--batches 8] [--batch 4] \
+  python -m benchmarks.data_pipeline [--scenes 400] [--batches 8] [--batch 4] \
       [--seq-len 1024] [--image-size 384] [--workers 0,1,2] [--dtypes float32,uint8]
 
 Data: a Shapes world written to a temporary folder (64 px PNGs, all six kinds mixed),
@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from metamorph_jax.data import conversation as conv  # noqa: E402
-from metamorph_jax.data import images as images_lib  # noqa: E402
-from metamorph_jax.data import pipeline as P  # noqa: E402
-from metamorph_jax.data import shapes  # noqa: E402
-from metamorph_jax.data.testing import build_tiny_tokenizer  # noqa: E402
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import images as images_lib
+from metamorph_jax.data import pipeline as P
+from metamorph_jax.data import shapes
+from metamorph_jax.data.testing import build_tiny_tokenizer
 
 KIND_WEIGHTS = {"image_qa": 6, "video_qa": 1, "text_to_image": 2, "image_to_image": 1,
                 "video": 1, "visual_thinking": 1}

@@ -1,6 +1,6 @@
 """LLaMA speed, ours (JAX, jit) against transformers' LlamaForCausalLM (PyTorch), same run.
 
-  python benchmarks/llama_vs_torch.py [--steps 3] [--seq-len 256] [--batch 4] [--repeats 3]
+  python -m benchmarks.llama_vs_torch [--steps 3] [--seq-len 256] [--batch 4] [--repeats 3]
 
 Rows: training-step tokens/s (AdamW, fp32; our layers unrolled, the faster layout on CPU,
 and again under nn.scan) and greedy-decode tokens/s at batch 1 and 8 (prefill included),
@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from metamorph_jax.models.llama import LlamaConfig
 import optax
 import torch
 import transformers
 
-from convert import llama as llama_convert  # noqa: E402
-from convert.core import state_dict_to_flax  # noqa: E402
+from convert import llama as llama_convert
+from convert.core import state_dict_to_flax
 from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
 from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
 from metamorph_jax.training.losses import masked_cross_entropy
@@ -161,7 +160,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
-    cfg = llama_convert.config_from_hf(HF_CONFIG)
+    cfg = LlamaConfig.from_hf(HF_CONFIG)
     params = torch_params_to_flax(reference, cfg)
     count = sum(p.numel() for p in reference.parameters())
     print(f"config: {count / 1e6:.0f}M parameters, fp32, {torch.get_num_threads()} torch threads, "

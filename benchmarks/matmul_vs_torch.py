@@ -1,6 +1,6 @@
 """The LLaMA train step's matmuls alone: XLA's CPU matmul (jit) against torch's, same run.
 
-  python benchmarks/matmul_vs_torch.py [--batch 4] [--seq-len 256] [--rounds 3]
+  python -m benchmarks.matmul_vs_torch [--batch 4] [--seq-len 256] [--rounds 3]
 
 For the config of llama_vs_torch.py, lists every projection and LM-head product of one
 training step (forward x @ W, and the backward's input gradient g @ W^T and weight
@@ -12,18 +12,15 @@ products, so a gap here is a gap in the matmul library, not in the model code.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # llama_vs_torch's config
 
 import jax
 import numpy as np
 import torch
 
-from llama_vs_torch import HF_CONFIG
+from benchmarks.llama_vs_torch import HF_CONFIG
 
 
 def step_products(config: dict, tokens: int) -> Counter:

@@ -4,27 +4,25 @@ Both fp32 on this machine's CPU, the same random weights (moved with the convert
 table), batch 8 at 224 px of a ~100M-parameter SigLIP-B/16-shaped config by default.
 Prints images/s of each, the ratio, and the max |diff| of the pooled outputs.
 
-    python benchmarks/siglip_vs_torch.py [--batch 8] [--image-size 224] [--iters 4]
+    python -m benchmarks.siglip_vs_torch [--batch 8] [--image-size 224] [--iters 4]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from convert.siglip import SPEC  # noqa: E402
-from metamorph_jax.models import siglip  # noqa: E402
-from convert.core import state_dict_to_flax  # noqa: E402
+from convert.siglip import SPEC
+from metamorph_jax.models import siglip
+from convert.core import state_dict_to_flax
 
 
 def images_per_second(run, batch: int, warmup: int, iters: int, label: str) -> float:

@@ -1,14 +1,12 @@
 """UNet denoising steps per second: our Flax UNet (jit, CPU) vs diffusers' PyTorch UNet,
 same weights, same inputs, measured in one run. Prints both rates and the ratio.
 
-    python benchmarks/unet_vs_diffusers.py [--steps 20] [--batch 2] [--size 32]
+    python -m benchmarks.unet_vs_diffusers [--steps 20] [--batch 2] [--size 32]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +15,9 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from convert import unet as unet_convert  # noqa: E402
-from convert.core import state_dict_to_flax  # noqa: E402
+from convert import unet as unet_convert
+from convert.core import state_dict_to_flax
 from metamorph_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 SMALL = dict(

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from convert import safetensors_io
 from convert.spec import ModelSpec, Rule, to_flax as rule_to_flax, to_hf as rule_to_hf
-from metamorph_jax import pretrained
+from metamorph_jax import config_io, pretrained
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -86,8 +86,7 @@ def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False,
     files, index = _select_weight_files(src_dir, weights_name, variant)
     weight_map = None
     if index is not None:
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: missing field 'weight_map'")
         for file in sorted(set(weight_map.values())):
@@ -121,13 +120,11 @@ def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False,
 
 
 def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise ConversionError(f"{path} not found")
+    """config_io.read_json, with a missing or broken file as a ConversionError."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON: {e}") from None
+        return config_io.read_json(path)
+    except (FileNotFoundError, config_io.ConfigFileError) as error:
+        raise ConversionError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- matching

@@ -16,7 +16,8 @@ import numpy as np
 from convert import get_spec
 from convert.core import flax_to_hf, hf_to_flax
 from metamorph_jax import pretrained, tiny
-from metamorph_jax.inference import text_cli
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
 from metamorph_jax.models.llama import LlamaForCausalLM
 
 
@@ -30,11 +31,14 @@ def run(work_dir: Path) -> list[str]:
     spec = get_spec("llama")
     flax_to_hf(spec, work_dir / "random_flax", work_dir / "hf", tokenizer_dir=work_dir / "tokenizer")
     hf_to_flax(spec, work_dir / "hf", work_dir / "flax")
-    args = argparse.Namespace(llm=str(work_dir / "flax"), tokenizer=str(work_dir / "hf"),
-                              prompt=["what colour is the circle", "how many shapes"],
-                              chat=True, max_new_tokens=16, temperature=0.0, top_p=1.0,
-                              seed=0, dtype="float32")
-    return text_cli.run(args)
+    model, params, _ = pretrained.load_llama(work_dir / "flax")
+    hf_tokenizer = pretrained.load_tokenizer(work_dir / "hf")
+    template = pretrained.chat_template(work_dir / "flax")
+    prompts = [conv.prompt_tokens([conv.Turn("user", text)], hf_tokenizer, template)
+               for text in ("what colour is the circle", "how many shapes")]
+    generator = TextGenerator(model, params, model.config.eos_token_ids)
+    outputs = generator.generate(prompts, SamplingConfig(max_new_tokens=16))
+    return [hf_tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
 
 
 def main(argv=None) -> int:

@@ -1,24 +1,32 @@
-"""A converted or trained model on disk: `model_config.json` + an Orbax `params/` tree.
+"""A converted or trained model on disk: `model_config.json` + an Orbax `params/` tree,
+and the tokenizer files beside them.
 
 `model_config.json` holds {"model": name, "config": our config as a dict,
-"hf_config": the source config.json when there was one}. The parameters restore as
-host numpy arrays, or straight onto a mesh when shardings are given.
+"hf_config": the source config.json when there was one, "chat_template": the name of the
+conversation template (data/conversation.py TEMPLATES) the model was trained with}. The
+parameters restore as host numpy arrays, or straight onto a mesh when shardings are given.
+Training, evaluation and generation all read a folder through here, so they agree on the
+template and the tokenizer.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from metamorph_jax import config_io
+
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+# The template of a folder that does not name one (e.g. converted from Hugging Face):
+# the MetaMorph authors' variant of LLaMA-3's, which train.py uses by default.
+DEFAULT_CHAT_TEMPLATE = "llama3"
 
 
 def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
-                    hf_config: dict | None = None) -> None:
+                    hf_config: dict | None = None, chat_template: str | None = None) -> None:
     """Writes params (a nested dict of numpy or jax arrays) and the config to out_dir."""
     import orbax.checkpoint as ocp
     out_dir = Path(out_dir).absolute()
@@ -37,8 +45,10 @@ def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
     # barely compress anyway), so it is off.
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
     ocp.Checkpointer(handler).save(out_dir / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-    with open(out_dir / CONFIG_FILE, "w") as f:
-        json.dump({"model": model, "config": config, "hf_config": hf_config}, f, indent=2)
+    saved = {"model": model, "config": config, "hf_config": hf_config}
+    if chat_template is not None:
+        saved["chat_template"] = chat_template
+    config_io.write_json(out_dir / CONFIG_FILE, saved)
 
 
 def read_model_config(model_dir: str | Path) -> dict:
@@ -46,8 +56,7 @@ def read_model_config(model_dir: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {model_dir} is not a converted model "
                                 f"folder (python -m convert to-flax ... makes one)")
-    with open(path) as f:
-        data = json.load(f)
+    data = config_io.read_json(path)
     for field in ("model", "config"):
         if field not in data:
             raise ValueError(f"{path}: missing field {field!r}")
@@ -77,3 +86,65 @@ def load_params(model_dir: str | Path, shardings: Any = None, dtype: Any = None)
                                                     sharding=sharding),
         metadata, shardings)
     return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+def chat_template(model_dir: str | Path) -> str:
+    """The conversation template a model folder was trained with (DEFAULT_CHAT_TEMPLATE
+    when the folder does not say)."""
+    return read_model_config(model_dir).get("chat_template") or DEFAULT_CHAT_TEMPLATE
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """A transformers tokenizer from a local folder (never the hub)."""
+    from transformers import AutoTokenizer
+    if not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+def check_vocab(vocab_size: int, tokenizer, model_dir, tokenizer_dir) -> None:
+    """A tokenizer with more ids than the model has rows is an error naming both."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
+                         f"{Path(model_dir) / CONFIG_FILE} field 'config.vocab_size' is "
+                         f"{vocab_size}; use the tokenizer the model was made with")
+
+
+def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "float32",
+               remat_policy: str | None = None, scan_layers: bool | None = None):
+    """(model, fp32 params, saved model_config) of a 'llama' model folder.
+
+    mesh: None restores host-side arrays placed on the default device; a Mesh places each
+    parameter by its logical axes (sharding.DEFAULT_RULES unless `rules`). scan_layers:
+    None keeps the folder's layer layout; True/False converts the params once here
+    (llama.with_layer_layout turns them back for saving).
+    """
+    import jax.numpy as jnp
+
+    from metamorph_jax import sharding
+    from metamorph_jax.models.llama import (LlamaConfig, LlamaForCausalLM, abstract_boxed_params,
+                                            with_layer_layout)
+
+    saved = read_model_config(model_dir)
+    if saved["model"] != "llama":
+        raise ValueError(f"{Path(model_dir) / CONFIG_FILE}: field 'model' is "
+                         f"{saved['model']!r}, expected 'llama'")
+    changes = dict(dtype=dtype, param_dtype="float32")
+    if remat_policy is not None:
+        changes["remat_policy"] = remat_policy
+    stored = LlamaForCausalLM(LlamaConfig.from_dict(saved["config"]).replace(**changes))
+    if mesh is None:
+        params = jax.tree.map(jnp.asarray, load_params(model_dir, dtype=np.float32))
+        shardings = None
+    else:
+        rules = sharding.DEFAULT_RULES if rules is None else rules
+        params = load_params(model_dir, sharding.logical_shardings(abstract_boxed_params(stored), mesh, rules),
+                             dtype=jnp.float32)
+    if scan_layers is None or bool(scan_layers) == stored.config.scan_layers:
+        return stored, params, saved
+    model = LlamaForCausalLM(stored.config.replace(scan_layers=bool(scan_layers)))
+    if mesh is not None:
+        shardings = sharding.logical_shardings(abstract_boxed_params(model), mesh, rules)
+    params = jax.jit(lambda p: with_layer_layout(p, model.config.num_layers, bool(scan_layers)),
+                     out_shardings=shardings)(params)
+    return model, params, saved

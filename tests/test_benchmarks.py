@@ -1,13 +1,8 @@
 """The benchmarks' own bookkeeping (their timings are not tested: speed is measured, not asserted)."""
-import sys
-from pathlib import Path
+import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import transformers  # noqa: E402
-
-from llama_vs_torch import HF_CONFIG  # noqa: E402
-from matmul_vs_torch import step_products  # noqa: E402
+from benchmarks.llama_vs_torch import HF_CONFIG
+from benchmarks.matmul_vs_torch import step_products
 
 
 def test_step_products_are_three_matmuls_per_weight():

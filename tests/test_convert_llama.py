@@ -15,7 +15,7 @@ from convert import safetensors_io
 from convert.core import ConversionError, open_checkpoint
 from metamorph_jax import pretrained
 from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
-from metamorph_jax.inference.text_cli import load_llm
+from metamorph_jax.pretrained import load_llama
 from tests.helpers import tiny_llama_hf_config, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_greedy_generation_matches_transformers(tmp_path, tied):
     reference = save_hf_model(tmp_path / "hf", vocab_size=len(tokenizer), eos_token_id=eos,
                               tie_word_embeddings=tied)
     convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "flax")])
-    model, params = load_llm(tmp_path / "flax")
+    model, params, _ = load_llama(tmp_path / "flax")
     prompts = [tokenizer("the red circle is in the top left")["input_ids"],
                tokenizer("how many")["input_ids"]]
     ours = TextGenerator(model, params, [eos]).generate(prompts, SamplingConfig(max_new_tokens=12))

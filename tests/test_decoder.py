@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from metamorph_jax.inference import diffusion as D
 from metamorph_jax.sharding import make_mesh
-from metamorph_jax.models.decoder import DecoderConfig, TokenProjector, Visualizer
+from metamorph_jax.models.visualizer import VisualizerConfig, TokenProjector, Visualizer
 from metamorph_jax.training import decoder_step as S
 from metamorph_jax.training import optim
 
@@ -63,7 +63,7 @@ def test_projector_matches_torch_and_pads_with_zeros():
     assert np.abs(np.asarray(out) - want).max() <= 1e-4
 
     cfg = load_config("decoder_tiny")
-    model = Visualizer(DecoderConfig.from_dict(cfg.model.to_dict()))
+    model = Visualizer(VisualizerConfig.from_dict(cfg.model.to_dict()))
     state = S.create_decoder_state(model, optax.sgd(0.1), fast_key(0))
     tokens = jnp.ones((2, 4, 16))
     context = model.apply({"params": state.params}, tokens, method=Visualizer.condition)
@@ -187,7 +187,7 @@ def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen():
 
 def test_sd15_config_builds_the_paper_model():
     config = load_config("decoder_sd15")
-    cfg = DecoderConfig.from_dict(config.model.to_dict())
+    cfg = VisualizerConfig.from_dict(config.model.to_dict())
     assert cfg.sample_shape == (64, 64, 4)
     assert cfg.unet.cross_attention_dim == 768 and cfg.context_length == 77
     lr = optim.make_schedule(config.train.lr_schedule, peak_lr=config.train.peak_lr,

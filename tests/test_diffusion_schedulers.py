@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from metamorph_jax.inference import diffusion as D
+from metamorph_jax.models.noise_schedule import NoiseSchedule, add_noise
 
 # SD 1.5's scheduler/scheduler_config.json.
 SD15_SCHEDULER = dict(
@@ -33,7 +34,7 @@ def eps_jax(x, t):
 
 
 def test_training_schedule_and_add_noise_match_ddpm():
-    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    schedule = NoiseSchedule.from_hf(SD15_SCHEDULER)
     ddpm = torch_scheduler(DDPMScheduler, SD15_SCHEDULER)
     np.testing.assert_allclose(schedule.alphas_cumprod(), ddpm.alphas_cumprod.numpy(),
                                rtol=0, atol=1e-6)
@@ -42,7 +43,7 @@ def test_training_schedule_and_add_noise_match_ddpm():
     noise = rs.randn(4, 3, 8, 8).astype(np.float32)
     t = np.array([0, 1, 500, 999])
     ref = ddpm.add_noise(torch.tensor(clean), torch.tensor(noise), torch.tensor(t)).numpy()
-    got = D.add_noise(schedule.alphas_cumprod(), jnp.asarray(clean), jnp.asarray(noise),
+    got = add_noise(schedule.alphas_cumprod(), jnp.asarray(clean), jnp.asarray(noise),
                       jnp.asarray(t))
     assert np.abs(np.asarray(got) - ref).max() <= 1e-5
 
@@ -51,7 +52,7 @@ def test_training_schedule_and_add_noise_match_ddpm():
 @pytest.mark.parametrize("num_steps", [7, 50])
 def test_timesteps_match(spacing, num_steps):
     config = {**SD15_SCHEDULER, "timestep_spacing": spacing}
-    schedule = D.NoiseSchedule.from_hf(config)
+    schedule = NoiseSchedule.from_hf(config)
     ddim = torch_scheduler(DDIMScheduler, config)
     ddim.set_timesteps(num_steps)
     np.testing.assert_array_equal(schedule.inference_timesteps(num_steps), ddim.timesteps.numpy())
@@ -73,7 +74,7 @@ def _trajectory(scheduler, x0, num_steps):
 
 @pytest.mark.parametrize("num_steps", [10, 50])
 def test_pndm_every_step_and_whole_trajectory(num_steps):
-    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    schedule = NoiseSchedule.from_hf(SD15_SCHEDULER)
     x0 = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
     ref = _trajectory(torch_scheduler(PNDMScheduler, SD15_SCHEDULER), x0, num_steps)
 
@@ -98,7 +99,7 @@ def test_pndm_every_step_and_whole_trajectory(num_steps):
 
 @pytest.mark.parametrize("num_steps", [10, 50])
 def test_ddim_whole_trajectory(num_steps):
-    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    schedule = NoiseSchedule.from_hf(SD15_SCHEDULER)
     x0 = np.random.RandomState(2).randn(2, 4, 4, 3).astype(np.float32)
     ref = _trajectory(torch_scheduler(DDIMScheduler, SD15_SCHEDULER), x0, num_steps)
     out = jax.jit(lambda z: D.ddim_sample(eps_jax, z, schedule, num_steps))(jnp.asarray(x0))
@@ -141,13 +142,13 @@ def test_guidance_scale_one_is_the_conditional_prediction():
 
 def test_schedule_config_errors():
     with pytest.raises(ValueError, match="clip_sample"):
-        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "clip_sample": True})
+        NoiseSchedule.from_hf({**SD15_SCHEDULER, "clip_sample": True})
     with pytest.raises(ValueError, match="prediction_type"):
-        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
+        NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="skip_prk_steps"):
-        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "skip_prk_steps": False})
+        NoiseSchedule.from_hf({**SD15_SCHEDULER, "skip_prk_steps": False})
     with pytest.raises(ValueError, match="beta_schedule"):
-        D.NoiseSchedule.from_hf({**SD15_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"})
+        NoiseSchedule.from_hf({**SD15_SCHEDULER, "beta_schedule": "squaredcos_cap_v2"})
 
 
 @pytest.mark.parametrize("sampler", ["pndm", "ddim"])
@@ -159,7 +160,7 @@ def test_guided_sampling_at_scale_one_is_the_conditional_trajectory(sampler):
     def eps_fn(x, t, ctx):
         return eps_jax(x + ctx.mean(axis=1)[:, None, None, :], t)
 
-    schedule = D.NoiseSchedule.from_hf(SD15_SCHEDULER)
+    schedule = NoiseSchedule.from_hf(SD15_SCHEDULER)
     guided = D.sample_latents(eps_fn, noise, context, schedule, 10, 1.0, sampler)
     plain = (D.pndm_sample if sampler == "pndm" else D.ddim_sample)(
         lambda x, t: eps_fn(x, t, context), noise, schedule, 10)

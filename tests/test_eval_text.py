@@ -10,7 +10,7 @@ import transformers
 
 from convert.__main__ import main as convert_main
 from metamorph_jax.data import conversation as conv
-from metamorph_jax.training import text_loop
+from metamorph_jax.data import text_records
 from tests.helpers import tiny_llama_hf_config, tiny_tokenizer
 
 eval_cli = importlib.import_module("eval")
@@ -52,7 +52,7 @@ def converted(tmp_path_factory):
 
 def reference_loss(model, tokenizer, records):
     """transformers' summed cross-entropy over each record's trained tokens, unpacked."""
-    ids = text_loop.text_special_ids(tokenizer)
+    ids = text_records.text_special_ids(tokenizer)
     total, count = 0.0, 0
     for index, record in enumerate(records):
         sample = conv.render(conv.parse_record(record, where=f"r{index}"), tokenizer, ids,
@@ -97,5 +97,5 @@ def test_unusable_records_are_counted_and_images_stop_the_run(converted, tmp_pat
 
     with_image = dict(RECORDS[0], image="a.png")
     data = write_jsonl(tmp_path / "images.jsonl", RECORDS[:1] + [with_image])
-    with pytest.raises(text_loop.TextStageError, match=r"images.jsonl:2: field 'image'"):
+    with pytest.raises(text_records.TextStageError, match=r"images.jsonl:2: field 'image'"):
         evaluate(root / "flax", root / "tok", [str(data)], seq_len=64, batch_size=8, progress=False)

@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metamorph_jax.models.llama import LlamaConfig
+
 from metamorph_jax.inference.generate import sample_tokens
 
 
@@ -39,11 +41,10 @@ def test_temperature_sampling_follows_the_softmax():
 
 def test_scanned_and_unrolled_decoding_agree():
     import flax.linen as nn
-    from convert import llama as llama_convert
     from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
     from metamorph_jax.models.llama import LlamaForCausalLM
     from tests.helpers import tiny_llama_hf_config
-    cfg = llama_convert.config_from_hf(tiny_llama_hf_config())
+    cfg = LlamaConfig.from_hf(tiny_llama_hf_config())
     model = LlamaForCausalLM(cfg)
     dummy = jnp.zeros((1, 4), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy))["params"]
@@ -57,10 +58,9 @@ def test_scanned_and_unrolled_decoding_agree():
 
 def _tiny_generator_inputs():
     import flax.linen as nn
-    from convert import llama as llama_convert
     from metamorph_jax.models.llama import LlamaForCausalLM
     from tests.helpers import tiny_llama_hf_config
-    cfg = llama_convert.config_from_hf(tiny_llama_hf_config())
+    cfg = LlamaConfig.from_hf(tiny_llama_hf_config())
     model = LlamaForCausalLM(cfg)
     dummy = jnp.zeros((1, 4), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy))["params"]

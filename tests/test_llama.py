@@ -3,6 +3,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from metamorph_jax.models.llama import LlamaConfig
 import optax
 import pytest
 import torch
@@ -31,7 +33,7 @@ def test_logits_match_transformers(name, scan):
     hf_config = tiny_llama_hf_config(**CONFIGS[name])
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config)).eval()
-    cfg = llama_convert.config_from_hf(hf_config).replace(scan_layers=scan)
+    cfg = LlamaConfig.from_hf(hf_config).replace(scan_layers=scan)
     params = llama_params_from_torch(reference, cfg)
     tokens = np.random.default_rng(0).integers(0, hf_config["vocab_size"], (2, 13))
     with torch.no_grad():
@@ -43,7 +45,7 @@ def test_logits_match_transformers(name, scan):
 
 
 def test_reference_attention_matches_xla():
-    cfg = llama_convert.config_from_hf(tiny_llama_hf_config())
+    cfg = LlamaConfig.from_hf(tiny_llama_hf_config())
     model = LlamaForCausalLM(cfg)
     tokens = jnp.arange(10)[None] % cfg.vocab_size
     positions = jnp.arange(10)[None]
@@ -56,7 +58,7 @@ def test_reference_attention_matches_xla():
 
 
 def _random_model(**overrides):
-    cfg = llama_convert.config_from_hf(tiny_llama_hf_config(**overrides))
+    cfg = LlamaConfig.from_hf(tiny_llama_hf_config(**overrides))
     model = LlamaForCausalLM(cfg)
     dummy = jnp.zeros((1, 4), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy))["params"]
@@ -167,7 +169,7 @@ def test_bf16_compute_stays_close():
 def test_unsupported_config_fields_are_errors(field, value):
     hf = tiny_llama_hf_config(**{field: value})
     with pytest.raises(ValueError, match=field.split("_")[0] if field != "rope_parameters" else "rope_type"):
-        llama_convert.config_from_hf(hf)
+        LlamaConfig.from_hf(hf)
 
 
 def test_remat_policies_give_same_gradients():
@@ -190,7 +192,7 @@ def test_gradients_match_transformers(name, scan):
     hf_config = tiny_llama_hf_config(**CONFIGS[name])
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
-    cfg = llama_convert.config_from_hf(hf_config).replace(scan_layers=scan)
+    cfg = LlamaConfig.from_hf(hf_config).replace(scan_layers=scan)
     params = llama_params_from_torch(reference, cfg)
     tokens = np.random.default_rng(1).integers(0, hf_config["vocab_size"], (2, 12))
     logits = reference(torch.tensor(tokens[:, :-1])).logits

@@ -3,9 +3,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from metamorph_jax.models.llama import LlamaConfig
 import pytest
 
-from convert import llama as llama_convert
 from metamorph_jax import sharding
 from metamorph_jax.models.llama import LlamaForCausalLM
 from tests.helpers import tiny_llama_hf_config
@@ -18,7 +19,7 @@ def test_eight_devices_are_simulated():
 @pytest.mark.parametrize("shape", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=8, tensor=1)],
                          ids=["2x2x2", "fsdp8"])
 def test_sharded_forward_equals_single_device(shape):
-    cfg = llama_convert.config_from_hf(tiny_llama_hf_config(vocab_size=96))
+    cfg = LlamaConfig.from_hf(tiny_llama_hf_config(vocab_size=96))
     model = LlamaForCausalLM(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (8, 16)))
     positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
@@ -53,7 +54,7 @@ def test_impossible_meshes_are_errors(shape, message):
 
 def test_init_under_mesh_and_rules_with_multi_axis_kernels():
     """Initialising inside a mesh with rules constrains every kernel at its full rank."""
-    cfg = llama_convert.config_from_hf(tiny_llama_hf_config(vocab_size=96))
+    cfg = LlamaConfig.from_hf(tiny_llama_hf_config(vocab_size=96))
     model = LlamaForCausalLM(cfg)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     tokens = jnp.zeros((2, 8), jnp.int32)

@@ -18,6 +18,7 @@ from transformers import SiglipVisionConfig
 from transformers import SiglipVisionModel as HFSiglipVisionModel
 
 from convert.siglip import SPEC
+from metamorph_jax.config_io import read_config
 from metamorph_jax.models import siglip
 from convert.core import state_dict_to_flax
 
@@ -214,25 +215,25 @@ def test_so400m_shapes_match_transformers():
     assert ours == expected
 
 
-def test_from_hf_reads_files_and_names_bad_fields(tmp_path):
+def test_from_hf_names_the_file_and_bad_fields(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "siglip_vision_model", "hidden_size": 64,
                                 "num_attention_heads": 4, "intermediate_size": 128}))
-    config = siglip.SiglipConfig.from_hf(tmp_path)
+    config = siglip.SiglipConfig.from_hf(*read_config(tmp_path))
     # Omitted fields take transformers' defaults, not our So400m defaults.
     assert (config.image_size, config.patch_size, config.num_hidden_layers) == (224, 16, 12)
     assert siglip.SiglipConfig.from_hf(config.to_hf()) == config
 
     path.write_text(json.dumps({"model_type": "siglip_vision_model", "hidden_act": "relu"}))
     with pytest.raises(ValueError, match=r"config\.json: field 'hidden_act'='relu'"):
-        siglip.SiglipConfig.from_hf(path)
+        siglip.SiglipConfig.from_hf(*read_config(path))
     path.write_text(json.dumps({"model_type": "siglip_vision_model", "hidden_size": 30,
                                 "num_attention_heads": 4}))
     with pytest.raises(ValueError, match=r"config\.json: hidden_size=30 is not divisible"):
-        siglip.SiglipConfig.from_hf(path)
+        siglip.SiglipConfig.from_hf(*read_config(path))
     path.write_text(json.dumps({"model_type": "clip_vision_model"}))
     with pytest.raises(ValueError, match=r"config\.json: field 'model_type'"):
-        siglip.SiglipConfig.from_hf(path)
+        siglip.SiglipConfig.from_hf(*read_config(path))
     with pytest.raises(ValueError, match=r"field 'vision_config.hidden_act'='relu'"):
         siglip.SiglipConfig.from_hf({"model_type": "siglip", "vision_config": {"hidden_act": "relu"}})
     with pytest.raises(ValueError, match="num_visual_tokens=60 is not a square"):

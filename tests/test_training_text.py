@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from metamorph_jax import pretrained, sharding, tiny
+from metamorph_jax.data import text_records
 from metamorph_jax.models.llama import LlamaForCausalLM
 from metamorph_jax.training import text_step
 from metamorph_jax.training.losses import masked_cosine_loss, masked_cross_entropy
@@ -210,20 +211,16 @@ def test_schedule_warms_up_over_three_percent_then_decays():
 # --- train.py end to end ------------------------------------------------------------------
 
 def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
-    import argparse
     import importlib
 
-    from metamorph_jax.inference import text_cli
-
     train_cli = importlib.import_module("train")
-    from metamorph_jax.training import text_loop
     tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
     config = tiny.tiny_llama_config(tokenizer)
     dummy = np.zeros((1, 1), np.int32)
     initial = jax.tree.map(np.asarray, nn.unbox(LlamaForCausalLM(config).init(
         jax.random.key(0), dummy, positions=dummy))["params"])
     pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
-    data = text_loop.write_text_records(tmp_path / "text.jsonl", count=8)
+    data = text_records.write_text_records(tmp_path / "text.jsonl", count=8)
     work = tmp_path / "run"
     argv = ["train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=10",
             f"--config.llm_dir={tmp_path / 'llm'}", f"--config.tokenizer_dir={tmp_path / 'tok'}",
@@ -240,14 +237,14 @@ def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
     assert any(path.name.startswith("events.out.tfevents") for path in (work / "tensorboard").iterdir())
 
     # the saved folder is a model folder generate.py reads, holding the trained params
-    model, params = text_cli.load_llm(work / "final")
+    model, params, _ = pretrained.load_llama(work / "final")
     assert model.config.to_dict() == config.to_dict()
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, initial)
     assert min(jax.tree.leaves(moved)) > 0
-    args = argparse.Namespace(llm=str(work / "final"), tokenizer=str(work / "final"),
-                              prompt=["how many shapes are there ?"], chat=True, max_new_tokens=3,
-                              temperature=0.0, top_p=1.0, seed=0, dtype="float32")
-    assert len(text_cli.run(args)) == 1
+    assert pretrained.chat_template(work / "final") == "llama3"
+    generate_cli = importlib.import_module("generate")
+    assert generate_cli.main(["--llm", str(work / "final"), "--prompt", "how many shapes are there ?",
+                              "--chat", "--max-new-tokens", "3"]) == 0
 
     # a second run may not overwrite the result
     with pytest.raises(FileExistsError, match="final already exists"):
@@ -257,15 +254,14 @@ def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
 
 def test_a_record_with_images_stops_the_text_stage(tmp_path):
     from metamorph_jax.data import pipeline
-    from metamorph_jax.training import text_loop
     path = tmp_path / "mixed.jsonl"
     text = {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hello"}]}
     rows = [text, text, dict(text, images=["a.png"]), text]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    batches = text_loop.text_batches([pipeline.Source(str(path))], tiny.tiny_tokenizer(),
+    batches = text_records.text_batches([pipeline.Source(str(path))], tiny.tiny_tokenizer(),
                                      pipeline.DataConfig(seq_len=32, batch_size=8, shard_index=0,
                                                          shard_count=1))
-    with pytest.raises(text_loop.TextStageError, match=r"mixed.jsonl:3: field 'images'"):
+    with pytest.raises(text_records.TextStageError, match=r"mixed.jsonl:3: field 'images'"):
         next(batches)
 
 
@@ -280,7 +276,7 @@ def test_training_unrolled_from_a_scanned_folder_matches_scanned_training(tmp_pa
     initial = jax.tree.map(np.asarray, nn.unbox(LlamaForCausalLM(config).init(
         jax.random.key(0), dummy, positions=dummy))["params"])
     pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
-    data = text_loop.write_text_records(tmp_path / "text.jsonl", count=8)
+    data = text_records.write_text_records(tmp_path / "text.jsonl", count=8)
     finals, losses = [], []
     for scan in (None, False):
         work = tmp_path / f"run_{scan}"
@@ -299,3 +295,28 @@ def test_training_unrolled_from_a_scanned_folder_matches_scanned_training(tmp_pa
     assert jax.tree.structure(finals[0]) == jax.tree.structure(initial)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                                          rtol=1e-4, atol=1e-6), *finals)
+
+
+def test_steps_cut_short_by_the_data_are_still_logged_and_checked(tmp_path, capsys):
+    """log_every > 1 and data that runs out before `steps`: the pending steps are flushed
+    (logged, NaN-checked) and train.py prints its summary."""
+    import importlib
+    train_cli = importlib.import_module("train")
+    tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
+    config = tiny.tiny_llama_config(tokenizer)
+    dummy = np.zeros((1, 1), np.int32)
+    initial = jax.tree.map(np.asarray, nn.unbox(LlamaForCausalLM(config).init(
+        jax.random.key(0), dummy, positions=dummy))["params"])
+    pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
+    data = text_records.write_text_records(tmp_path / "text.jsonl", count=6)
+    work = tmp_path / "run"
+    # 6 records, 2 per 64-token row x 2 rows: one epoch is 2 batches, fewer than 10 steps
+    assert train_cli.main([
+        "train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=10",
+        "--config.log_every=4", f"--config.llm_dir={tmp_path / 'llm'}",
+        f"--config.tokenizer_dir={tmp_path / 'tok'}", f"--config.work_dir={work}",
+        f"--config.data.sources.text.path={data}", "--config.data.seq_len=64",
+        "--config.data.batch_size=2", "--config.data.num_epochs=1"]) == 0
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < len(steps) < 4 and steps == list(range(1, len(steps) + 1))
+    assert f"trained {len(steps)} steps" in capsys.readouterr().out

@@ -303,6 +303,35 @@ def template_pieces(turns: Sequence[Turn], template: str, tokenizer=None, where:
     raise ValueError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
 
 
+def generation_prompt_pieces(turns: Sequence[Turn], template: str, tokenizer=None) -> list[Piece]:
+    """The pieces of `turns` followed by the assistant's header, as a model is prompted
+    to answer: the same layout training renders, cut where the reply would start."""
+    if template in ("llama3", "llama3_official"):
+        newlines = "\n" if template == "llama3" else "\n\n"
+        return (template_pieces(turns, template) +
+                [("text", f"<|start_header_id|>assistant<|end_header_id|>{newlines}", False)])
+    if template == "tokenizer":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
+        messages = [{"role": t.role, "content": t.text.replace(IMAGE_PLACEHOLDER, _SENTINEL)}
+                    for t in turns]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _content_pieces(text.replace(_SENTINEL, IMAGE_PLACEHOLDER), False, [0])
+    raise ValueError(f"unknown chat template {template!r}; choose one of {TEMPLATES}")
+
+
+def prompt_tokens(turns: Sequence[Turn], tokenizer, template: str) -> list[int]:
+    """Token ids of a text-only prompt for generation, tokenized piece by piece exactly as
+    `render` tokenizes training records (so a model sees the prompt it was trained on)."""
+    tokens: list[int] = []
+    for piece in generation_prompt_pieces(turns, template, tokenizer):
+        if piece[0] != "text":
+            raise ValueError("prompt_tokens takes text-only turns; images in prompts are "
+                             "rendered by the VPiT generator")
+        tokens += tokenizer(piece[1], add_special_tokens=False)["input_ids"]
+    return tokens
+
+
 # --- rendering ---------------------------------------------------------------------------
 
 RENDERED_KEYS = ("tokens", "text_targets", "text_mask", "image_index", "vision_mask",

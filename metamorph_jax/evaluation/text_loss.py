@@ -19,31 +19,26 @@ from typing import Sequence
 
 import jax
 
-from metamorph_jax import sharding
+from metamorph_jax import pretrained, sharding
 from metamorph_jax.data import pipeline
-from metamorph_jax.training import text_loop, text_step
+from metamorph_jax.data.sources import open_source
+from metamorph_jax.data.text_records import check_text_only, text_batches
+from metamorph_jax.models.llama import abstract_boxed_params
+from metamorph_jax.training import text_step
 
 
-def count_records(path: str) -> int | None:
-    try:
-        from metamorph_jax.data.sources import open_source
-        return len(open_source(path))
-    except Exception:  # the count only sizes the progress bar
-        return None
-
-
-def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path, data_paths: Sequence[str], *,
-             template: str = "llama3", seq_len: int = 2048, batch_size: int = 8,
+def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path | None, data_paths: Sequence[str], *,
+             template: str | None = None, seq_len: int = 2048, batch_size: int = 8,
              dtype: str = "float32", mesh_shape: Sequence[int] = (-1, 1, 1),
              progress: bool = True) -> dict:
     """Mean response-token loss and perplexity over the records of `data_paths`.
 
+    tokenizer_dir: None reads the model folder's tokenizer. template: None renders with the
+    model folder's own chat template (pretrained.chat_template), as training did.
     Returns {"mean_loss", "perplexity", "tokens", "records", "bad_records", "files":
     {path: the same per file}, and the settings}.
     """
     from tqdm import tqdm
-
-    from metamorph_jax.inference.text_cli import load_tokenizer
 
     if jax.process_count() > 1:
         raise NotImplementedError("eval.py runs in one process (it may use all its devices)")
@@ -54,22 +49,25 @@ def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path, data_paths: Sequenc
             raise FileNotFoundError(f"data file {path} does not exist")
     mesh = sharding.make_mesh(*mesh_shape)
     rules = sharding.DEFAULT_RULES
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model, params, _ = text_loop.load_model(llm_dir, mesh, rules, dtype=dtype)
-    text_loop.check_vocab(model, tokenizer, llm_dir, tokenizer_dir)
-    eval_step = text_step.jit_eval_step(text_step.make_eval_step(model), mesh,
-                                        text_step.param_shardings(model, mesh, rules), rules)
+    tokenizer_dir = tokenizer_dir or llm_dir
+    tokenizer = pretrained.load_tokenizer(tokenizer_dir)
+    template = template or pretrained.chat_template(llm_dir)
+    model, params, _ = pretrained.load_llama(llm_dir, mesh, rules, dtype=dtype)
+    pretrained.check_vocab(model.config.vocab_size, tokenizer, llm_dir, tokenizer_dir)
+    param_shardings = sharding.logical_shardings(abstract_boxed_params(model), mesh, rules)
+    eval_step = text_step.jit_eval_step(text_step.make_eval_step(model), mesh, param_shardings,
+                                        rules)
     data_config = pipeline.DataConfig(seq_len=seq_len, batch_size=batch_size, template=template,
                                       num_epochs=1, shard_index=0, shard_count=1)
 
     files = {}
     for path in data_paths:
-        batches = text_loop.text_batches([pipeline.Source(str(path))], tokenizer, data_config)
+        batches = text_batches([pipeline.Source(str(path))], tokenizer, data_config)
         loss_sum, tokens, records = 0.0, 0, 0
-        with tqdm(total=count_records(str(path)), desc=f"eval {Path(path).name}", unit="record",
+        with tqdm(total=len(open_source(str(path))), desc=f"eval {Path(path).name}", unit="record",
                   disable=not progress) as bar:
             for batch in batches:
-                text_loop.check_text_only(batch)
+                check_text_only(batch)
                 batch_sum, batch_count = jax.device_get(
                     eval_step(params, text_step.global_batch(batch, mesh, rules)))
                 loss_sum += float(batch_sum)

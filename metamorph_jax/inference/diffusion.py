@@ -1,7 +1,7 @@
-"""Noise schedules, DDIM / PNDM (PLMS) samplers and classifier-free guidance.
+"""DDIM / PNDM (PLMS) samplers and classifier-free guidance.
 
-The training schedule is DDPM's: betas on a "scaled_linear" (or "linear") grid over
-``num_train_timesteps``, epsilon prediction. The samplers reproduce diffusers'
+The noise schedule they walk is models/noise_schedule.py's (also what decoder training
+draws from). The samplers reproduce diffusers'
 DDIMScheduler and PNDMScheduler (``skip_prk_steps=True``, SD 1.5's default) step for
 step; each whole trajectory runs as one ``jax.lax.scan`` so it jits.
 
@@ -17,96 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metamorph_jax.models.unet import check_fields, load_config_dict
-
-_SCHEDULE_IGNORED = ("clip_sample", "clip_sample_range", "skip_prk_steps", "trained_betas",
-                     "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-                     "variance_type", "rescale_betas_zero_snr", "timestep_type")
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseSchedule:
-    """DDPM noise schedule plus the sampler settings SD 1.5's scheduler_config.json holds."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
-    set_alpha_to_one: bool = False
-    steps_offset: int = 1
-    timestep_spacing: str = "leading"
-
-    def __post_init__(self):
-        if self.beta_schedule not in ("scaled_linear", "linear"):
-            raise ValueError(f"NoiseSchedule: beta_schedule {self.beta_schedule!r} not supported "
-                             "('scaled_linear' or 'linear')")
-        if self.prediction_type != "epsilon":
-            raise ValueError(f"NoiseSchedule: prediction_type {self.prediction_type!r} not "
-                             "supported "
-                             "(only 'epsilon')")
-        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"NoiseSchedule: timestep_spacing {self.timestep_spacing!r} not "
-                             "supported")
-
-    @classmethod
-    def from_hf(cls, path_or_dict) -> "NoiseSchedule":
-        """Read a diffusers scheduler_config.json (dict, file or folder).
-
-        ``clip_sample``, ``thresholding`` and ``rescale_betas_zero_snr`` must be off (as in
-        SD 1.5); DDPM-sampler-only fields (variance_type, clip ranges) are ignored."""
-        raw, source = load_config_dict(path_or_dict)
-        for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
-            if raw.get(key):
-                raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported "
-                                 "(only False)")
-        if raw.get("skip_prk_steps") is False:
-            raise ValueError(f"{source}: field 'skip_prk_steps'=False is not supported (PNDM "
-                             "here is PLMS only, as SD 1.5 runs it)")
-        if raw.get("trained_betas") is not None:
-            raise ValueError(f"{source}: field 'trained_betas' is not supported")
-        known = [f.name for f in dataclasses.fields(cls)]
-        check_fields(raw, source, known, {}, _SCHEDULE_IGNORED)
-        try:
-            return cls(**{k: raw[k] for k in known if k in raw})
-        except ValueError as e:
-            raise ValueError(str(e).replace("NoiseSchedule", source)) from None
-
-    def betas(self) -> np.ndarray:
-        n = self.num_train_timesteps
-        if self.beta_schedule == "scaled_linear":
-            grid = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n, dtype=np.float32)
-            return grid.astype(np.float32) ** 2
-        return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
-
-    def alphas_cumprod(self) -> np.ndarray:
-        """cumprod(1 - beta) in fp32, [num_train_timesteps]."""
-        return np.cumprod(1.0 - self.betas(), dtype=np.float32)
-
-    def final_alpha_cumprod(self) -> float:
-        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod()[0])
-
-    def inference_timesteps(self, num_steps: int) -> np.ndarray:
-        """The descending timesteps of a num_steps trajectory (diffusers' spacing rules)."""
-        n = self.num_train_timesteps
-        if not 0 < num_steps <= n:
-            raise ValueError(f"num_steps={num_steps} must be in [1, {n}]")
-        if self.timestep_spacing == "leading":
-            ts = np.arange(num_steps) * (n // num_steps) + self.steps_offset
-        elif self.timestep_spacing == "trailing":
-            ts = np.round(np.arange(n, 0, -n / num_steps))[::-1].astype(np.int64) - 1
-        else:
-            ts = np.linspace(0, n - 1, num_steps).round()
-        return ts.astype(np.int64)[::-1].copy()
-
-
-def add_noise(alphas_cumprod, clean, noise, timesteps):
-    """q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, timesteps [B] integer."""
-    abar = jnp.asarray(alphas_cumprod)[timesteps].astype(jnp.float32)
-    shape = (-1,) + (1,) * (clean.ndim - 1)
-    a = jnp.sqrt(abar).reshape(shape)
-    s = jnp.sqrt(1.0 - abar).reshape(shape)
-    return (a * clean.astype(jnp.float32) + s * noise.astype(jnp.float32)).astype(clean.dtype)
+from metamorph_jax.models.noise_schedule import NoiseSchedule
+from metamorph_jax.models.visualizer import Visualizer
 
 
 def guided_epsilon(eps_fn: Callable, sample, timestep, context, guidance_scale: float):
@@ -267,11 +179,9 @@ def sample_latents(eps_fn: Callable, noise, context, schedule: NoiseSchedule, nu
 
 def visualize(model, params, tokens, noise, schedule: NoiseSchedule, num_steps: int = 50,
               guidance_scale: float = 7.5, sampler: str = "pndm"):
-    """Visual tokens -> images with a models.decoder.Visualizer: project the tokens, sample
+    """Visual tokens -> images with a models.visualizer.Visualizer: project the tokens, sample
     with guidance against the all-zero context, decode (VAE or identity). noise has the
     shape of what the UNet denoises ([B, *config.sample_shape])."""
-    from metamorph_jax.models.decoder import Visualizer
-
     variables = {"params": params}
     context = model.apply(variables, tokens, method=Visualizer.condition)
 

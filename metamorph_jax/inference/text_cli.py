@@ -1,57 +1,46 @@
-"""What generate.py does for text: load a converted LLM and a tokenizer, decode prompts."""
+"""What generate.py does for text: load a model folder and its tokenizer, decode prompts.
+
+A command-line module: nothing in the library imports it.
+"""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-
-import jax
-import jax.numpy as jnp
+from typing import Sequence
 
 from metamorph_jax import pretrained
+from metamorph_jax.data import conversation as conv
 from metamorph_jax.inference.generate import SamplingConfig, TextGenerator
-from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 
-def load_llm(model_dir: str | Path, dtype: str = "float32") -> tuple[LlamaForCausalLM, dict]:
-    saved = pretrained.read_model_config(model_dir)
-    if saved["model"] != "llama":
-        raise ValueError(f"{Path(model_dir) / pretrained.CONFIG_FILE}: field 'model' is "
-                         f"{saved['model']!r}, expected 'llama'")
-    config = LlamaConfig.from_dict(saved["config"]).replace(dtype=dtype)
-    params = jax.tree.map(jnp.asarray, pretrained.load_params(model_dir))
-    return LlamaForCausalLM(config), params
-
-
-def load_tokenizer(tokenizer_dir: str | Path):
-    from transformers import AutoTokenizer
-    if not Path(tokenizer_dir).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, text: str, chat: bool, template: str) -> list[int]:
+    """Token ids of a prompt. chat: one user turn rendered with `template` (the model
+    folder's, as in training) and the assistant header after it; else the plain text
+    after the tokenizer's begin-of-text token."""
     if chat:
-        if not tokenizer.chat_template:
-            raise ValueError("--chat: the tokenizer has no chat_template")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return conv.prompt_tokens([conv.Turn("user", text)], tokenizer, template)
     return list(tokenizer(text)["input_ids"])
 
 
-def end_tokens(model: LlamaForCausalLM, tokenizer) -> list[int]:
-    ids = set(model.config.eos_token_ids)
+def end_tokens(eos_token_ids: Sequence[int], tokenizer) -> list[int]:
+    ids = set(eos_token_ids)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
 
 
-def run(args: argparse.Namespace) -> list[str]:
-    model, params = load_llm(args.llm, args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer)
-    prompts = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
+def run(llm_dir: str | Path, tokenizer_dir: str | Path | None, prompts: Sequence[str], *,
+        chat: bool = False, template: str | None = None,
+        sampling: SamplingConfig = SamplingConfig(), dtype: str = "float32") -> list[str]:
+    """Decode `prompts` as one batch; returns the new text of each.
+
+    tokenizer_dir: None reads the tokenizer from the model folder (train.py saves it
+    there). template: None uses the folder's own (pretrained.chat_template).
+    """
+    model, params, saved = pretrained.load_llama(llm_dir, dtype=dtype)
+    tokenizer = pretrained.load_tokenizer(tokenizer_dir or llm_dir)
+    template = template or pretrained.chat_template(llm_dir)
+    ids = [encode_prompt(tokenizer, text, chat, template) for text in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = TextGenerator(model, params, end_tokens(model, tokenizer), pad)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    outputs = generator.generate(prompts, sampling, progress=True)
+    generator = TextGenerator(model, params, end_tokens(model.config.eos_token_ids, tokenizer), pad)
+    outputs = generator.generate(ids, sampling, progress=True)
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]

@@ -10,8 +10,6 @@ q_proj, ...), which keeps the checkpoint converter a table (convert/llama.py).
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import flax.linen as nn
 import flax.struct
@@ -23,6 +21,9 @@ from metamorph_jax.models import layers
 
 Array = jax.Array
 NORMAL_INIT = nn.initializers.normal(0.02)  # transformers' initializer_range
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",
+                      "original_max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +82,77 @@ class LlamaConfig:
         return cls(**data)
 
     @classmethod
-    def from_hf(cls, source: str | Path | dict, **runtime) -> "LlamaConfig":
-        """Reads a transformers LlamaConfig (a config.json path, its folder, or a dict).
+    def from_hf(cls, hf: dict, **runtime) -> "LlamaConfig":
+        """From a transformers LlamaConfig dict (config.json's contents).
 
-        Every field that changes the math is read; an unsupported value is an error.
-        `runtime` sets dtype, scan_layers and the like.
+        Every field that changes the math is read; an unsupported value is a ValueError
+        naming the field. `runtime` sets dtype, scan_layers and the like.
         """
-        from convert.llama import config_from_hf  # the field table lives with the converter
-        return config_from_hf(_read_json(source)).replace(**runtime)
+        hf = dict(hf)
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"field 'model_type' is {hf.get('model_type')!r}, not 'llama'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"field 'hidden_act' = {hf['hidden_act']!r} is not supported (silu only)")
+        if hf.get("attention_dropout", 0.0):
+            raise ValueError("field 'attention_dropout' must be 0 (dropout is not implemented)")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads"):
+            if field not in hf:
+                raise ValueError(f"missing field {field!r}")
+        theta, scaling = _rope(hf)
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos,
+            pad_token_id=hf.get("pad_token_id")).replace(**runtime)
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers loads as a LlamaForCausalLM."""
+        rope = {"rope_type": "default" if self.rope_scaling is None else "llama3",
+                "rope_theta": self.rope_theta, **(self.rope_scaling_dict or {})}
+        eos = list(self.eos_token_ids)
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": self.pad_token_id,
+            # transformers >= 5 reads rope_parameters; older releases read the two legacy fields.
+            "rope_parameters": rope, "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else dict(rope),
+        }
 
 
-def _read_json(source: str | Path | dict) -> dict:
-    if isinstance(source, dict):
-        return source
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    with open(path) as f:
-        return json.load(f)
+def _rope(hf: dict) -> tuple[float, tuple | None]:
+    """(theta, llama3 scaling) from either the transformers-5 `rope_parameters` or the
+    older `rope_theta` + `rope_scaling` fields."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"field 'rope_type' = {rope_type!r} is not supported "
+                         f"(supported: {SUPPORTED_ROPE_TYPES})")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("field 'partial_rotary_factor' != 1 is not supported")
+    if rope_type == "default":
+        return float(theta), None
+    missing = [k for k in LLAMA3_ROPE_FIELDS if k not in params]
+    if missing:
+        raise ValueError(f"llama3 rope scaling lacks field(s) {missing}")
+    return float(theta), tuple(sorted((k, params[k]) for k in LLAMA3_ROPE_FIELDS))
 
 
 @flax.struct.dataclass
@@ -106,6 +160,13 @@ class DecoderOutput:
     logits: Array | None
     hidden_states: Array | None    # final hidden states after the last norm
     cache: dict | None
+
+
+def abstract_boxed_params(model: "LlamaForCausalLM"):
+    """The model's parameter shapes (no memory), still boxed with their logical axis names
+    (what sharding.logical_shardings turns into placements)."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, positions=dummy))["params"]
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:

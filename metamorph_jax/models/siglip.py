@@ -3,7 +3,7 @@
 Patch embedding (a stride-p convolution), learned position embeddings, pre-LN
 encoder blocks, a post-layernorm and an optional multi-head attention-pooling head.
 Any size from a tiny test model to So400m/14@384; ``SiglipConfig.from_hf`` reads a
-Hugging Face ``config.json`` (a SiglipVisionModel's, or the vision half of a full
+Hugging Face ``config.json``'s dict (a SiglipVisionModel's, or the vision half of a full
 SiglipModel's).
 
 Encoder blocks run under ``nn.scan`` (params stacked on a leading "layers" axis,
@@ -21,8 +21,6 @@ a table.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -135,22 +133,17 @@ class SiglipConfig:
         return cls(**data)
 
     @classmethod
-    def from_hf(cls, config: str | os.PathLike | Mapping[str, Any], **overrides) -> "SiglipConfig":
-        """Build from a Hugging Face config.json (path, directory or dict).
+    def from_hf(cls, config: Mapping[str, Any], source: str | None = None,
+                **overrides) -> "SiglipConfig":
+        """Build from a Hugging Face config.json's dict (`source`: the file, for errors).
 
         Accepts a SiglipVisionConfig, or a full SiglipConfig (its "vision_config" is
         used). Fields the file omits take transformers' defaults. ``overrides`` set
         the fields that are not in the checkpoint (dtype, scan_layers, visual tokens...).
         Unsupported values raise ValueError naming the file and the field.
         """
-        where, nest = "", ""  # error prefix (the file, when read from one) and field prefix
-        if not isinstance(config, Mapping):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            where = f"{path}: "
-            with open(path) as f:
-                config = json.load(f)
+        where = f"{source}: " if source else ""  # error prefix: the file
+        nest = ""  # field prefix inside a full SigLIP config
         config = dict(config)
         if config.get("model_type") == "siglip" or "vision_config" in config:
             if not isinstance(config.get("vision_config"), Mapping):

@@ -5,7 +5,7 @@ TimestepEmbedding MLP, down blocks (ResNet blocks + spatial transformers with se
 and cross-attention, strided-conv downsamplers), a cross-attention mid block, up
 blocks fed by the skip connections (nearest upsampling + conv), GroupNorm, SiLU,
 conv_out. Any size, from a tiny test model to SD 1.5; ``UNetConfig.from_hf`` reads
-a diffusers ``unet/config.json``.
+a diffusers ``unet/config.json``'s dict.
 
 Note diffusers' historical naming: SD 1.5's ``attention_head_dim`` is really the
 *number of heads* per block (head width = channels // heads); we keep that meaning.
@@ -13,14 +13,13 @@ Note diffusers' historical naming: SD 1.5's ``attention_head_dim`` is really the
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from metamorph_jax.models.hf_config import check_fields
 from metamorph_jax.models.diffusion_blocks import (
     IMAGE_AXES, Downsample2D, ResnetBlock2D, Transformer2D, Upsample2D, conv, dense,
     norm_silu_conv_out)
@@ -66,35 +65,6 @@ _FIXED_UNET_FIELDS = {
 }
 # Accepted for any value; they change nothing in fp32 math we implement.
 _IGNORED_UNET_FIELDS = ("upcast_attention",)
-
-
-def load_config_dict(path_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
-    """Return (config dict, a name for error messages) from a dict, a config.json or its folder."""
-    if isinstance(path_or_dict, dict):
-        return dict(path_or_dict), "<config dict>"
-    path = os.fspath(path_or_dict)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f), path
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def check_fields(raw: dict, source: str, known: Sequence[str], fixed: dict, ignored=()) -> None:
-    """Raise ValueError naming the file and field for unknown or unsupported config values."""
-    for key, value in raw.items():
-        if key.startswith("_") or key in known or key in ignored:
-            continue
-        if key not in fixed:
-            raise ValueError(f"{source}: unsupported config field {key!r}={value!r}")
-        want = fixed[key]
-        same = value == want or (isinstance(value, (list, tuple)) and all(v == want for v in value))
-        if not same:
-            raise ValueError(f"{source}: field {key!r}={value!r} is not supported (only {want!r})")
 
 
 def _per_block(value, n: int, name: str, source: str) -> tuple:
@@ -160,9 +130,10 @@ class UNetConfig:
                                  f"attention_head_dim (heads) {h}")
 
     @classmethod
-    def from_hf(cls, path_or_dict) -> "UNetConfig":
-        """Read a diffusers UNet2DConditionModel config (dict, config.json or its folder)."""
-        raw, source = load_config_dict(path_or_dict)
+    def from_hf(cls, raw: dict, source: str = "<unet config>") -> "UNetConfig":
+        """From a diffusers UNet2DConditionModel config dict (config.json's contents);
+        `source` names the file in error messages."""
+        raw = dict(raw)
         if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
             raise ValueError(f"{source}: _class_name {raw['_class_name']!r} is not "
                              "UNet2DConditionModel")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from metamorph_jax.models.diffusion_blocks import (
     IMAGE_AXES, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv,
     norm_silu_conv_out)
-from metamorph_jax.models.unet import check_fields, load_config_dict
+from metamorph_jax.models.hf_config import check_fields
 
 Dtype = Any
 
@@ -66,9 +66,9 @@ class VAEConfig:
                                  f"norm_num_groups={self.norm_num_groups}")
 
     @classmethod
-    def from_hf(cls, path_or_dict) -> "VAEConfig":
-        """Read a diffusers AutoencoderKL config (dict, config.json or its folder)."""
-        raw, source = load_config_dict(path_or_dict)
+    def from_hf(cls, raw: dict, source: str = "<vae config>") -> "VAEConfig":
+        """From a diffusers AutoencoderKL config dict; `source` names the file in errors."""
+        raw = dict(raw)
         if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"{source}: _class_name {raw['_class_name']!r} is not AutoencoderKL")
         known = [f.name for f in dataclasses.fields(cls)]

@@ -21,8 +21,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from metamorph_jax import sharding
-from metamorph_jax.inference.diffusion import NoiseSchedule, add_noise
-from metamorph_jax.models.decoder import Visualizer
+from metamorph_jax.models.noise_schedule import NoiseSchedule, add_noise
+from metamorph_jax.models.visualizer import Visualizer
 
 TRAINABLE = ("projector", "unet")
 
@@ -59,12 +59,6 @@ def _boxed_init(model: Visualizer, tx: optax.GradientTransformation):
         return DecoderTrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                                  opt_state=tx.init(trainable))
     return init
-
-
-def state_logical_specs(model: Visualizer, tx: optax.GradientTransformation):
-    """PartitionSpecs of logical axis names for every leaf of the train state."""
-    abstract = jax.eval_shape(_boxed_init(model, tx), jax.random.PRNGKey(0))
-    return nn.get_partition_spec(abstract)
 
 
 def state_shardings(model: Visualizer, tx: optax.GradientTransformation, mesh: Mesh,
@@ -165,19 +159,6 @@ def make_decoder_train_step(model: Visualizer, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_decoder_eval_step(model: Visualizer, schedule: NoiseSchedule,
-                           token_fn: Optional[Callable] = None):
-    """eval_step(state, batch, rng) -> metrics: the conditional loss (no condition dropout)."""
-    alphas_cumprod = jnp.asarray(schedule.alphas_cumprod())
-
-    def eval_step(state: DecoderTrainState, batch: dict, rng):
-        _, metrics = decoder_loss(model, state.params, state.frozen, batch, rng, alphas_cumprod,
-                                  0.0, token_fn)
-        return metrics
-
-    return eval_step
-
-
 def jit_train_step(train_step, state_sharding: Any, mesh: Mesh,
                    rules: Sequence[tuple[str, Any]] = DECODER_RULES):
     """jax.jit with explicit shardings: state as given (donated), every batch array split
@@ -206,10 +187,10 @@ def jit_train_step(train_step, state_sharding: Any, mesh: Mesh,
 
 def build_decoder_stage(config):
     """(model, tx, schedule, learning_rate_fn) from a configs/decoder_*.py config."""
-    from metamorph_jax.models.decoder import DecoderConfig
+    from metamorph_jax.models.visualizer import VisualizerConfig
     from metamorph_jax.training import optim
 
-    model_cfg = DecoderConfig.from_dict(config.model.to_dict()
+    model_cfg = VisualizerConfig.from_dict(config.model.to_dict()
                                         if hasattr(config.model, "to_dict") else config.model)
     dtype = jnp.dtype(config.get("dtype", "float32"))
     model = Visualizer(model_cfg, dtype=dtype, remat=bool(config.get("remat", False)))

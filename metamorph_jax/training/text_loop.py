@@ -22,7 +22,6 @@ which needs them to be fully addressable, i.e. one process).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -31,67 +30,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metamorph_jax import pretrained, sharding
-from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
-from metamorph_jax.data.packing import PackedBatchIterator
+from metamorph_jax.data.text_records import check_text_only, text_batches
 from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM, with_layer_layout
 from metamorph_jax.training import text_step
 
 logger = logging.getLogger("metamorph_jax.training")
 
-IMAGE_FIELDS = ("image", "images", "video")
 REQUIRED_FIELDS = ("llm_dir", "tokenizer_dir", "data", "steps", "optim", "mesh", "dtype", "work_dir")
 
 
-class TextStageError(ValueError):
-    """A record the text stage cannot train on (it holds images or a video)."""
-
-
 # --- data ---------------------------------------------------------------------------------
-
-class TextOnlyCheck:
-    """Pipeline map before rendering: a record with images stops the run, naming file:line.
-
-    Records that are not valid JSON pass through: the renderer counts them as
-    "malformed_json" like any other bad record.
-    """
-
-    def __call__(self, element: dict) -> dict:
-        raw = element["raw"]
-        try:
-            record = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return element
-        if isinstance(record, dict):
-            for field in IMAGE_FIELDS:
-                if record.get(field) is not None:
-                    raise TextStageError(
-                        f"{element['where']}: field {field!r}: the LLM text stage trains and "
-                        "evaluates on text-only records; remove records with images or videos "
-                        "(the VPiT image stages are not implemented yet)")
-        return element
-
-
-def text_special_ids(tokenizer) -> conv.SpecialIds:
-    """Ids for the renderer. Text-only records never emit image tokens, so the image ids
-    are marked unused (-1) instead of adding tokens the model has no rows for."""
-    return conv.SpecialIds(image_start_id=-1, image_end_id=-1, placeholder_id=0,
-                           vocab_size=len(tokenizer))
-
-
-def text_batches(sources: Sequence[pipeline.Source], tokenizer,
-                 config: pipeline.DataConfig) -> PackedBatchIterator:
-    """Packed batches of text-only records: pipeline.build_dataset with the TextOnlyCheck
-    in front of rendering and no image slots (so no image buffers are allocated)."""
-    config = dataclasses.replace(config, max_images_per_row=0, image_size=1)
-    return pipeline.make_iterator(sources, tokenizer, text_special_ids(tokenizer), config,
-                                  record_check=TextOnlyCheck())
-
 
 def data_from_config(data) -> tuple[list[pipeline.Source], pipeline.DataConfig]:
     """pipeline.from_config, also accepting `sources` as a mapping name -> source fields
@@ -103,72 +55,12 @@ def data_from_config(data) -> tuple[list[pipeline.Source], pipeline.DataConfig]:
     return pipeline.from_config(values)
 
 
-def check_text_only(batch: dict) -> None:
-    """Second line of defence after packing: no image slot may reach the text step."""
-    if np.any(batch["image_index"] >= 0) or np.any(batch["vision_mask"]) or \
-            np.any(batch["image_valid"]):
-        raise TextStageError("a packed batch holds image positions; the LLM text stage "
-                             "takes text-only records")
-
-
-def write_text_records(path: str | Path, count: int = 64, seed: int = 0) -> Path:
-    """Write `count` text-only conversation records about Shapes-world scenes (the scene
-    described in words, a question, its answer) as JSONL: a small text data set for the
-    tiny config, demos and tests."""
-    from metamorph_jax.data import shapes
-    rng = np.random.default_rng(seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for index in range(count):
-            scene = shapes.random_scene(rng)
-            question, answer = shapes.vqa(scene, rng)
-            record = {"id": f"text{index}", "conversations": [
-                {"from": "human", "value": f"there is {shapes.caption(scene)} . {question.lower()}"},
-                {"from": "gpt", "value": answer}]}
-            handle.write(json.dumps(record) + "\n")
-    return path
-
-
 # --- model and optimizer ------------------------------------------------------------------
-
-def load_model(llm_dir: str | Path, mesh, rules=sharding.DEFAULT_RULES, *, dtype: str = "float32",
-               remat_policy: str | None = None, scan_layers: bool | None = None
-               ) -> tuple[LlamaForCausalLM, Any, dict]:
-    """(model, fp32 params placed on the mesh by their logical axes, saved model_config).
-
-    scan_layers: None keeps the folder's layer layout; True/False trains in that layout,
-    converting the params once here (saved_layout turns them back for the saved folder).
-    """
-    saved = pretrained.read_model_config(llm_dir)
-    if saved["model"] != "llama":
-        raise ValueError(f"{Path(llm_dir) / pretrained.CONFIG_FILE}: field 'model' is "
-                         f"{saved['model']!r}; the text stage trains a 'llama' model folder")
-    changes = dict(dtype=dtype, param_dtype="float32")
-    if remat_policy is not None:
-        changes["remat_policy"] = remat_policy
-    stored = LlamaForCausalLM(LlamaConfig.from_dict(saved["config"]).replace(**changes))
-    params = pretrained.load_params(llm_dir, text_step.param_shardings(stored, mesh, rules),
-                                    dtype=jnp.float32)
-    if scan_layers is None or bool(scan_layers) == stored.config.scan_layers:
-        return stored, params, saved
-    model = LlamaForCausalLM(stored.config.replace(scan_layers=bool(scan_layers)))
-    params = jax.jit(lambda p: with_layer_layout(p, model.config.num_layers, bool(scan_layers)),
-                     out_shardings=text_step.param_shardings(model, mesh, rules))(params)
-    return model, params, saved
-
 
 def saved_layout(model: LlamaForCausalLM, saved: dict, host_params: Any) -> Any:
     """Host params in the layer layout of the folder the run started from."""
     return with_layer_layout(host_params, model.config.num_layers,
                              LlamaConfig.from_dict(saved["config"]).scan_layers)
-
-
-def check_vocab(model: LlamaForCausalLM, tokenizer, llm_dir, tokenizer_dir) -> None:
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
-                         f"{Path(llm_dir) / pretrained.CONFIG_FILE} field 'config.vocab_size' is "
-                         f"{model.config.vocab_size}; use the tokenizer the model was made with")
 
 
 def make_optimizer(optim, steps: int) -> tuple[optax.GradientTransformation, Any]:
@@ -228,8 +120,6 @@ def train(config) -> dict:
     summary {steps, first_loss, last_loss, final_dir, bad_records}."""
     from tqdm import tqdm
 
-    from metamorph_jax.inference.text_cli import load_tokenizer
-
     check_config(config)
     work_dir = Path(config.work_dir)
     final_dir = work_dir / "final"
@@ -240,11 +130,12 @@ def train(config) -> dict:
 
     mesh = sharding.make_mesh(**config.mesh.to_dict())
     rules = sharding.DEFAULT_RULES
-    tokenizer = load_tokenizer(config.tokenizer_dir)
-    model, params, saved = load_model(config.llm_dir, mesh, rules, dtype=config.dtype,
-                                      remat_policy=config.get("remat_policy"),
-                                      scan_layers=config.get("scan_layers"))
-    check_vocab(model, tokenizer, config.llm_dir, config.tokenizer_dir)
+    tokenizer = pretrained.load_tokenizer(config.tokenizer_dir)
+    model, params, saved = pretrained.load_llama(config.llm_dir, mesh, rules, dtype=config.dtype,
+                                                 remat_policy=config.get("remat_policy"),
+                                                 scan_layers=config.get("scan_layers"))
+    pretrained.check_vocab(model.config.vocab_size, tokenizer, config.llm_dir,
+                           config.tokenizer_dir)
     sources, data_config = data_from_config(config.data)
     batches = text_batches(sources, tokenizer, data_config)
 
@@ -264,6 +155,19 @@ def train(config) -> dict:
     start = time.time()
     done = 0
     bar = tqdm(total=steps, desc="train", unit="step", disable=not is_main)
+
+    def flush() -> None:
+        """Fetch, NaN-check and log every pending step's metrics."""
+        for logged_step, values in jax.device_get(pending):
+            values = {**values, "time_s": time.time() - start}
+            losses.append(float(values["loss"]))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"step {logged_step}: the loss is {losses[-1]}")
+            if writer is not None:
+                writer.write(logged_step, values)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{float(values['lr']):.2e}")
+        pending.clear()
+
     try:
         for step in range(1, steps + 1):
             try:
@@ -276,17 +180,12 @@ def train(config) -> dict:
             state, metrics = train_step(state, text_step.global_batch(batch, mesh, rules))
             done = step
             pending.append((step, metrics))
-            if len(pending) >= log_every or step == steps:
-                for logged_step, values in jax.device_get(pending):
-                    values = {**values, "time_s": time.time() - start}
-                    losses.append(float(values["loss"]))
-                    if not math.isfinite(losses[-1]):
-                        raise FloatingPointError(f"step {logged_step}: the loss is {losses[-1]}")
-                    if writer is not None:
-                        writer.write(logged_step, values)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{float(values['lr']):.2e}")
-                pending.clear()
+            if len(pending) >= log_every:
+                flush()
             bar.update(1)
+        # The last steps (fewer than log_every, or cut short by the data) are logged and
+        # checked too.
+        flush()
     finally:
         bar.close()
         if writer is not None:
@@ -296,7 +195,8 @@ def train(config) -> dict:
     if is_main:
         host_params = saved_layout(model, saved, jax.device_get(state.params))
         pretrained.save_pretrained(final_dir, "llama", saved["config"], host_params,
-                                   hf_config=saved.get("hf_config"))
+                                   hf_config=saved.get("hf_config"),
+                                   chat_template=data_config.template)
         tokenizer.save_pretrained(str(final_dir))
     return {"steps": done, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "final_dir": str(final_dir),

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from metamorph_jax import sharding
+from metamorph_jax.models import llama
 from metamorph_jax.training.losses import masked_cross_entropy
 
 Array = jax.Array
@@ -91,8 +92,7 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[Array, Array
 
 def abstract_boxed_params(model: nn.Module) -> Any:
     """The model's parameter shapes, still boxed with their logical axis names."""
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, positions=dummy))["params"]
+    return llama.abstract_boxed_params(model)
 
 
 def param_shardings(model: nn.Module, mesh: Mesh,

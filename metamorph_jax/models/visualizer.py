@@ -25,7 +25,7 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class VisualizerConfig:
     """Visualiser architecture. vae=None means pixel space (UNet in/out = image channels)."""
 
     unet: UNetConfig
@@ -42,15 +42,15 @@ class DecoderConfig:
         if isinstance(self.vae, dict):
             object.__setattr__(self, "vae", VAEConfig(**self.vae))
         if self.context_length < self.num_tokens:
-            raise ValueError(f"DecoderConfig: context_length {self.context_length} < "
+            raise ValueError(f"VisualizerConfig: context_length {self.context_length} < "
                              f"num_tokens {self.num_tokens}")
         if self.vae is not None:
             if self.unet.in_channels != self.vae.latent_channels:
-                raise ValueError(f"DecoderConfig: unet.in_channels {self.unet.in_channels} != "
+                raise ValueError(f"VisualizerConfig: unet.in_channels {self.unet.in_channels} != "
                                  f"vae.latent_channels {self.vae.latent_channels}")
             down = 2 ** (len(self.vae.block_out_channels) - 1)
             if self.image_size % down:
-                raise ValueError(f"DecoderConfig: image_size {self.image_size} is not a multiple "
+                raise ValueError(f"VisualizerConfig: image_size {self.image_size} is not a multiple "
                                  f"of the VAE's downsampling factor {down}")
 
     @property
@@ -66,7 +66,7 @@ class DecoderConfig:
         return (size, size, self.vae.latent_channels)
 
     @classmethod
-    def from_dict(cls, d) -> "DecoderConfig":
+    def from_dict(cls, d) -> "VisualizerConfig":
         """From a plain (or ml_collections) dict: unet / vae sub-dicts use diffusers' names."""
         d = dict(d)
         unet = UNetConfig.from_hf(dict(d.pop("unet")))
@@ -106,7 +106,7 @@ class Visualizer(nn.Module):
     (for init).
     """
 
-    config: DecoderConfig
+    config: VisualizerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
