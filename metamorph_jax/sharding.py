@@ -6,7 +6,8 @@ run is changing the mesh shape, not the model.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Iterator[None]:
+    """The mesh and logical-axis rules that model code must be traced (and run) under.
+
+    jax.set_mesh, not the legacy `with mesh:`: flax's with_logical_constraint looks the
+    mesh up with jax.sharding.get_abstract_mesh(), which `with mesh:` leaves empty, so
+    under it every activation constraint is silently dropped (XLA then gathered the whole
+    batch's logits onto every device).
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh,

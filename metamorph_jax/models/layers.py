@@ -194,51 +194,117 @@ stacked_attention.defvjp(_stacked_attention_fwd, _stacked_attention_bwd)
 CAUSAL_BLOCK = 128
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, *,
-                          mask: Array | None = None, bias: Array | None = None,
-                          implementation: str | None = None, causal: bool = False) -> Array:
-    """Scaled dot-product attention; the one place that picks the kernel.
+# Largest head_dim cuDNN flash attention takes on every GPU generation (Hopper and later
+# take 256, but which GPU runs a plan is not known where the kernel is chosen).
+CUDNN_MAX_HEAD_DIM = 128
 
-    query [B,T,H,D]; key/value [B,S,K,D] with H % K == 0 (grouped-query attention).
-    mask: bool, broadcastable to [B,H,T,S], True = attend. bias: float, same broadcast.
-    Softmax runs in fp32 on every path. implementation: None picks per backend (on CPU
-    `stacked_attention` when the mask is the same for every head, else plain einsums;
-    jax.nn's XLA kernel on TPU; cuDNN flash attention on GPUs where it applies), or
-    "xla", "cudnn", "stacked", "reference" (plain einsums). causal: the mask is known to
-    allow only keys at or before each query (self-attention, S == T), which lets the CPU
-    path skip the masked upper triangle.
+
+def cudnn_attention_problem(query: Any, key: Any, value: Any, mask: Any | None = None,
+                            bias: Any | None = None, platform: str | None = None) -> str | None:
+    """Why cuDNN flash attention cannot take these inputs, or None when it can.
+
+    Looks at shapes, dtypes and the platform name only (arrays or jax.ShapeDtypeStructs),
+    so a plan can be checked for a platform other than the one tracing it. platform:
+    "gpu"/"cuda" or another jax platform name; None means jax.default_backend(). The
+    conditions are those jax's cuDNN wrapper enforces for bf16/fp16 (jax.nn mixes a bool
+    mask into an additive bias, so a mask counts as a bias).
+    """
+    platform = jax.default_backend() if platform is None else platform
+    if platform not in ("gpu", "cuda"):
+        return f"cuDNN attention runs on NVIDIA GPUs, the platform is {platform!r}"
+    dtypes = {jnp.dtype(t.dtype) for t in (query, key, value)}
+    if dtypes - {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)} or len(dtypes) > 1:
+        return (f"cuDNN attention takes query, key and value all bfloat16 or all float16, "
+                f"got {query.dtype}, {key.dtype}, {value.dtype}")
+    head_dim = query.shape[-1]
+    if key.shape[-1] != head_dim or value.shape[-1] != head_dim:
+        return (f"cuDNN attention takes one head_dim for query, key and value, got "
+                f"{query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]}")
+    if head_dim > CUDNN_MAX_HEAD_DIM or head_dim % 8:
+        return (f"cuDNN attention takes head_dim <= {CUDNN_MAX_HEAD_DIM} and a multiple of 8, "
+                f"got {head_dim}")
+    (batch, length, heads, _), keys = query.shape, key.shape[1]
+    for name, extra in (("mask", mask), ("bias", bias)):
+        if extra is None:
+            continue
+        if extra.ndim > 4 or tuple(extra.shape[-2:]) != (length, keys):
+            return (f"cuDNN attention takes a {name} [B|1, H|1, T, S] = [.., {length}, {keys}] "
+                    f"(no broadcasting over queries or keys), got {tuple(extra.shape)}")
+        lead = (1,) * (4 - extra.ndim) + tuple(extra.shape[:-2])
+        if lead[0] not in (1, batch) or lead[1] not in (1, heads):
+            return f"cuDNN attention cannot broadcast a {name} of shape {tuple(extra.shape)}"
+        # Its backward pass with a bias needs even lengths; the kernel is chosen before
+        # it is known whether a gradient will be taken.
+        if length % 2 or keys % 2:
+            return (f"cuDNN attention with a {name} needs even query and key lengths, got "
+                    f"{length} and {keys}")
+    return None
+
+
+def choose_attention(query: Any, key: Any, value: Any, mask: Any | None = None,
+                     bias: Any | None = None, implementation: str | None = None,
+                     platform: str | None = None) -> str:
+    """The kernel dot_product_attention runs: "stacked", "reference", "xla" or "cudnn".
+
+    implementation None picks by platform (None: jax.default_backend()): on CPU
+    `stacked_attention` when the mask is a bool [B,1,T,S] (the same for every head) and
+    there is no bias, else plain einsums; on GPUs cuDNN flash attention where
+    `cudnn_attention_problem` finds none, else jax.nn's XLA kernel; elsewhere (TPU) the
+    XLA kernel. An explicit implementation is returned as is, after checking that
+    "stacked" and "cudnn" can take the inputs (a ValueError saying why not).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of "
                          f"{ATTENTION_IMPLEMENTATIONS}")
+    head_independent_mask = (mask is not None and bias is None and mask.ndim == 4
+                             and mask.shape[1] == 1)
+    if implementation == "stacked" and not head_independent_mask:
+        raise ValueError("stacked attention takes a bool mask [B,1,T,S] and no bias")
+    if implementation == "cudnn":
+        problem = cudnn_attention_problem(query, key, value, mask, bias, platform)
+        if problem is not None:
+            raise ValueError(f"attention implementation 'cudnn' was asked for, but {problem}")
+    if implementation is not None:
+        return implementation
+    platform = jax.default_backend() if platform is None else platform
+    if platform == "cpu":
+        return "stacked" if head_independent_mask else "reference"
+    if platform in ("gpu", "cuda"):
+        no_cudnn = cudnn_attention_problem(query, key, value, mask, bias, platform)
+        return "xla" if no_cudnn else "cudnn"
+    return "xla"
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *,
+                          mask: Array | None = None, bias: Array | None = None,
+                          implementation: str | None = None, causal: bool = False,
+                          platform: str | None = None) -> Array:
+    """Scaled dot-product attention; the one place that picks the kernel.
+
+    query [B,T,H,D]; key/value [B,S,K,D] with H % K == 0 (grouped-query attention).
+    mask: bool, broadcastable to [B,H,T,S], True = attend. bias: float, same broadcast.
+    Softmax runs in fp32 on every path. implementation: None picks per platform (see
+    `choose_attention`; platform None is jax.default_backend()), or "xla", "cudnn",
+    "stacked", "reference" (plain einsums); asking for "cudnn" or "stacked" where they
+    cannot run is an error, never a silent fallback. causal: the mask is known to allow
+    only keys at or before each query (self-attention, S == T), which lets the CPU path
+    skip the masked upper triangle.
+    """
     if query.shape[2] % key.shape[2]:
         raise ValueError(f"{query.shape[2]} query heads are not a multiple of "
                          f"{key.shape[2]} key/value heads")
     if causal and query.shape[1] != key.shape[1]:
         raise ValueError(f"causal attention needs as many keys as queries, got "
                          f"{key.shape[1]} keys for {query.shape[1]} queries")
-    on_cpu = implementation is None and jax.default_backend() == "cpu"
-    head_independent_mask = (mask is not None and bias is None and mask.ndim == 4
-                             and mask.shape[1] == 1)
-    if implementation == "stacked" or (on_cpu and head_independent_mask):
-        if not head_independent_mask:
-            raise ValueError("stacked attention takes a bool mask [B,1,T,S] and no bias")
+    kernel = choose_attention(query, key, value, mask, bias, implementation, platform)
+    if kernel == "stacked":
         mask = jnp.broadcast_to(mask, (query.shape[0], 1, query.shape[1], key.shape[1]))
         return stacked_attention(query, key, value, mask, query.shape[2] // key.shape[2],
                                  CAUSAL_BLOCK if causal else 0)
-    if implementation == "reference" or on_cpu:
+    if kernel == "reference":
         return reference_attention(query, key, value, mask, bias)
-    if implementation is None and jax.default_backend() == "gpu":
-        # cuDNN flash attention takes bf16/fp16 with head_dim <= 128; else use XLA.
-        if query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] <= 128:
-            try:
-                return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                                    implementation="cudnn")
-            except (NotImplementedError, ValueError, RuntimeError):
-                pass
-        implementation = "xla"
     return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                        implementation=implementation)
+                                        implementation=kernel)
 
 
 def packed_causal_mask(segment_ids: Array) -> Array:

@@ -422,7 +422,8 @@ class LlamaForCausalLM(nn.Module):
                     values.append(updated[1])
             if cache is not None:
                 new_cache = {"key": keys, "value": values}
-        hidden = self.norm(hidden)
+        # Batch-sharded like the logits that follow, so XLA splits the LM head by rows.
+        hidden = nn.with_logical_constraint(self.norm(hidden), ("batch", "length", "embed"))
         logits = self.logits(hidden) if compute_logits else None
         return DecoderOutput(logits=logits, hidden_states=hidden if return_hidden else None,
                              cache=new_cache)

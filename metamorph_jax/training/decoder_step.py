@@ -179,7 +179,7 @@ def jit_train_step(train_step, state_sharding: Any, mesh: Mesh,
             if value.shape[0] % ways:
                 raise ValueError(f"decoder batch field {key!r}: batch size {value.shape[0]} "
                                  f"does not divide over the mesh's batch axes {axes} ({ways})")
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activate(mesh, rules):
             return jitted(state, batch, rng)
 
     return run

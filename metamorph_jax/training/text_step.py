@@ -118,7 +118,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
     create = jax.jit(lambda p: TrainState.create(p, optimizer),
                      in_shardings=(shardings.params,), out_shardings=shardings,
                      donate_argnums=(0,))
-    with mesh:
+    with jax.set_mesh(mesh):
         return create(params)
 
 
@@ -137,7 +137,8 @@ def jit_train_step(train_step: Callable, mesh: Mesh, shardings: TrainState,
 
     The returned function takes (state, batch of global jax.Arrays or host numpy arrays)
     and runs under the mesh and the logical-axis rules (the model's activation
-    constraints need both at trace time).
+    constraints need both at trace time); its `lower` attribute lowers it the same way
+    (for inspecting the compiled program).
     """
     batch_sharding = sharding.batch_sharding(mesh, rules)
     jitted = jax.jit(train_step, in_shardings=(shardings, batch_sharding),
@@ -146,8 +147,16 @@ def jit_train_step(train_step: Callable, mesh: Mesh, shardings: TrainState,
     def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         batch = text_batch(batch)
         _check_batch_divides(mesh, rules, batch["tokens"].shape[0])
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activate(mesh, rules):
             return jitted(state, batch)
+
+    def lower(state: Any, batch: dict) -> Any:
+        """jax's Lowered for (abstract) state and batch, traced exactly as `run` traces."""
+        batch = text_batch(batch)
+        _check_batch_divides(mesh, rules, batch["tokens"].shape[0])
+        with sharding.activate(mesh, rules):
+            return jitted.lower(state, batch)
+    run.lower = lower
     return run
 
 
@@ -161,7 +170,7 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, params_shardings: Any,
     def run(params: Any, batch: dict) -> tuple[Array, Array]:
         batch = text_batch(batch)
         _check_batch_divides(mesh, rules, batch["tokens"].shape[0])
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activate(mesh, rules):
             return jitted(params, batch)
     return run
 
