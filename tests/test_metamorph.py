@@ -221,9 +221,11 @@ def compare_grads(config, grads, reference) -> float:
         error = float(np.abs(np.asarray(got) - want).max())
         assert error <= TOLERANCE, (path, error)
         worst = max(worst, error)
+    print(f"max gradient error {worst:.2e}")
     return worst
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_match_the_authors_forward_on_packed_rows(setup):
     config, params, reference, samples, ids = setup
     batch = packed_batch(samples, ROWS)
@@ -243,13 +245,16 @@ def test_loss_and_gradients_match_the_authors_forward_on_packed_rows(setup):
 
     assert int(metrics["text_tokens"]) == text_count == int(batch["text_mask"].sum())
     assert int(metrics["vision_tokens"]) == vision_count == 9 * 4  # four response images
+    text_sum, vision_sum, total = text_sum.detach(), vision_sum.detach(), total.detach()
     assert abs(float(metrics["text_loss"]) - float(text_sum / text_count)) <= TOLERANCE
     assert abs(float(metrics["vision_loss"]) - float(vision_sum / vision_count)) <= TOLERANCE
     assert abs(float(metrics["vision_cosine"]) - (1 - float(vision_sum / vision_count))) <= TOLERANCE
     assert abs(float(loss) - float(total)) <= TOLERANCE
+    print(f"loss {float(loss):.6f}, error {abs(float(loss) - float(total)):.2e}")
     compare_grads(config, grads, reference)
 
 
+@pytest.mark.slow
 def test_one_sample_equals_the_authors_mean_formula(setup):
     """One sample, batch 1: ours = CrossEntropyLoss() mean + coef * (-cos mean) + coef."""
     config, params, reference, samples, ids = setup
@@ -261,7 +266,9 @@ def test_one_sample_equals_the_authors_mean_formula(setup):
     authors = (torch.nn.CrossEntropyLoss()(logits, labels)
                + VISION_COEF * -F.cosine_similarity(targets, preds, dim=-1).mean())
     authors.backward()
+    authors = authors.detach()
     assert abs(float(loss) - (float(authors) + VISION_COEF)) <= TOLERANCE
+    print(f"loss error {abs(float(loss) - (float(authors) + VISION_COEF)):.2e}")
     compare_grads(config, grads, reference)
 
 
@@ -276,19 +283,18 @@ def test_pixels_and_precomputed_visual_tokens_agree(setup):
     config, params, _, samples, _ = setup
     batch = {k: jnp.asarray(v) for k, v in packed_batch(samples, ROWS).items()}
     model = metamorph.MetaMorph(config)
-    visual = model.apply({"params": params}, batch["images"], method=metamorph.MetaMorph.encode_images)
+    visual = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                              method=metamorph.MetaMorph.encode_images))(
+        params, batch["images"])
     assert visual.shape == (len(ROWS), MAX_IMAGES, TOKENS_PER_IMAGE, 24)
-    common = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
-                  image_index=batch["image_index"], compute_logits=True)
-    from_pixels = model.apply({"params": params}, batch["tokens"], images=batch["images"], **common)
-    from_tokens = model.apply({"params": params}, batch["tokens"], visual_tokens=visual, **common)
-    np.testing.assert_array_equal(np.asarray(from_pixels.hidden_states),
-                                  np.asarray(from_tokens.hidden_states))
-    loss_pixels, _ = vpit_loss.vpit_loss(model, params, batch)
-    loss_tokens, _ = vpit_loss.vpit_loss(model, params, {**{k: v for k, v in batch.items()
-                                                            if k != "images"},
-                                                         "visual_tokens": visual})
-    assert float(loss_pixels) == float(loss_tokens)
+
+    loss = jax.jit(lambda p, b: vpit_loss.vpit_loss(model, p, b)[1])
+    without_images = {k: v for k, v in batch.items() if k != "images"}
+    from_pixels = loss(params, batch)
+    from_tokens = loss(params, {**without_images, "visual_tokens": visual})
+    for key in ("text_loss", "vision_loss"):
+        assert float(from_pixels[key]) == pytest.approx(float(from_tokens[key]), abs=1e-6)
+    assert float(from_pixels["vision_tokens"]) > 0
 
 
 def _gelu(x):
@@ -298,13 +304,16 @@ def _gelu(x):
 
 def test_splice_positions_by_hand():
     """Two rows, two images each, visual tokens placed in a hand-chosen order."""
-    llm = tiny_llama_hf_config(vocab_size=20)
-    hf = authors_hf_config(20)
-    hf.update(llm)
-    hf["model_type"] = "metamorph_llama"
-    config = metamorph_convert.config_from_hf(hf, SiglipConfig.from_hf(vision_hf_config()))
-    params = nn.unbox(metamorph.init_params(config, jax.random.key(0)))
+    config = metamorph_convert.config_from_hf(authors_hf_config(20),
+                                              SiglipConfig.from_hf(vision_hf_config()))
     model = metamorph.MetaMorph(config)
+    # Only the parts embed_inputs reads: the token table and the adapter.
+    normal = np.random.default_rng(4).standard_normal
+    p = {"linear_0": {"kernel": normal((24, 32)), "bias": normal(32)},
+         "linear_2": {"kernel": normal((32, 32)) / 6, "bias": normal(32)}}
+    table = normal((20, 32))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                          {"llm": {"embed_tokens": {"embedding": table}}, "mm_projector": p})
     rng = np.random.default_rng(3)
     visual = rng.standard_normal((2, 2, TOKENS_PER_IMAGE, 24)).astype(np.float32)
     tokens = rng.integers(0, 20, (2, 8)).astype(np.int32)
@@ -312,10 +321,9 @@ def test_splice_positions_by_hand():
     index[0, 1:4] = [9, 10, 17]     # row 0: image 1's tokens 0, 1, 8
     index[0, 6] = 0                 # row 0: image 0's token 0
     index[1, 2:4] = [4, 13]         # row 1: image 0's token 4, image 1's token 4
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(index),
-                                 jnp.asarray(visual), method=metamorph.MetaMorph.embed_inputs))
-    p = jax.tree.map(np.asarray, params["mm_projector"])
-    table = np.asarray(params["llm"]["embed_tokens"]["embedding"])
+    embed = jax.jit(lambda p, *a: model.apply({"params": p}, *a,
+                                              method=metamorph.MetaMorph.embed_inputs))
+    out = np.asarray(embed(params, jnp.asarray(tokens), jnp.asarray(index), jnp.asarray(visual)))
     for b in range(2):
         for t in range(8):
             if index[b, t] < 0:
@@ -338,7 +346,7 @@ def test_from_pretrained_parts_grows_the_vocabulary_with_mean_rows(setup):
         vision_coef=VISION_COEF)
     assert built == config
     assert (jax.tree.map(np.shape, built_params)
-            == jax.tree.map(np.shape, nn.unbox(metamorph.init_params(config, jax.random.key(0)))))
+            == jax.tree.map(np.shape, metamorph.param_shapes(config)))
     embedding = np.asarray(built_params["llm"]["embed_tokens"]["embedding"])
     kernel = np.asarray(built_params["llm"]["lm_head"]["kernel"])
     for row in (config.image_start_id, config.image_end_id):
