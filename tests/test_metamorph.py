@@ -228,3 +228,49 @@ def test_config_round_trips_through_a_dict(setup):
     assert metamorph.MetaMorphConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown MetaMorphConfig fields"):
         metamorph.MetaMorphConfig.from_dict({**config.to_dict(), "extra": 1})
+
+
+def test_kv_cache_decoding_with_fed_back_visual_tokens_equals_the_full_forward(setup):
+    """Image-mode decoding as the authors' loop does it (the head's prediction goes through
+    the adapter and is the next input embedding), with the KV cache passed through."""
+    config, params, _, samples, _ = setup
+    model = metamorph.MetaMorph(config)
+    M = metamorph.MetaMorph
+    s = samples["prompt_image"]
+    length, steps = len(s["tokens"]), 3
+    tokens, index = jnp.asarray(s["tokens"])[None], jnp.asarray(s["image_index"])[None]
+    visual = jax.jit(lambda p, x: model.apply({"params": p}, x, method=M.encode_images))(
+        params, jnp.asarray(s["images"])[None])
+
+    @jax.jit
+    def prefill(p):
+        cache = model.apply({"params": p}, 1, length + steps, method=M.init_cache)
+        out = model.apply({"params": p}, tokens, positions=jnp.arange(length)[None],
+                          image_index=index, visual_tokens=visual, cache=cache)
+        return out.hidden_states, out.cache
+
+    @jax.jit
+    def step(p, hidden, cache, t):
+        predicted = model.apply({"params": p}, hidden, method=M.vision_head_outputs)
+        embeds = model.apply({"params": p}, predicted, method=M.project_visual_tokens)
+        out = model.apply({"params": p}, inputs_embeds=embeds, positions=t[None, None],
+                          cache=cache, cache_index=t[None])
+        return out.hidden_states, out.cache, embeds
+
+    hidden, cache = prefill(params)
+    decoded, fed = [hidden[:, -1:]], []
+    for t in range(length, length + steps):
+        last, cache, embeds = step(params, decoded[-1], cache, jnp.asarray(t, jnp.int32))
+        decoded.append(last)
+        fed.append(embeds)
+
+    @jax.jit
+    def full(p, extra):
+        embeds = model.apply({"params": p}, tokens, index, visual, method=M.embed_inputs)
+        embeds = jnp.concatenate([embeds, extra], axis=1)
+        return model.apply({"params": p}, inputs_embeds=embeds,
+                           positions=jnp.arange(length + steps)[None]).hidden_states
+    expected = full(params, jnp.concatenate(fed, axis=1))
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(expected[:, :length]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(decoded, axis=1)),
+                               np.asarray(expected[:, length - 1:]), atol=1e-5)
