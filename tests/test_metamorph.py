@@ -5,6 +5,7 @@ params through the converter's table (convert/metamorph.py), so the table is che
 Batches come from the real renderer and packer (data/conversation.py, data/packing.py) with
 the tiny tokenizer, so the splice and target positions are the ones training uses.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,3 +275,33 @@ def test_kv_cache_decoding_with_fed_back_visual_tokens_equals_the_full_forward(s
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(expected[:, :length]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(decoded, axis=1)),
                                np.asarray(expected[:, length - 1:]), atol=1e-5)
+
+
+def test_sharded_loss_equals_single_device(setup):
+    """Params placed by their logical axis names on a (data, fsdp, tensor) = 2x2x2 mesh, the
+    batch split over rows: the same loss, activations constrained by the same names."""
+    from metamorph_jax import sharding
+    config, params, _, samples, _ = setup
+    model = metamorph.MetaMorph(config)
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(samples, ROWS).items()}
+    loss = jax.jit(lambda p, b: vpit_loss.vpit_loss(model, p, b)[0])
+    expected = float(loss(params, batch))
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    boxed = jax.eval_shape(lambda r: metamorph.init_params(config, r), jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh)
+    assert (shardings["mm_projector"]["linear_0"]["kernel"].spec
+            == jax.sharding.PartitionSpec("fsdp", "tensor"))
+    assert (shardings["vision_head"]["linear_2"]["kernel"].spec
+            == jax.sharding.PartitionSpec("tensor", "fsdp"))
+    placed = jax.device_put(params, shardings)
+    placed_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, ndim=v.ndim))
+                    for k, v in batch.items()}
+
+    @jax.jit
+    def sharded_loss(p, b):
+        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            return vpit_loss.vpit_loss(model, p, b)[0]
+    with mesh:
+        got = float(sharded_loss(placed, placed_batch))
+    assert abs(got - expected) <= TOLERANCE
