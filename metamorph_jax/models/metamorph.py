@@ -217,6 +217,8 @@ class MetaMorph(nn.Module):
         if per_image != self.config.num_image_tokens:
             raise ValueError(f"visual tokens have {per_image} tokens per image, the config's "
                              f"num_image_tokens is {self.config.num_image_tokens}")
+        if count == 0:  # rows without image slots: nothing to splice
+            return embeds
         # The adapter runs on the N*V tokens, not on all T positions, then is gathered.
         adapted = self.project_visual_tokens(visual_tokens.reshape(batch, count * per_image,
                                                                    channels))
