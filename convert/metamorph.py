@@ -78,9 +78,8 @@ def checkpoint_to_flax(src_dir: str | Path, out_dir: str | Path,
     vision = None
     if vision_tower is not None:
         tower_config = Path(vision_tower) / "config.json"
-        read_json(tower_config)  # a clear error when the folder has none
         try:
-            vision = SiglipConfig.from_hf(tower_config)
+            vision = SiglipConfig.from_hf(read_json(tower_config), source=str(tower_config))
         except ValueError as e:
             raise ConversionError(str(e)) from None
     try:
