@@ -225,8 +225,14 @@ def test_sd15_config_builds_the_paper_model():
     cfg = DecoderConfig.from_dict(config.model.to_dict())
     assert cfg.sample_shape == (64, 64, 4)
     assert cfg.unet.cross_attention_dim == 768 and cfg.context_length == 77
-    lr = optim.make_schedule(config.train.lr_schedule, peak_lr=config.train.peak_lr,
-                             warmup_steps=config.train.warmup_steps,
-                             decay_end_step=config.train.decay_end_step)
-    assert float(lr(config.train.warmup_steps)) == pytest.approx(1.1e-5)
-    assert float(lr(config.train.decay_end_step)) == 0.0
+    train = config.train
+    # defaults: the authors' code; train.paper: the paper's text (kept, unused)
+    assert (train.peak_lr, train.warmup_steps, train.decay_end_step, train.cfg_prob) == \
+        (1e-5, 4000, 16000, 0.8)
+    assert (train.paper.peak_lr, train.paper.warmup_steps, train.paper.decay_end_step,
+            train.paper.num_steps, train.paper.cfg_prob) == (1.1e-5, 2000, 14000, 14000, 0.7)
+    lr = optim.make_schedule(train.lr_schedule, peak_lr=train.peak_lr,
+                             warmup_steps=train.warmup_steps, decay_end_step=train.decay_end_step)
+    steps = [0, 1, 1000, 3999, 4000, 10000, 15999, 16000, train.num_steps - 1]
+    np.testing.assert_allclose([float(lr(s)) for s in steps],
+                               [1e-5 * authors_multiplier(s) for s in steps], rtol=2e-6, atol=1e-12)
