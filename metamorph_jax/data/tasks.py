@@ -34,7 +34,11 @@ Command line (one source in, one record file out; `.jsonl` or `.array_record`)::
     python -m metamorph_jax.data.tasks image_qa --input llava.json --output qa.array_record
 
 Common flags: --seed (prompt wording draw), --image-root (folder that relative image
-paths in the input are relative to; paths are written as given).
+paths in the input are relative to; without it, the working directory). Input image paths
+are written as given. Paths the build writes or finds (crops, video frames) are written
+relative to --image-root, or absolute without it, so that readers given the same image
+root (or none: they default to the record file's folder) find them from any working
+directory.
 """
 from __future__ import annotations
 
@@ -265,6 +269,14 @@ def write_records(records: Iterable[dict], path) -> int:
     return count
 
 
+def record_path(path, image_root: str | None) -> str:
+    """A file build() wrote or found (a path relative to the working directory, or
+    absolute) as records hold it: relative to image_root, against which readers resolve
+    it, or absolute when there is no root."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, os.path.abspath(image_root)) if image_root else path
+
+
 def _required(record, where, fields):
     for field, kind in fields:
         if not isinstance(record.get(field), kind):
@@ -312,6 +324,7 @@ def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
                     paths.append(os.path.join(frames_dir, clip, f"{round(t * 1000 / fps):06d}ms.png"))
                     images_lib.save_png(pixels, paths[-1])
                 frames = paths
+            frames = [record_path(frame, image_root) for frame in frames]
             for video_kind in video_kinds:
                 record = video_task(f"{clip}-{video_kind}", frames, video_kind, rng,
                                     context=context, predict=predict)
@@ -323,8 +336,8 @@ def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
         for index, (where, record) in enumerate(read_json_records(source)):
             _required(record, where, [("image", str), ("box", list), ("question", str), ("answer", str)])
             record_id = record.get("id", f"vt{index:08d}")
-            crop = zoom_crop(join(record["image"]), record["box"],
-                             os.path.join(crop_dir, f"{record_id}.png"))
+            crop = record_path(zoom_crop(join(record["image"]), record["box"],
+                                         os.path.join(crop_dir, f"{record_id}.png")), image_root)
             yield visual_thinking(record_id, record["image"], crop, record["question"],
                                   record["answer"], rng)
     else:
