@@ -32,6 +32,17 @@ Templates: "llama3" (the MetaMorph authors' variant: one newline after each head
 "llama3_official" (Meta's: two newlines, content trimmed) and "tokenizer" (the tokenizer's
 own `chat_template`, trained spans found by rendering growing prefixes).
 
+Tokenization: each text piece of the template (bos, a header with its newline(s), a
+turn's content between images, `<|eot_id|>`) is tokenized on its own. Special tokens split
+the string anyway, so this equals tokenizing the whole rendered string (images as
+`<image_start><image_end>`) with one intended exception: the string is cut after each
+header's newline(s). A turn whose content starts with whitespace holding a newline (only
+the untrimmed "llama3" template allows it) would, in the whole string, share a
+pre-token with the header's newline (LLaMA-3's `\\s*[\\r\\n]+`, e.g. "\\n" + "\\n..." ->
+"\\n\\n"); here the header and the content never share a token. That is how Meta's LLaMA-3
+`ChatFormat` encodes header and content, and how generation sees a reply: the model writes
+it after the header's tokens, so a trained reply must not begin mid-token.
+
 Records that cannot be used raise `RecordError` with a reason from `REASONS` and the
 file and line they came from.
 """
