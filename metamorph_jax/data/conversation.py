@@ -117,13 +117,9 @@ def _as_path_list(value, field: str, where: str) -> list:
     raise RecordError("bad_field", where, f'field "{field}" must be a path or a list of paths')
 
 
-def parse_record(record: Any, *, where: str = "?", image_root: str | None = None,
-                 video_fps: float = 1.0, video_source_fps: float | None = None,
-                 max_video_frames: int | None = None) -> Conversation:
-    """Validate one LLaVA/MetaMorph record (dict, JSON str or bytes) into a Conversation.
-
-    Relative image paths are joined to `image_root`. Raises RecordError.
-    """
+def record_object(record: Any, where: str = "?") -> dict:
+    """A record as a dict: JSON str or bytes are parsed; anything but a JSON object is
+    RecordError("malformed_json")."""
     if isinstance(record, (bytes, str)):
         try:
             record = json.loads(record)
@@ -131,6 +127,17 @@ def parse_record(record: Any, *, where: str = "?", image_root: str | None = None
             raise RecordError("malformed_json", where, str(error)) from None
     if not isinstance(record, dict):
         raise RecordError("malformed_json", where, f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def parse_record(record: Any, *, where: str = "?", image_root: str | None = None,
+                 video_fps: float = 1.0, video_source_fps: float | None = None,
+                 max_video_frames: int | None = None) -> Conversation:
+    """Validate one LLaVA/MetaMorph record (dict, JSON str or bytes) into a Conversation.
+
+    Relative image paths are joined to `image_root`. Raises RecordError.
+    """
+    record = record_object(record, where)
     turns_raw = record.get("conversations")
     if not isinstance(turns_raw, list) or not turns_raw:
         raise RecordError("bad_field", where, 'field "conversations" must be a non-empty list')

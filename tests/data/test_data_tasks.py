@@ -1,6 +1,7 @@
 """Builders of the six VPiT data kinds, their record files and the command line."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -213,3 +214,25 @@ def test_video_files_become_frame_records(tmp_path):
     written = sorted(os.listdir(tmp_path / "frames" / "c2"))
     assert written == ["000000ms.png", "001000ms.png", "002000ms.png"]
     assert records[0]["images"][0] == str(tmp_path / "frames" / "c2" / "000000ms.png")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".array_record"])
+def test_builder_reads_every_source_format(tmp_path, suffix):
+    """The builder reads its input through sources.open_source, the one place a file's
+    format is decided, so a JSON list or an ArrayRecord file works as well as JSONL."""
+    rows = [{"image": "a.png", "caption": "a red circle"}, {"image": "b.png", "caption": "two shapes"}]
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    else:
+        tasks.write_records(rows, path)
+    records = list(tasks.build("text_to_image", str(path)))
+    assert [r["images"] for r in records] == [["a.png"], ["b.png"]]
+    where = {".jsonl": ":2", ".json": ":[1]", ".array_record": "#1"}[suffix]
+    bad = tmp_path / f"bad{suffix}"
+    if suffix == ".json":
+        bad.write_text(json.dumps([rows[0], ["not", "an", "object"]]))
+    else:
+        tasks.write_records([rows[0], ["not", "an", "object"]], bad)
+    with pytest.raises(conv.RecordError, match=f"bad{suffix}{re.escape(where)}: malformed_json"):
+        list(tasks.build("text_to_image", str(bad)))
