@@ -175,7 +175,8 @@ def test_inception_matches_torch_reference(tmp_path):
         got = fid.features(params, images)
         assert got.shape == (shape[0], 2048)
         scale = np.abs(expected).max()
-        np.testing.assert_allclose(got, expected, atol=2e-4 * scale, rtol=2e-4)
+        # measured: max error 3.8e-6 at max |feature| 4.3 (float32 on CPU)
+        np.testing.assert_allclose(got, expected, atol=2e-5 * scale, rtol=0)
 
 
 def test_resize_matches_torch():
