@@ -154,6 +154,8 @@ def test_mmvp_pairs(tmp_path):
     answered = {"1": "A", "2": "B", "3": "A", "4": "A"}  # pair (1, 2) right, pair (3, 4) half
     result = runner.run_benchmark("mmvp", samples, by_id(answered), tmp_path / "out")
     assert result["score"] == 75.0 and result["pair_score"] == 50.0
+    with pytest.raises(BenchmarkFileError, match=r"MMVP3.tsv, row 4, field 'index'.*index 3 has no pair"):
+        benchmarks.read("mmvp", write_tsv(tmp_path / "MMVP3.tsv", header, rows[:3]))
 
 
 def test_textvqa_and_chartqa(tmp_path):

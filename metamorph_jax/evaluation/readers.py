@@ -174,7 +174,7 @@ def read_vlmevalkit_tsv(path, benchmark: str) -> tuple[list[Sample], dict]:
     seen = set()
     samples, skipped = [], Counter()
     short_answer = benchmark in ("textvqa", "chartqa")
-    for position, (row, values) in enumerate(rows):
+    for row, values in rows:
         index = values["index"].strip()
         if index in seen:
             raise BenchmarkFileError(path, row, "index", f"duplicate index {index!r}")
@@ -206,20 +206,26 @@ def read_vlmevalkit_tsv(path, benchmark: str) -> tuple[list[Sample], dict]:
                 raise BenchmarkFileError(path, row, "A", "no options (columns A, B, ... are empty)")
             answer = _check_letter(values["answer"], choices, path, row)
         group = None
-        if benchmark == "mmbench":
+        if benchmark in ("mmbench", "mmvp"):
             try:
-                group = str(int(float(index)) % 1_000_000)  # rotated copies share index % 1e6
+                number = int(index)
             except ValueError:
                 raise BenchmarkFileError(path, row, "index", f"{index!r} is not an integer") from None
-        elif benchmark == "mmvp":
-            group = str(position // 2)  # questions 2k and 2k+1 ask about the two images of a pair
+            # MMBench: rotated copies share index % 1e6. MMVP: indices 2k+1 and 2k+2 (from 1)
+            # ask about the two images of one pair.
+            group = str(number % 1_000_000) if benchmark == "mmbench" else str((number - 1) // 2)
         category = None if _missing(values.get("category")) else values["category"].strip()
         hint = None if _missing(values.get("hint")) else values["hint"].strip()
         samples.append(Sample(id=index, question=values["question"].strip(), answer=answer,
                               images=sample_images, choices=choices, category=category, hint=hint,
                               group=group, where=f"{path}, row {row}"))
-    if benchmark == "mmvp" and len(rows) % 2:
-        raise BenchmarkFileError(path, None, None, f"MMVP has {len(rows)} rows; pairs need an even count")
+    if benchmark == "mmvp":
+        sizes = Counter(s.group for s in samples)
+        odd = [s for s in samples if sizes[s.group] != 2]
+        if odd:
+            raise BenchmarkFileError(path, odd[0].where.rsplit("row ", 1)[1], "index",
+                                     f"index {odd[0].id} has no pair partner (MMVP pairs indices "
+                                     "2k+1 and 2k+2)")
     if not samples:
         raise BenchmarkFileError(path, None, None, "no usable rows")
     return samples, dict(skipped)

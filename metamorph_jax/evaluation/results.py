@@ -48,8 +48,11 @@ def aggregate(benchmark: str, samples: list[Sample], scored: dict, *, skipped: d
     result = {"n": len(samples), "skipped": dict(skipped or {}), "missing_predictions": missing,
               "unparsed": sum(1 for s in samples if s.choices and scored[s.id]["extracted"] is None)}
     if benchmark == "mmbench":
-        units = [(members[0][0].category, float(all(r["score"] == 1.0 for _, r in members)))
-                 for members in _groups(samples, scored).values()]
+        units = []
+        for group, members in _groups(samples, scored).items():
+            # the group's category is the original question's (index == index % 1e6)
+            main = next((s for s, _ in members if s.id == group), members[0][0])
+            units.append((main.category, float(all(r["score"] == 1.0 for _, r in members))))
         result.update(score=_mean(u[1] for u in units), questions=len(units),
                       categories=_by_category(units), vanilla=_mean(r[1] for r in rows))
         return result
