@@ -49,6 +49,18 @@ def test_letter_extraction(raw, expected):
 
 
 @pytest.mark.parametrize("raw, expected", [
+    ("B", "B"), ("(C)", "C"), ("B.", "B"), ("The answer is B.", "B"),
+    ("(A) is wrong, so (C)", "C"),                 # several bracketed letters: the last one
+    ("A or maybe C is right", "C"),                # several "X " mentions: the last one
+    ("I would say that it is a dog here", "B"),    # more than five words: the option text
+    ("a dog", None),                               # five words or fewer: no text matching
+    ("cannot tell", None),                         # MMMU picks at random; here: unparsed
+])
+def test_mmmu_extraction(raw, expected):
+    assert answers.extract_choice_mmmu(raw, {"A": "cat", "B": "dog", "C": "bird"}) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
     ("Two", "2"), ("the Cat", "cat"), ("an apple.", "apple"), ("dont", "don't"),
     ("couldnt've", "couldn't've"), ("yes!", "yes"), ("x-ray", "x ray"), ("2.5", "2.5"),
     ("10,000", "10000"), ("it's", "it 's"), ("none", "0"),
@@ -123,9 +135,16 @@ def test_mmmu_multi_image_and_skips(tmp_path):
     assert [s.id for s in samples] == ["v1"]
     assert skipped == {"open_question": 1, "not_validation_split": 1}
     text, ordered = prompts.build_prompt("mmmu", samples[0])
-    assert text.startswith("Compare <image> with <image>.\nA. same\nB. different\n\n")
+    assert text == ("<image>\n<image>\nCompare <image 2> with <image 1>.\nA. same\nB. different\n\n"
+                    "Answer with the option's letter from the given choices directly.")
     colors = [Image.open(io.BytesIO(b)).getpixel((0, 0)) for b in ordered]
-    assert colors == [(0, 128, 0), (255, 0, 0)]  # image 2 first, where the question names it
+    assert colors == [(255, 0, 0), (0, 128, 0)]  # images in tag order: <image 1>, <image 2>
+    result = runner.run_benchmark("mmmu", samples, by_id({"v1": "(B) different"}), tmp_path / "o",
+                                  skipped=skipped)
+    assert result["score"] == 100.0 and result["skipped"] == skipped
+    samples[0].question = "Compare <image 3>."
+    with pytest.raises(ValueError, match=r"row 2: the question names images \[3\] but the row has 2"):
+        prompts.build_prompt("mmmu", samples[0])
 
 
 def test_seed_scienceqa_realworldqa_vstar(tmp_path):
@@ -188,7 +207,8 @@ def test_mvbench_video(tmp_path):
     request = runner.make_request("mvbench", samples[0])
     # 1 fps from t=0 over 2.5 s: frames at 0, 1, 2 s
     assert [p.rsplit("/", 1)[1] for p in request.images] == ["t=0.0.png", "t=1.0.png", "t=2.0.png"]
-    assert request.prompt.startswith("<image><image><image>\nWhat happens?\nA. run\nB. sit\n")
+    assert request.prompt == ("<image><image><image>\nQuestion:What happens?\nOption:\n(A) run\n"
+                              "(B) sit\nOnly give the best option.\n")
 
 
 def test_generic_jsonl(tmp_path):

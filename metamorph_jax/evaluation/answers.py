@@ -5,7 +5,10 @@
   one of the option letters appears as a whole word, that letter; otherwise, if the answer
   is no longer than twice the options' text together and exactly one option's text occurs
   in it (case-insensitive), that option's letter; otherwise None (scored wrong). Like
-  VLMEvalKit, a leading article "A" counts as the letter A.
+  VLMEvalKit, a leading article "A" counts as the letter A. (VLMEvalKit's exact-matching
+  mode only tries answers shorter than 10 characters; longer ones it leaves to an LLM
+  judge. Here the rule is applied to every answer.)
+* `extract_choice_mmmu`: MMMU's own rule, for MMMU.
 * `normalize_vqa`: the VQA / TextVQA answer normalisation (EvalAI's answer processor):
   lower case, drop "," and "?", split "'s", strip punctuation (kept out of numbers like
   1,000 and 2.5), number words to digits, articles dropped, contractions restored.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import re
+
+import numpy as np
 
 _SPLIT_CHARS = ".()[],:;!*#{}"
 
@@ -37,6 +42,43 @@ def extract_choice(answer: str, choices: dict) -> str | None:
         return None
     found = [letter for letter, option in choices.items() if str(option).lower() in lowered]
     return found[0] if len(found) == 1 else None
+
+
+_MMMU_STRIP = (",", ".", "!", "?", ";", ":", "'")
+
+
+def extract_choice_mmmu(answer: str, choices: dict) -> str | None:
+    """MMMU's own parsing rule (MMMU's eval_utils, as lmms-eval runs it): after stripping
+    ,.!?;:' from both ends, candidates are letters written "(X)"; failing that "X " (a
+    space after); failing that "X."; failing that, in answers of more than five words,
+    options whose text occurs in the answer. Several candidates: the one whose mention
+    comes last. None when nothing matches (MMMU then picks at random; here it scores 0)."""
+    text = str(answer)
+    for char in _MMMU_STRIP:
+        text = text.strip(char)
+    text = f" {text} "
+    letters = list(choices)
+    found = [c for c in letters if f"({c})" in text]
+    bracketed = bool(found)
+    if not found:
+        found = [c for c in letters if f"{c} " in text]
+    if not found:
+        found = [c for c in letters if f"{c}." in text]
+    by_text = False
+    if not found and len(text.split()) > 5:
+        found = [c for c in letters if str(choices[c]).lower() in text.lower()]
+        by_text = True
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+    if by_text:
+        where = [text.lower().rfind(str(choices[c]).lower()) for c in found]
+    elif bracketed:
+        where = [text.rfind(f"({c})") for c in found]
+    else:
+        where = [text.rfind(f" {c} ") for c in found]
+    return found[int(np.argmax(where))]
 
 
 # --- VQA normalisation ---------------------------------------------------------------------

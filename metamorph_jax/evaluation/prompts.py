@@ -3,8 +3,9 @@ images go (and `<video>` for a video's frames). Rendering into tokens is the cha
 template's job (data/conversation.py generation_prompt_pieces / prompt_tokens).
 
 `build_prompt(benchmark, sample)` returns (text, images in placeholder order). Images go
-before the question, one `<image>` line each, except for MMMU, whose `<image k>` tags
-mark where each image belongs in the question (images never tagged go first).
+before the text, one `<image>` line each (lmms-eval's layout for single-stream models).
+MMMU keeps its `<image k>` tags in the text and passes the images the question and options
+name, in tag order (lmms-eval's default, non-interleaved MMMU prompt).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from metamorph_jax.evaluation.samples import Sample
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 MMBENCH_OPTIONS_HEADER = "There are several options:"
+MVBENCH_INSTRUCTION = "Only give the best option.\n"
 _MMMU_TAG = re.compile(r"<image (\d+)>")
 
 
@@ -35,7 +37,10 @@ def question_text(benchmark: str, sample: Sample) -> str:
         return f"{context}{sample.question}\n{option_lines(sample.choices)}\n{MC_INSTRUCTION}"
     if benchmark == "mmmu":
         return f"{sample.question}\n{option_lines(sample.choices)}\n\n{MC_INSTRUCTION}"
-    if sample.choices:  # SEED, RealWorldQA, V*, MMVP, MV-Bench, generic multiple choice
+    if benchmark == "mvbench":
+        options = "".join(f"({letter}) {text}\n" for letter, text in sample.choices.items())
+        return f"Question:{sample.question}\nOption:\n{options}{MVBENCH_INSTRUCTION}"
+    if sample.choices:  # SEED, RealWorldQA, V*, MMVP, generic multiple choice
         return f"{sample.question}\n{option_lines(sample.choices)}\n{MC_INSTRUCTION}"
     return f"{sample.question}\n{SHORT_INSTRUCTION}"  # TextVQA, ChartQA, generic short answer
 
@@ -44,19 +49,11 @@ def build_prompt(benchmark: str, sample: Sample) -> tuple[str, list]:
     text = question_text(benchmark, sample)
     if sample.video is not None:
         return f"{VIDEO_PLACEHOLDER}\n{text}", []
+    images = list(sample.images)
     if benchmark == "mmmu":
-        order = []
-
-        def place(match):
-            number = int(match.group(1))
-            if not 1 <= number <= len(sample.images):
-                raise ValueError(f"{sample.where}: question names <image {number}> but the row "
-                                 f"has {len(sample.images)} image(s)")
-            order.append(number - 1)
-            return IMAGE_PLACEHOLDER
-        text = _MMMU_TAG.sub(place, text)
-        untagged = [i for i in range(len(sample.images)) if i not in order]
-        prefix = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in untagged)
-        return prefix + text, [sample.images[i] for i in untagged + order]
-    prefix = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in sample.images)
-    return prefix + text, list(sample.images)
+        named = sorted({int(n) for n in _MMMU_TAG.findall(text)})
+        if named and (named[0] < 1 or named[-1] > len(sample.images)):
+            raise ValueError(f"{sample.where}: the question names images {named} but the "
+                             f"row has {len(sample.images)} image(s)")
+        images = [sample.images[n - 1] for n in named] if named else images
+    return "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + text, images

@@ -1,6 +1,7 @@
 """Per-sample scoring: (sample, raw model answer) -> (extracted answer, score in [0, 1]).
 
-Rules: "choice" (the extracted option letter equals the answer letter), "vqa" (VQA
+Rules: "choice" (the extracted option letter equals the answer letter; MMMU extracts with
+its own rule, "choice_mmmu"), "vqa" (VQA
 accuracy over the human answers), "relaxed" (ChartQA's relaxed accuracy), "exact" (the
 VQA-normalised answer equals one of the references: the generic short-answer rule).
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 from metamorph_jax.evaluation import answers
 from metamorph_jax.evaluation.samples import Sample
 
-RULES = ("choice", "vqa", "relaxed", "exact")
+RULES = ("choice", "choice_mmmu", "vqa", "relaxed", "exact")
 
 
 def score_sample(rule: str, sample: Sample, raw: str) -> tuple[str | None, float]:
     raw = str(raw)
-    if rule == "choice":
-        letter = answers.extract_choice(raw, sample.choices)
+    if rule in ("choice", "choice_mmmu"):
+        extract = answers.extract_choice if rule == "choice" else answers.extract_choice_mmmu
+        letter = extract(raw, sample.choices)
         return letter, float(letter == sample.answer)
     stripped = raw.strip()
     if rule == "vqa":
@@ -35,4 +37,6 @@ def rule_for(benchmark: str, sample: Sample) -> str:
         return "vqa"
     if benchmark == "chartqa":
         return "relaxed"
+    if benchmark == "mmmu":
+        return "choice_mmmu"
     return "choice" if sample.choices else "exact"
