@@ -292,3 +292,23 @@ def test_resume_after_kill_and_score_existing(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"mmbench.jsonl, line 2: broken predictions line"):
         read_predictions(path)
+
+
+def test_score_cli(tmp_path, capsys):
+    from metamorph_jax.evaluation import score_cli
+
+    samples, _ = benchmarks.read("mmbench", mmbench_file(tmp_path))
+    answered = {"1": "A", "1000001": "B", "2": "C"}  # the last rotation was never answered
+    runner_dir = tmp_path / "run"
+    with PredictionsWriter(runner_dir / "predictions" / "mmbench.jsonl") as writer:
+        for sample_id, raw in answered.items():
+            writer.write({"id": sample_id, "prompt": "p", "raw_answer": raw, "extracted": None, "score": 0.0})
+    argv = ["--bench", f"mmbench={tmp_path / 'MMBench_DEV_EN.tsv'}",
+            "--predictions", str(runner_dir / "predictions"), "--out", str(tmp_path / "res")]
+    with pytest.raises(ValueError, match="1 of 4 samples have no prediction"):
+        score_cli.main(argv)
+    assert score_cli.main(argv + ["--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert "mmbench: 50.00" in out and "missing 1" in out and "average over 1 benchmarks: 50.00" in out
+    with pytest.raises(SystemExit):
+        score_cli.main(["--bench", "nope=x", "--predictions", "p", "--out", "o"])
