@@ -127,7 +127,8 @@ def test_mmmu_multi_image_and_skips(tmp_path):
     images = json.dumps([png_b64("red"), png_b64("green")])
     header = ["index", "question", "A", "B", "C", "answer", "category", "split", "image"]
     rows = [
-        ["v1", "Compare <image 2> with <image 1>.", "same", "different", "", "B", "Art", "validation", images],
+        ["v1", "Compare <image 2> with <image 1>.", "same", "different", "", "B", "Art", "validation",
+         images],
         ["v2", "What year?", "", "", "", "1990", "History", "validation", png_b64("red")],
         ["d1", "Dev question <image 1>", "x", "y", "", "A", "Art", "dev", png_b64("red")],
     ]
@@ -161,6 +162,12 @@ def test_seed_scienceqa_realworldqa_vstar(tmp_path):
         with pytest.raises(BenchmarkFileError, match="row 3, field 'image'"):
             benchmarks.read(name, path)  # only ScienceQA's rule skips image-less rows
     rows[1][-1] = png_b64("blue")
+    rows[1][1] = ("Which way?\nPlease answer directly with only the letter of the correct option and "
+                  "nothing else.")
+    samples, _ = benchmarks.read("realworldqa", write_tsv(tmp_path / "RealWorldQA.tsv", header, rows))
+    assert prompts.build_prompt("realworldqa", samples[1])[0] == (
+        "<image>\nWhich way?\nA. a\nB. b\n"
+        "Answer with the option's letter from the given choices directly.")
     samples, _ = benchmarks.read("seed", write_tsv(tmp_path / "SEEDBench_IMG.tsv", header, rows))
     result = runner.run_benchmark("seed", samples, by_id({"0": "d", "1": "I think B"}), tmp_path / "o")
     assert result["score"] == 50.0 and result["categories"] == {"Scene": 50.0}
@@ -207,6 +214,10 @@ def test_mvbench_video(tmp_path):
     request = runner.make_request("mvbench", samples[0])
     # 1 fps from t=0 over 2.5 s: frames at 0, 1, 2 s
     assert [p.rsplit("/", 1)[1] for p in request.images] == ["t=0.0.png", "t=1.0.png", "t=2.0.png"]
+    samples[0].extra["bound"] = (0.9, 2.1)  # MV-Bench start/end: sampling times 1 s and 2 s
+    assert [p.rsplit("/", 1)[1] for p in runner.video_frames(samples[0])] == ["t=1.0.png", "t=2.0.png"]
+    samples[0].extra["bound"] = (1.2, 1.4)  # shorter than a step: the frame nearest 1.3 s
+    assert [p.rsplit("/", 1)[1] for p in runner.video_frames(samples[0])] == ["t=1.0.png"]
     assert request.prompt == ("<image><image><image>\nQuestion:What happens?\nOption:\n(A) run\n"
                               "(B) sit\nOnly give the best option.\n")
 

@@ -2,8 +2,8 @@
 CLIPModel folder holding its processor files): per pair 100 * max(cos(image embedding,
 text embedding), 0), the embeddings from the projection heads (`get_image_features`,
 `get_text_features`), the inputs prepared by the folder's CLIPProcessor and token ids
-past the text tower's positions cut off (as torchmetrics does: the end token goes too). The benchmark number is the
-mean over pairs. (torchmetrics' CLIPScore clamps the mean of the unclamped scores instead;
+past the text tower's positions cut off (as torchmetrics does: the end token goes too).
+The benchmark number is the mean over pairs. (torchmetrics' CLIPScore clamps the mean of the unclamped scores instead;
 the two agree unless some pair has a negative cosine, which `clip_score` reports.)
 
 Runs CLIP with PyTorch on the host (transformers ships no JAX CLIP), imported on use.
@@ -31,7 +31,9 @@ def _pil(image):
 
     from metamorph_jax.evaluation.samples import decode_image
 
-    return image if isinstance(image, Image.Image) else decode_image(image, str(image)[:200])
+    if isinstance(image, Image.Image):
+        return image
+    return decode_image(image, image if isinstance(image, str) else "an image array")
 
 
 def cosines(model, processor, images: Sequence, captions: Sequence[str], batch_size: int = 32) -> np.ndarray:

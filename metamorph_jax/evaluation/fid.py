@@ -278,8 +278,9 @@ def load_rgb01(path) -> np.ndarray:
 
 def features(params, images, batch_size: int = 50) -> np.ndarray:
     """Pool features [N, 2048] (float64) of images: an array [N, H, W, 3] in [0, 1] or
-    uint8, or a list of image paths (each read as pytorch-fid reads them; batches stack
-    images of one size)."""
+    uint8, or a list of image paths (each read as pytorch-fid reads them). Each distinct
+    image size compiles the network once: give images of one size (as FID protocols
+    prepare them, e.g. COCO resized and centre-cropped) for a fast run."""
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]

@@ -18,6 +18,8 @@ MC_INSTRUCTION = "Answer with the option's letter from the given choices directl
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 MMBENCH_OPTIONS_HEADER = "There are several options:"
 MVBENCH_INSTRUCTION = "Only give the best option.\n"
+REALWORLDQA_INSTRUCTION = ("Please answer directly with only the letter of the correct option "
+                           "and nothing else.")
 _MMMU_TAG = re.compile(r"<image (\d+)>")
 
 
@@ -41,7 +43,10 @@ def question_text(benchmark: str, sample: Sample) -> str:
         options = "".join(f"({letter}) {text}\n" for letter, text in sample.choices.items())
         return f"Question:{sample.question}\nOption:\n{options}{MVBENCH_INSTRUCTION}"
     if sample.choices:  # SEED, RealWorldQA, V*, MMVP, generic multiple choice
-        return f"{sample.question}\n{option_lines(sample.choices)}\n{MC_INSTRUCTION}"
+        question = sample.question
+        if benchmark == "realworldqa":  # lmms-eval swaps the file's own instruction for its own
+            question = question.replace(REALWORLDQA_INSTRUCTION, "").strip()
+        return f"{question}\n{option_lines(sample.choices)}\n{MC_INSTRUCTION}"
     return f"{sample.question}\n{SHORT_INSTRUCTION}"  # TextVQA, ChartQA, generic short answer
 
 

@@ -40,13 +40,15 @@ def _groups(samples: list[Sample], scored: dict) -> dict:
 
 def aggregate(benchmark: str, samples: list[Sample], scored: dict, *, skipped: dict | None = None,
               missing: int = 0) -> dict:
-    """scored: {sample id: {"score", "extracted"}} for every sample."""
+    """scored: {sample id: {"score", "extracted", "missing"?}} for every sample; `missing`
+    counts samples without a prediction (scored 0, inside the denominator)."""
     absent = [s.id for s in samples if s.id not in scored]
     if absent:
         raise ValueError(f"{benchmark}: {len(absent)} samples have no score (first: {absent[:3]})")
     rows = [(s.category, scored[s.id]["score"]) for s in samples]
     result = {"n": len(samples), "skipped": dict(skipped or {}), "missing_predictions": missing,
-              "unparsed": sum(1 for s in samples if s.choices and scored[s.id]["extracted"] is None)}
+              "unparsed": sum(1 for s in samples if s.choices and scored[s.id]["extracted"] is None
+                              and not scored[s.id].get("missing"))}
     if benchmark == "mmbench":
         units = []
         for group, members in _groups(samples, scored).items():

@@ -35,12 +35,16 @@ GenerateFn = Callable[[Sequence[Request]], Sequence[str]]
 
 def video_frames(sample: Sample, fps: float = 1.0, max_frames: int | None = None) -> list:
     """Frames of a video sample at `fps`; MV-Bench's [start, end] bounds (seconds) keep the
-    frames whose sampling time k / fps (from the first frame) falls inside them."""
+    frames whose sampling time k / fps (from the first frame) falls inside them, or, for an
+    interval shorter than the sampling step, the frame nearest its middle."""
     frames = sample_video_frames(sample, fps=fps, source_fps=sample.extra.get("source_fps"))
     if "bound" in sample.extra:
         start, end = sample.extra["bound"]
         inside = [f for k, f in enumerate(frames) if start - 1e-9 <= k / fps <= end + 1e-9]
-        frames = inside or frames[:1]
+        if not inside:
+            nearest = min(len(frames) - 1, max(0, round((start + end) / 2 * fps)))
+            inside = [frames[nearest]]
+        frames = inside
     if max_frames is not None and len(frames) > max_frames:
         keep = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
         frames = [frames[i] for i in keep]
@@ -98,7 +102,7 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
     for sample in samples:
         if sample.id not in records:
             missing += 1
-            scored[sample.id] = {"extracted": None, "score": 0.0}
+            scored[sample.id] = {"extracted": None, "score": 0.0, "missing": True}
             continue
         rule = scoring.rule_for(benchmark, sample)
         extracted, score = scoring.score_sample(rule, sample, records[sample.id]["raw_answer"])
