@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from metamorph_jax.evaluation import fid
@@ -177,6 +178,16 @@ def test_inception_matches_torch_reference(tmp_path):
         scale = np.abs(expected).max()
         # measured: max error 3.8e-6 at max |feature| 4.3 (float32 on CPU)
         np.testing.assert_allclose(got, expected, atol=2e-5 * scale, rtol=0)
+    # image files are read as pytorch-fid reads them: RGB uint8 / 255
+    pixels = rng.integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).numpy()
+    np.testing.assert_allclose(fid.features(params, paths), expected, atol=2e-5 * np.abs(expected).max(),
+                               rtol=0)
 
 
 def test_resize_matches_torch():

@@ -130,19 +130,21 @@ def _tsv_images(rows, path: Path, header) -> dict:
     raw = {}
     for row, values in rows:
         raw[values["index"]] = (row, values)
-    out = {}
+    out, decoded = {}, {}
     for index, (row, values) in raw.items():
         value = values.get("image", "")
         if "image" in header and not _missing(value):
+            source = index
             if len(value) <= _INDEX_REFERENCE_MAX:
                 if value not in raw or len(raw[value][1].get("image", "")) <= _INDEX_REFERENCE_MAX:
                     raise BenchmarkFileError(path, row, "image", f"{value!r} is neither base64 image "
                                              "data nor the index of a row holding an image")
-                row_ref, values_ref = raw[value]
-                value = values_ref["image"]
-                row = row_ref
-            items = _literal_list(value, path, row, "image") if value.startswith("[") else [value]
-            out[index] = [_b64(v, path, row, "image") for v in items]
+                source = value
+                row, value = raw[value][0], raw[value][1]["image"]
+            if source not in decoded:  # rotated copies share their original's bytes
+                items = _literal_list(value, path, row, "image") if value.startswith("[") else [value]
+                decoded[source] = [_b64(v, path, row, "image") for v in items]
+            out[index] = decoded[source]
         elif "image_path" in header and not _missing(values.get("image_path")):
             paths = values["image_path"]
             items = _literal_list(paths, path, row, "image_path") if paths.startswith("[") else [paths]
