@@ -7,7 +7,6 @@ import csv
 import io
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
