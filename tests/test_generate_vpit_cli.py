@@ -21,6 +21,7 @@ def folders(tmp_path_factory):
     return save_tiny_folders(tmp_path_factory.mktemp("models"))
 
 
+@pytest.mark.slow
 def test_generate_writes_text_tokens_images_and_visual_tokens(folders, tmp_path, capsys):
     model_dir, _ = folders
     picture = tmp_path / "in.png"
@@ -60,6 +61,7 @@ def test_prompts_file_is_one_batch_with_a_folder_per_prompt(folders, tmp_path):
         generate.main(["--checkpoint", str(model_dir), "--prompts", str(prompts), "--no-render"])
 
 
+@pytest.mark.slow
 def test_chat_keeps_generated_images_in_context(folders, tmp_path):
     model_dir, vis_dir = folders
     session = vpit_cli.load_session(model_dir, render=False)

@@ -113,8 +113,9 @@ def write_result(out_dir: Path, session: Session, generation: vg.Generation,
 
     def image_text(n: int) -> str:
         where = written[n] if written else "not rendered"
-        return f"[image {first_image + n}: {where}]"
-    text = vg.reply_text(generation, session.tokenizer, session.generator.config, image_text)
+        return f" [image {first_image + n}: {where}] "
+    text = vg.reply_text(generation, session.tokenizer, session.generator.config,
+                         image_text).strip()
     result = {"text": text, "tokens": [int(t) for t in generation.tokens], "images": written,
               "finish_reason": generation.finish_reason}
     np.save(out_dir / "visual_tokens.npy", generation.visual_tokens.astype(np.float32))
@@ -154,10 +155,10 @@ def read_prompts_file(path: str | Path) -> list[PromptSpec]:
 
 
 def run_prompts(session: Session, specs: Sequence[PromptSpec], out_dir: str | Path,
-                sampling: vg.VPiTSampling, stream: TextIO = sys.stdout) -> list[dict]:
+                sampling: vg.VPiTSampling, stream: TextIO | None = None) -> list[dict]:
     """Decodes the prompts as one batch. One prompt writes into out_dir; several into
     out_dir/prompt_0000, out_dir/prompt_0001, ..."""
-    out_dir = Path(out_dir)
+    out_dir, stream = Path(out_dir), stream or sys.stdout
     config = session.generator.config
     prompts = []
     for spec in specs:
@@ -177,12 +178,12 @@ def run_prompts(session: Session, specs: Sequence[PromptSpec], out_dir: str | Pa
 
 def chat(session: Session, lines: Iterable[str], out_dir: str | Path,
          sampling: vg.VPiTSampling, first_images: Sequence[str] = (),
-         stream: TextIO = sys.stdout) -> list[dict]:
+         stream: TextIO | None = None) -> list[dict]:
     """An interactive session over `lines` (stdin): each line is a user turn; a line
     `/image PATH` attaches an image to the next turn; `/quit` ends. Generated images stay
     in the context. Writes out_dir/turn_K/ per reply (images numbered across the session)
     and out_dir/chat.json."""
-    out_dir = Path(out_dir)
+    out_dir, stream = Path(out_dir), stream or sys.stdout
     conversation = vg.ChatSession(session.generator, session.tokenizer, session.template)
     pending = list(first_images)
     results, image_count = [], 0
