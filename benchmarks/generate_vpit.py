@@ -128,8 +128,8 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     print(f"MetaMorph LLM d={args.hidden}, {args.layers} layers, vocab {VOCAB}; "
           f"{args.prompt_len}-token prompt, {args.new_tokens} new positions including one "
-          f"64-token image; {jax.devices()[0].platform}")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'recompute tok/s':>16} {'ratio':>7}")
+          f"64-token image; {jax.devices()[0].platform}", flush=True)
+    print(f"{'batch':>5} {'ours tok/s':>11} {'recompute tok/s':>16} {'ratio':>7}", flush=True)
     for batch in (1, 8):
         prompt = rng.integers(3, VOCAB - 2, (batch, args.prompt_len)).astype(np.int32)
         prompts = [vg.VPiTPrompt(row, np.full(len(row), -1, np.int32)) for row in prompt]
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
         reference_s = timed(reference)
         tokens = batch * args.new_tokens
         print(f"{batch:>5} {tokens / ours_s:>11.1f} {tokens / reference_s:>16.1f} "
-              f"{reference_s / ours_s:>6.1f}x")
+              f"{reference_s / ours_s:>6.1f}x", flush=True)
 
     # One image end to end: the LLM's image (prompt -> <image_start>, 64 steps, <image_end>)
     # and the visualiser's rendering.
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     render_s = timed(lambda: renderer.render(visual))
     print(f"one image end to end: {llm_s + render_s:.2f} s (LLM {llm_s:.2f} s for 66 positions, "
           f"visualiser {render_s:.2f} s: pixel-space 32x32 UNet, PNDM {args.diffusion_steps} "
-          f"steps, guidance 7.5)")
+          f"steps, guidance 7.5)", flush=True)
 
 
 if __name__ == "__main__":

@@ -144,21 +144,28 @@ def test_a_prediction_re_enters_through_the_adapter(tiny):
 @pytest.mark.slow
 def test_batched_equals_one_at_a_time_with_rows_in_different_modes(tiny):
     tokenizer, config, params, model = tiny
-    prompts = [_prompt(tokenizer, config, "generate an image of a red circle"),
+    opened = _prompt(tokenizer, config, "generate an image of a red circle")
+    # A prompt that ends on <image_start> starts in visual mode; the others start in text
+    # mode and are made to open an image at their text steps 3 and 8.
+    opened = vg.VPiTPrompt(np.append(opened.tokens, config.image_start_id),
+                           np.append(opened.image_index, -1))
+    prompts = [opened,
                _prompt(tokenizer, config, "<image> what is the colour of the shape ?", [_pixels(3)]),
                _prompt(tokenizer, config, "hello"),
                _prompt(tokenizer, config, "<image> <image> move the shape", [_pixels(4), _tokens_image(5)])]
-    # Text step 1 for every row; rows start at different lengths and the model emits
-    # other tokens between, so rows are in visual and text mode at the same steps.
-    generator = _generator(tiny, force_image_start_at(config, [1, 6]))
-    sampling = vg.VPiTSampling(max_new_tokens=12, max_new_images=2)
+    generator = _generator(tiny, force_image_start_at(config, [3, 8]))
+    sampling = vg.VPiTSampling(max_new_tokens=12, max_new_images=3)
     batched = generator.generate(prompts, sampling)
     single = [generator.generate([p], sampling)[0] for p in prompts]
     for row, (b, s) in enumerate(zip(batched, single)):
         assert b.tokens == s.tokens, row
         np.testing.assert_allclose(b.visual_tokens, s.visual_tokens, atol=1e-5)
         assert b.finish_reason == s.finish_reason
-    assert any(len(b.visual_tokens) for b in batched)
+    # Every row made one output per step until it ended: output k is step k's.
+    visual = [[t == vg.VISUAL_POSITION for t in b.tokens] for b in batched]
+    assert visual[0][:V] == [True] * V and batched[0].tokens[V] == config.image_end_id
+    mixed = [k for k in range(min(map(len, visual))) if len({row[k] for row in visual}) == 2]
+    assert len(mixed) >= V   # steps where some rows were in visual mode and others in text
 
 
 @pytest.mark.slow
