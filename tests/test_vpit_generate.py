@@ -126,6 +126,7 @@ def test_the_vision_head_drives_visual_steps_and_the_lm_head_resumes(tiny):
         assert int(jnp.argmax(logits[t])) == tokens[t + 1]
 
 
+@pytest.mark.slow
 def test_a_prediction_re_enters_through_the_adapter(tiny):
     """Change only the adapter: the first visual token (read at <image_start>) stays, the
     second (read at the first visual position, whose input is adapter(z1)) changes."""
@@ -183,6 +184,7 @@ def test_stop_tokens_end_rows_and_lengths_bound_them(tiny):
     assert got[0].finish_reason == vg.FINISH_STOP and len(got[0].tokens) <= 6
 
 
+@pytest.mark.slow
 def test_an_image_that_does_not_fit_is_not_started(tiny):
     """<image_start> is masked when no whole image fits: no image budget left, or no text
     budget for the forced <image_end>."""
