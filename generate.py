@@ -12,8 +12,9 @@ MetaMorph (prompts are rendered with the model folder's chat template, as in tra
 --checkpoint is a "metamorph" model folder (the visualiser then comes from --visualizer, a
 visualizer folder beside it, or its work directory) or a training work directory (the
 latest finished stage exports of both kinds). The text is printed with "[image N: PATH]"
-where image N was generated; OUT gets result.json ({"text", "tokens", "images",
-"finish_reason"}), image_N.png and visual_tokens.npy ([images, 64, C]). With --prompts
+where image N was generated; OUT gets result.json ({"text", "tokens" (the new token ids,
+-1 at each generated visual position), "images", "finish_reason"}), image_N.png and
+visual_tokens.npy ([images, 64, C]). With --prompts
 (lines of {"prompt": "...", "images": [paths]}) each prompt writes OUT/prompt_NNNN/.
 --chat reads turns from stdin ('/image PATH' attaches an image to the next turn, '/quit'
 ends); images the model generated stay in the context of later turns. max-new-tokens counts
