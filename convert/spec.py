@@ -115,3 +115,12 @@ class ModelSpec:
     param_shapes: Callable[[Any], Any]
     skip_prefixes: tuple[str, ...] = ()
     weights_name: str = "model"
+
+
+def prefixed(rules: Sequence[Rule], hf_prefix: str, flax_prefix: str) -> list[Rule]:
+    """A sub-model's table placed under prefixes in a composite model, e.g. a SigLIP tower at
+    hf "model.vision_tower.vision_tower." and flax "vision_tower/". Plain Rules come out:
+    a table's own name variants (such as SigLIP's optional "vision_model.") do not apply
+    inside another model's checkpoint."""
+    return [Rule(hf=hf_prefix + rule.hf, flax=flax_prefix + rule.flax, kind=rule.kind,
+                 n_in=rule.n_in, stacked=rule.stacked) for rule in rules]

@@ -1,0 +1,170 @@
+"""MetaMorph as the authors' code saves it <-> metamorph_jax.models.metamorph.
+
+The authors' checkpoint (REFERENCE.md, "The authors' checkpoint layout") is a LLaMA folder:
+config.json is a LlamaConfig with `model_type: "metamorph_llama"` and the mm_* fields, and
+the tensors are LLaMA's plus `model.mm_projector.{0,2}.*`, `vision_head.{0,2}.*`, an unused
+`model.vision_proj.*` (dropped with a notice) and, when saved, the SigLIP tower under
+`model.vision_tower.vision_tower.`. The table is the LLaMA and SigLIP tables under
+prefixes plus the four adapter / head linears.
+
+    python -m convert to-flax metamorph SRC_DIR OUT_DIR [--vision-tower SIGLIP_DIR]
+    python -m convert to-hf metamorph OUT_DIR DST_DIR
+
+The authors' config.json does not describe the tower's architecture. It is read from
+--vision-tower (a Hugging Face SigLIP folder, which also supplies the tower's weights
+when the checkpoint has none), else from a `vision_config` field (which to-hf writes),
+else, when `mm_vision_tower` names SigLIP So400m/14@384 (what the authors' code loads
+whatever the name), So400m's own config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from convert import llama as llama_convert
+from convert import siglip as siglip_convert
+from convert.core import ConversionError, open_checkpoint, read_json, tensors_to_flax
+from convert.spec import ModelSpec, Rule, prefixed
+from metamorph_jax import pretrained
+from metamorph_jax.models import metamorph
+from metamorph_jax.models.siglip import SiglipConfig
+
+TOWER_PREFIX = "model.vision_tower.vision_tower."
+# A Linear(4096, d) the authors' model creates and never uses.
+UNUSED_PREFIXES = ("model.vision_proj.",)
+# Names in mm_vision_tower that mean SigLIP So400m/14@384 (SiglipConfig's defaults).
+SO400M_NAMES = ("siglip-so400m-patch14-384", "CLIP-ViT-SO400M-14-384", "ViT-SO400M-14-SigLIP-384")
+# (field, allowed values, default when absent or None for a required field)
+_FIXED_FIELDS = (
+    ("mm_vision_select_feature", ("patch", "cls_patch"), "patch"),  # the same for SigLIP
+    ("mm_patch_merge_type", ("flat",), "flat"),
+    ("mm_use_im_start_end", (True,), True),
+    ("image_token_reduction", ("interpolation",), None),
+    ("apply_softmax", (False,), False),
+)
+
+
+def _vision_config(hf: dict, vision: SiglipConfig | None) -> SiglipConfig:
+    if vision is not None:
+        return vision
+    if isinstance(hf.get("vision_config"), dict):
+        return SiglipConfig.from_hf(hf["vision_config"])
+    name = str(hf.get("mm_vision_tower", ""))
+    if any(known in name for known in SO400M_NAMES):
+        return SiglipConfig()
+    raise ValueError(f"field 'mm_vision_tower' = {hf.get('mm_vision_tower')!r} is not SigLIP "
+                     f"So400m/14@384 and there is no 'vision_config': pass --vision-tower "
+                     f"SIGLIP_DIR (a Hugging Face SigLIP folder) to give the tower's config")
+
+
+def config_from_hf(hf: dict, vision: SiglipConfig | None = None) -> metamorph.MetaMorphConfig:
+    """The authors' config.json -> MetaMorphConfig; `vision` overrides the tower's config."""
+    if hf.get("model_type") != "metamorph_llama":
+        raise ValueError(f"field 'model_type' is {hf.get('model_type')!r}, not 'metamorph_llama'")
+    llm = llama_convert.config_from_hf({**hf, "model_type": "llama"})
+    for field in ("mm_hidden_size", "mm_projector_type", "vision_head_type", "num_image_tokens",
+                  "mm_vision_select_layer"):
+        if field not in hf:
+            raise ValueError(f"missing field {field!r}")
+    for field, allowed, default in _FIXED_FIELDS:
+        if default is None and field not in hf:
+            raise ValueError(f"missing field {field!r}")
+        value = hf.get(field, default)
+        if value not in allowed:
+            raise ValueError(f"field {field!r} = {value!r} is not supported (supported: "
+                             f"{list(allowed)})")
+    vision = _vision_config(hf, vision).replace(
+        visual_token_layer=hf["mm_vision_select_layer"],
+        num_visual_tokens=hf["num_image_tokens"],
+        normalize_visual_tokens=bool(hf.get("normalize_vision", False)))
+    # The image markers are the last two rows unless the file says otherwise (LLaMA-3's
+    # tokenizer has exactly 128256 tokens, so they land at 128256 and 128257).
+    return metamorph.MetaMorphConfig(
+        llm=llm, vision=vision, mm_projector_type=hf["mm_projector_type"],
+        vision_head_type=hf["vision_head_type"], num_image_tokens=hf["num_image_tokens"],
+        normalize_vision=bool(hf.get("normalize_vision", False)),
+        vision_coef=float(hf.get("vision_coef", 1.0)), mm_hidden_size=hf["mm_hidden_size"],
+        image_start_id=hf.get("image_start_id", llm.vocab_size - 2),
+        image_end_id=hf.get("image_end_id", llm.vocab_size - 1))
+
+
+def config_to_hf(cfg: metamorph.MetaMorphConfig) -> dict:
+    """A config.json the authors' code reads (and transformers' LlamaForCausalLM loads)."""
+    out = llama_convert.config_to_hf(cfg.llm)
+    out.update({
+        "architectures": ["MetaMorphLlamaForCausalLM"], "model_type": "metamorph_llama",
+        "mm_hidden_size": cfg.mm_hidden_size, "mm_projector_type": cfg.mm_projector_type,
+        "mm_vision_select_layer": cfg.vision.visual_token_layer,
+        "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",
+        "mm_use_im_start_end": True, "vision_head_type": cfg.vision_head_type,
+        "image_token_reduction": "interpolation", "num_image_tokens": cfg.num_image_tokens,
+        "freeze_vision": True, "normalize_vision": cfg.normalize_vision, "apply_softmax": False,
+        "vision_coef": cfg.vision_coef, "image_start_id": cfg.image_start_id,
+        "image_end_id": cfg.image_end_id,
+        # Not the authors' field: the tower's architecture, so to-flax reads it back.
+        "vision_config": cfg.vision.to_hf(),
+    })
+    return out
+
+
+def rules(cfg: metamorph.MetaMorphConfig) -> list[Rule]:
+    table = prefixed(llama_convert.rules(cfg.llm), "", "llm/")
+    table += prefixed(siglip_convert.rules(cfg.vision), TOWER_PREFIX, "vision_tower/")
+    for hf, flax in (("model.mm_projector", "mm_projector"), ("vision_head", "vision_head")):
+        for index in (0, 2):  # nn.Sequential(Linear, GELU, Linear)
+            table += [Rule(f"{hf}.{index}.weight", f"{flax}/linear_{index}/kernel", "linear"),
+                      Rule(f"{hf}.{index}.bias", f"{flax}/linear_{index}/bias")]
+    return table
+
+
+SPEC = ModelSpec(name="metamorph", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+                 config_from_dict=metamorph.MetaMorphConfig.from_dict, rules=rules,
+                 param_shapes=metamorph.param_shapes, skip_prefixes=UNUSED_PREFIXES)
+
+
+def _tower_loaders(tower_dir: Path, allow_pickle: bool) -> tuple[dict, dict]:
+    """A Hugging Face SigLIP folder's vision tensors, renamed as the authors' checkpoint
+    holds them (a full SiglipModel's text tower is left out)."""
+    loaders, origin = open_checkpoint(tower_dir, allow_pickle, "model")
+    renamed, where, skipped = {}, {}, 0
+    for name, load in loaders.items():
+        if name.startswith(siglip_convert.SPEC.skip_prefixes):
+            skipped += 1
+            continue
+        short = name.removeprefix(siglip_convert.OPTIONAL_HF_PREFIX)
+        renamed[TOWER_PREFIX + short], where[TOWER_PREFIX + short] = load, origin[name]
+    if skipped:
+        print(f"note: skipped {skipped} tensors of {tower_dir} that are not the vision tower")
+    return renamed, where
+
+
+def checkpoint_to_flax(src_dir: str | Path, out_dir: str | Path,
+                       vision_tower: str | Path | None = None, allow_pickle: bool = False,
+                       variant: str | None = None, progress: bool = True) -> None:
+    """The authors' MetaMorph folder (+ optionally a SigLIP folder) -> our model folder."""
+    src_dir = Path(src_dir)
+    hf_config = read_json(src_dir / "config.json")
+    vision = None
+    if vision_tower is not None:
+        tower_config = Path(vision_tower) / "config.json"
+        read_json(tower_config)  # a clear error when the folder has none
+        try:
+            vision = SiglipConfig.from_hf(tower_config)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+    try:
+        config = config_from_hf(hf_config, vision)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
+    loaders, origin = open_checkpoint(src_dir, allow_pickle, SPEC.weights_name, variant)
+    if not any(name.startswith(TOWER_PREFIX) for name in loaders):
+        if vision_tower is None:
+            raise ConversionError(
+                f"{src_dir}: the checkpoint holds no vision tower tensors ({TOWER_PREFIX}*); "
+                f"pass --vision-tower SIGLIP_DIR (a Hugging Face SigLIP folder)")
+        tower, tower_origin = _tower_loaders(Path(vision_tower), allow_pickle)
+        loaders.update(tower)
+        origin.update(tower_origin)
+    elif vision_tower is not None:
+        print(f"note: {src_dir} holds its own vision tower; {vision_tower} gives only its config")
+    params = tensors_to_flax(SPEC, config, loaders, origin, progress, where=src_dir)
+    pretrained.save_pretrained(out_dir, SPEC.name, config.to_dict(), params, hf_config)
