@@ -28,12 +28,14 @@ def tiny_llama_config(tokenizer, **overrides):
 
 
 def tiny_siglip_config(**overrides):
-    """A 2-layer SigLIP tower on 32-pixel images: 4x4 patches -> 2x2 = 4 visual tokens."""
+    """A 2-layer SigLIP tower: a 4x4 patch grid (at any image_size divisible by 4) reduced
+    to 2x2 = 4 visual tokens."""
     from metamorph_jax.models.siglip import SiglipConfig
     fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=32, patch_size=8, use_head=False,
+                  num_attention_heads=4, image_size=16, use_head=False,
                   num_visual_tokens=4)
     fields.update(overrides)
+    fields.setdefault("patch_size", fields["image_size"] // 4)
     return SiglipConfig(**fields)
 
 

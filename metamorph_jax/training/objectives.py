@@ -408,7 +408,7 @@ class TextObjective(Objective):
 class DecoderObjective(Objective):
     """Projector + UNet of the visualiser on real images; see the module docstring."""
     kind = "decoder"
-    batch_keys = ("images",)
+    batch_keys = ("images",)   # plus "tokens" [B, num_tokens, C] when a batch brings its own
 
     def __init__(self, stage, name, previous_dir):
         super().__init__(stage, name, previous_dir)
@@ -480,7 +480,8 @@ class DecoderObjective(Objective):
             cfg = self.model_config
             size = cfg.image_size
             channels = cfg.unet.in_channels if cfg.vae is None else cfg.vae.in_channels
-            rng = jax.random.key(int(self.stage.init.get("seed", 0)))
+            # An RBG key: the UNet's init compiles several times faster than with threefry.
+            rng = jax.random.key(int(self.stage.init.get("seed", 0)), impl="unsafe_rbg")
             params = _host(nn.unbox(jax.jit(lambda r: self.model.init(
                 r, jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),
                 jnp.zeros((1, cfg.num_tokens, cfg.token_dim)))["params"])(rng)))
@@ -531,7 +532,9 @@ class DecoderObjective(Objective):
         from metamorph_jax.training.decoder_step import decoder_loss
         frozen = {k: v for k, v in params.items() if k not in ("projector", "unet", "siglip")}
         trained = {k: params[k] for k in ("projector", "unet")}
-        tokens = self.visual_tokens(params, batch["images"])
+        # Tokens given with the batch (tests, precomputed sets) stand in for the tower's.
+        tokens = (jax.lax.stop_gradient(batch["tokens"]) if "tokens" in batch
+                  else self.visual_tokens(params, batch["images"]))
         mean, _ = decoder_loss(self.model, trained, frozen,
                                {"images": batch["images"], "tokens": tokens}, rng,
                                jnp.asarray(self.noise.alphas_cumprod()), self.cfg_prob)
