@@ -45,7 +45,7 @@ def shapes_data(root: str, split: str, kinds, batch_size: int = 8,
     data.max_images_per_row = 8
     data.template = "llama3"
     data.seed = 0
-    data.num_epochs = num_epochs
+    data.num_epochs = config_dict.placeholder(int) if num_epochs is None else num_epochs
     data.worker_count = 0
     data.strict = False
     return data

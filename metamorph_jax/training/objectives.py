@@ -382,10 +382,8 @@ class TextObjective(Objective):
         return {"text_tokens": jnp.sum(batch["text_mask"] > 0, dtype=jnp.float32)}
 
     def loss(self, params, batch, normalizers, rng):
-        from metamorph_jax.training.losses import masked_cross_entropy
-        out = self.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                               segment_ids=batch["segment_ids"])
-        total, count = masked_cross_entropy(out.logits, batch["text_targets"], batch["text_mask"])
+        from metamorph_jax.training.text_step import text_loss_sum
+        total, count = text_loss_sum(self.model, params, batch)
         return _safe_mean(total, normalizers["text_tokens"]), {"text_loss_sum": total,
                                                                 "text_tokens": count}
 

@@ -241,8 +241,11 @@ class Stage:
         self.rules = self.objective.rules
         self.steps = int(self.stage.steps)
         self.accum = int(self.stage.get("grad_accum_steps", 1))
-        self.optimizer, self.schedule = optim.build_optimizer(
-            self.stage.optim, self.steps, f"stage {name!r}: optim")
+        try:
+            self.optimizer, self.schedule = optim.build_optimizer(
+                self.stage.optim, self.steps, f"stage {name!r}: optim")
+        except ValueError as error:
+            raise StageConfigError(str(error)) from None
         trainable, frozen = self.objective.boxed_parts()
         boxed = state_lib.abstract_state(trainable, frozen, self.optimizer)
         self.shardings = state_lib.state_shardings(boxed, mesh, self.rules)
