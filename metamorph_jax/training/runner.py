@@ -76,6 +76,8 @@ STAGE_FIELDS = {
     "model": "decoder: VisualizerConfig fields",
     "noise": "decoder: the DDPM noise schedule",
     "cfg_prob": "decoder: probability of training without the condition",
+    "sample": "decoder: sampling settings (sampler, num_steps, guidance_scale) for previews",
+    "reference": "values from the paper or the authors' code kept for comparison (unused)",
 }
 DONE_FILE = "DONE"
 
