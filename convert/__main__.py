@@ -5,7 +5,9 @@
   to-hf MODEL OUT_DIR HF_DIR [--tokenizer DIR] [--max-shard-size 5GB]
       Orbax model folder -> config.json + safetensors that transformers/diffusers load
 
-MODEL: llama, siglip, unet, vae, or sd15 (a diffusers folder's unet/ and vae/).
+MODEL: llama, siglip, unet, vae, sd15 (a diffusers folder's unet/ and vae/), or metamorph
+(the authors' MetaMorph folder; to-flax takes --vision-tower SIGLIP_DIR when the folder
+holds no SigLIP tower).
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
                          help="accept .bin/.pt files (loaded with torch.load(weights_only=True))")
     to_flax.add_argument("--variant", help="read the weights of this variant, e.g. fp16 "
                                            "(files named model.fp16.safetensors)")
+    to_flax.add_argument("--vision-tower", help="metamorph only: a Hugging Face SigLIP folder "
+                                                "giving the tower's config (and its weights when "
+                                                "the checkpoint has none)")
     to_hf = sub.add_parser("to-hf", help="Flax/Orbax model folder -> PyTorch checkpoint folder")
     to_hf.add_argument("model", choices=models)
     to_hf.add_argument("src")
@@ -47,13 +52,19 @@ def main(argv=None) -> int:
     to_hf.add_argument("--tokenizer", help="folder whose tokenizer files are copied along")
     to_hf.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES)
     args = parser.parse_args(argv)
+    if getattr(args, "vision_tower", None) and args.model != "metamorph":
+        parser.error("--vision-tower is for metamorph only")
 
     parts = [(p, p) for p in COMPOSITES[args.model]] if args.model in COMPOSITES else [(args.model, None)]
     try:
         for name, subfolder in parts:
             src = Path(args.src) / subfolder if subfolder else Path(args.src)
             out = Path(args.out) / subfolder if subfolder else Path(args.out)
-            if args.command == "to-flax":
+            if args.command == "to-flax" and name == "metamorph":
+                from convert.metamorph import checkpoint_to_flax
+                checkpoint_to_flax(src, out, vision_tower=args.vision_tower,
+                                   allow_pickle=args.allow_pickle, variant=args.variant)
+            elif args.command == "to-flax":
                 hf_to_flax(get_spec(name), src, out, allow_pickle=args.allow_pickle,
                            variant=args.variant)
             else:

@@ -143,6 +143,12 @@ def checkpoint_to_flax(src_dir: str | Path, out_dir: str | Path,
     """The authors' MetaMorph folder (+ optionally a SigLIP folder) -> our model folder."""
     src_dir = Path(src_dir)
     hf_config = read_json(src_dir / "config.json")
+    loaders, origin = open_checkpoint(src_dir, allow_pickle, SPEC.weights_name, variant)
+    has_tower = any(name.startswith(TOWER_PREFIX) for name in loaders)
+    if not has_tower and vision_tower is None:
+        raise ConversionError(
+            f"{src_dir}: the checkpoint holds no vision tower tensors ({TOWER_PREFIX}*); "
+            f"pass --vision-tower SIGLIP_DIR (a Hugging Face SigLIP folder)")
     vision = None
     if vision_tower is not None:
         tower_config = Path(vision_tower) / "config.json"
@@ -155,16 +161,13 @@ def checkpoint_to_flax(src_dir: str | Path, out_dir: str | Path,
         config = config_from_hf(hf_config, vision)
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
-    loaders, origin = open_checkpoint(src_dir, allow_pickle, SPEC.weights_name, variant)
-    if not any(name.startswith(TOWER_PREFIX) for name in loaders):
-        if vision_tower is None:
-            raise ConversionError(
-                f"{src_dir}: the checkpoint holds no vision tower tensors ({TOWER_PREFIX}*); "
-                f"pass --vision-tower SIGLIP_DIR (a Hugging Face SigLIP folder)")
+    if not has_tower:
         tower, tower_origin = _tower_loaders(Path(vision_tower), allow_pickle)
         loaders.update(tower)
         origin.update(tower_origin)
-    elif vision_tower is not None:
-        print(f"note: {src_dir} holds its own vision tower; {vision_tower} gives only its config")
+    else:
+        if vision_tower is not None:
+            print(f"note: {src_dir} holds its own vision tower; {vision_tower} gives only its "
+                  f"config")
     params = tensors_to_flax(SPEC, config, loaders, origin, progress, where=src_dir)
     pretrained.save_pretrained(out_dir, SPEC.name, config.to_dict(), params, hf_config)

@@ -148,3 +148,28 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
     params = jax.jit(lambda p: with_layer_layout(p, model.config.num_layers, bool(scan_layers)),
                      out_shardings=shardings)(params)
     return model, params, saved
+
+
+def add_token_rows(src_dir: str | Path, out_dir: str | Path, count: int = 2) -> dict:
+    """A LLaMA model folder with `count` new vocabulary rows, written to out_dir.
+
+    For MetaMorph's `<image_start>` and `<image_end>` (count=2, the default): the new
+    input-embedding and LM-head rows are the mean of the existing rows, as the authors'
+    code initialises them (models/token_rows.py). vocab_size grows in the saved config and
+    in the source config.json kept beside it. Returns the new config dict.
+    """
+    from metamorph_jax.models import token_rows
+    from metamorph_jax.models.llama import LlamaConfig
+
+    saved = read_model_config(src_dir)
+    if saved["model"] != "llama":
+        raise ValueError(f"{Path(src_dir) / CONFIG_FILE}: field 'model' is {saved['model']!r}; "
+                         f"vocabulary rows are added to a 'llama' folder")
+    config = LlamaConfig.from_dict(saved["config"])
+    params = token_rows.grow_vocab(load_params(src_dir), count, config.tie_word_embeddings)
+    config = config.replace(vocab_size=config.vocab_size + count)
+    hf_config = saved.get("hf_config")
+    if hf_config is not None and "vocab_size" in hf_config:
+        hf_config = {**hf_config, "vocab_size": config.vocab_size}
+    save_pretrained(out_dir, "llama", config.to_dict(), params, hf_config)
+    return config.to_dict()

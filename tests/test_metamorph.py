@@ -1,13 +1,6 @@
-"""The VPiT model and loss against a PyTorch version of the authors' forward.
-
-The torch side is written here from REFERENCE.md's facts: transformers' LlamaForCausalLM and
-SiglipVisionModel, the visual tokens as SigLIP hidden_states[-1] resized bilinearly
-(F.interpolate) and F.normalize'd, an nn.Sequential(Linear, GELU, Linear) adapter whose
-outputs replace the embeddings of the visual positions (found from the <image_start> ids),
-and the same shape of vision head. Its loss is the authors': shifted cross-entropy over
-labels that are -100 outside responses, and -cos between the normalised head output at t
-and the visual token at t + 1 of response images. Weights go into our params through the
-converter's table (convert/metamorph.py), so the table is checked too.
+"""The VPiT model and loss against a PyTorch version of the authors' forward
+(tests/metamorph_reference.py, written from REFERENCE.md's facts). Weights go into our
+params through the converter's table (convert/metamorph.py), so the table is checked too.
 
 Batches come from the real renderer and packer (data/conversation.py, data/packing.py) with
 the tiny tokenizer, so the splice and target positions are the ones training uses.
@@ -19,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from flax import traverse_util
 
 from convert import metamorph as metamorph_convert
@@ -29,138 +21,11 @@ from metamorph_jax.data.testing import build_tiny_tokenizer
 from metamorph_jax.models import metamorph
 from metamorph_jax.models.siglip import SiglipConfig
 from metamorph_jax.training import vpit_loss
-from tests.helpers import tiny_llama_hf_config
+from tests.metamorph_reference import (IMAGE_SIZE, TOKENS_PER_IMAGE, VISION_COEF, TorchMetaMorph,
+                                       authors_hf_config, render_samples, vision_hf_config)
 
-IMAGE_SIZE, PATCH, TOKENS_PER_IMAGE = 40, 8, 9   # 5x5 patch grid -> 3x3 visual tokens
-VISION_COEF = 0.5  # not 1, so that a missing or doubled coefficient shows
 TOLERANCE = 1e-5
 
-
-def vision_hf_config() -> dict:
-    return dict(model_type="siglip_vision_model", hidden_size=24, intermediate_size=40,
-                num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE,
-                patch_size=PATCH)
-
-
-def authors_hf_config(vocab_size: int, **llama_changes) -> dict:
-    """A config.json as the authors' code writes it (a LlamaConfig plus the mm_* fields)."""
-    config = tiny_llama_hf_config(vocab_size=vocab_size, **llama_changes)
-    config.update(model_type="metamorph_llama", architectures=["MetaMorphLlamaForCausalLM"],
-                  mm_vision_tower="siglip/CLIP-ViT-SO400M-14-384", mm_projector_type="mlp2x_gelu",
-                  mm_hidden_size=24, mm_vision_select_layer=-1, mm_vision_select_feature="patch",
-                  mm_patch_merge_type="flat", mm_use_im_start_end=True, vision_head_type="mlp",
-                  image_token_reduction="interpolation", num_image_tokens=TOKENS_PER_IMAGE,
-                  freeze_vision=True, normalize_vision=True, apply_softmax=False,
-                  vision_coef=VISION_COEF)
-    return config
-
-
-class TorchMetaMorph(torch.nn.Module):
-    """The authors' forward, in torch, with the authors' tensor names in its state dict."""
-
-    def __init__(self, hf_config: dict, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        llama_fields = {k: v for k, v in hf_config.items()
-                        if k not in ("model_type", "architectures")}
-        self.llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_fields))
-        self.tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-            **{k: v for k, v in vision_hf_config().items() if k != "model_type"},
-            attn_implementation="eager")).eval()
-        d, c = hf_config["hidden_size"], hf_config["mm_hidden_size"]
-        self.projector = torch.nn.Sequential(torch.nn.Linear(c, d), torch.nn.GELU(),
-                                             torch.nn.Linear(d, d))
-        self.head = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(),
-                                        torch.nn.Linear(d, c))
-        with torch.no_grad():  # every tensor away from its default, so each one matters
-            for param in self.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
-        self.coef = hf_config["vision_coef"]
-
-    def authors_state_dict(self) -> dict:
-        state = dict(self.llama.state_dict())
-        state.update({f"model.mm_projector.{k}": v for k, v in self.projector.state_dict().items()})
-        state.update({f"vision_head.{k}": v for k, v in self.head.state_dict().items()})
-        state.update({f"model.vision_tower.vision_tower.{k}": v
-                      for k, v in self.tower.state_dict().items()})
-        return state
-
-    def authors_grads(self) -> dict:
-        """Gradients under the authors' names; the frozen tower's are zero."""
-        pairs = ([(n, p) for n, p in self.llama.named_parameters()]
-                 + [(f"model.mm_projector.{n}", p) for n, p in self.projector.named_parameters()]
-                 + [(f"vision_head.{n}", p) for n, p in self.head.named_parameters()]
-                 + [(f"model.vision_tower.vision_tower.{n}", p)
-                    for n, p in self.tower.named_parameters()])
-        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in pairs}
-
-    def visual_tokens(self, images_nhwc: np.ndarray) -> torch.Tensor:
-        with torch.no_grad():  # frozen tower, detached targets
-            pixels = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
-            feats = self.tower(pixels, output_hidden_states=True).hidden_states[-1]
-            n, count, dim = feats.shape
-            side, out = int(count ** 0.5), int(TOKENS_PER_IMAGE ** 0.5)
-            grid = feats.view(n, side, side, dim).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(out, out), mode="bilinear", align_corners=False)
-            return F.normalize(grid.permute(0, 2, 3, 1).flatten(1, 2), p=2, dim=-1)
-
-    def sample_forward(self, tokens: np.ndarray, images: np.ndarray, text_mask: np.ndarray,
-                       image_start_id: int):
-        """One sample alone (batch 1). Returns (shifted logits, labels, vision preds, targets)."""
-        ids = torch.from_numpy(tokens.astype(np.int64))[None]
-        embeds = self.llama.model.embed_tokens(ids)
-        starts = np.flatnonzero(tokens == image_start_id)
-        feats = self.visual_tokens(images) if len(starts) else None
-        pieces, cursor = [], 0
-        for n, start in enumerate(starts):  # image n's visual positions follow its marker
-            pieces += [embeds[:, cursor:start + 1], self.projector(feats[n])[None]]
-            cursor = start + 1 + TOKENS_PER_IMAGE
-        embeds = torch.cat(pieces + [embeds[:, cursor:]], dim=1)
-        hidden = self.llama.model(inputs_embeds=embeds).last_hidden_state
-        logits = self.llama.lm_head(hidden).float()
-        # HF labels: the token where it is trained (text_mask[t] trains token t + 1), else -100.
-        labels = torch.full_like(ids, -100)
-        trained = np.flatnonzero(text_mask[:-1]) + 1
-        labels[0, trained] = ids[0, trained]
-        preds, targets = [], []
-        for n, start in enumerate(starts):
-            if labels[0, start] == -100:   # an image in a prompt: no vision loss
-                continue
-            # hidden at t predicts the visual token at t + 1: <image_start> .. visual token V-1.
-            h = hidden[0, start:start + TOKENS_PER_IMAGE]
-            preds.append(F.normalize(self.head(h), p=2, dim=-1))
-            targets.append(feats[n])
-        if preds:
-            preds, targets = torch.cat(preds), torch.cat(targets)
-        return logits[0, :-1], labels[0, 1:], preds, targets
-
-    def sample_sums(self, *args):
-        """(text loss sum, text count, sum of 1 - cos, vision count) for one sample."""
-        logits, labels, preds, targets = self.sample_forward(*args)
-        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-        count = int((labels != -100).sum())
-        if len(preds) == 0:
-            return ce, count, torch.zeros(()), 0
-        cos = F.cosine_similarity(targets, preds, dim=-1)
-        return ce, count, (1 - cos).sum(), len(cos)
-
-
-RECORDS = {
-    "prompt_image": {"image": [0], "conversations": [
-        {"from": "human", "value": "<image>\nwhat is the colour of the shape ?"},
-        {"from": "gpt", "value": "red"}]},
-    "response_image": {"image": [0], "conversations": [
-        {"from": "human", "value": "generate an image of a red circle ."},
-        {"from": "gpt", "value": "here is an image based on your request : <image>"}]},
-    "text_only": {"conversations": [
-        {"from": "human", "value": "hello world"}, {"from": "gpt", "value": "you are helpful ."}]},
-    "edit_two_turns": {"image": [0, 0], "conversations": [
-        {"from": "human", "value": "<image>\nmake the circle blue ."}, {"from": "gpt", "value": "<image>"},
-        {"from": "human", "value": "what is the colour ?"}, {"from": "gpt", "value": "blue"}]},
-    "two_response_images": {"image": [0, 0, 0], "conversations": [
-        {"from": "human", "value": "<image>\npredict next frames ."},
-        {"from": "gpt", "value": "<image><image>"}]},
-}
 # Rows of the packed batch: several images per row, prompt and response images, a
 # text-only row, and two rows holding two samples each.
 ROWS = [["edit_two_turns"], ["prompt_image", "response_image"],
@@ -178,18 +43,7 @@ def setup():
     assert (config.image_start_id, config.image_end_id) == (ids.image_start_id, ids.image_end_id)
     params = jax.tree.map(jnp.asarray, state_dict_to_flax(metamorph_convert.SPEC, config,
                                                           reference.authors_state_dict()))
-    rng = np.random.default_rng(0)
-    samples = {}
-    for name, record in RECORDS.items():
-        record = dict(record)
-        count = len(record.get("image", []))
-        images = rng.uniform(-1, 1, (count, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-        if count:
-            record["image"] = [np.zeros((2, 2, 3), np.uint8)] * count  # paths are not read
-        sample = conversation.render(conversation.parse_record(record, where=name), tokenizer, ids,
-                                     num_image_tokens=TOKENS_PER_IMAGE)
-        sample["images"] = images
-        samples[name] = sample
+    samples = render_samples(tokenizer, ids)
     return config, params, reference, samples, ids
 
 
@@ -221,9 +75,11 @@ def compare_grads(config, grads, reference) -> float:
         error = float(np.abs(np.asarray(got) - want).max())
         assert error <= TOLERANCE, (path, error)
         worst = max(worst, error)
+    print(f"max gradient error {worst:.2e}")
     return worst
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_match_the_authors_forward_on_packed_rows(setup):
     config, params, reference, samples, ids = setup
     batch = packed_batch(samples, ROWS)
@@ -243,13 +99,16 @@ def test_loss_and_gradients_match_the_authors_forward_on_packed_rows(setup):
 
     assert int(metrics["text_tokens"]) == text_count == int(batch["text_mask"].sum())
     assert int(metrics["vision_tokens"]) == vision_count == 9 * 4  # four response images
+    text_sum, vision_sum, total = text_sum.detach(), vision_sum.detach(), total.detach()
     assert abs(float(metrics["text_loss"]) - float(text_sum / text_count)) <= TOLERANCE
     assert abs(float(metrics["vision_loss"]) - float(vision_sum / vision_count)) <= TOLERANCE
     assert abs(float(metrics["vision_cosine"]) - (1 - float(vision_sum / vision_count))) <= TOLERANCE
     assert abs(float(loss) - float(total)) <= TOLERANCE
+    print(f"loss {float(loss):.6f}, error {abs(float(loss) - float(total)):.2e}")
     compare_grads(config, grads, reference)
 
 
+@pytest.mark.slow
 def test_one_sample_equals_the_authors_mean_formula(setup):
     """One sample, batch 1: ours = CrossEntropyLoss() mean + coef * (-cos mean) + coef."""
     config, params, reference, samples, ids = setup
@@ -261,7 +120,9 @@ def test_one_sample_equals_the_authors_mean_formula(setup):
     authors = (torch.nn.CrossEntropyLoss()(logits, labels)
                + VISION_COEF * -F.cosine_similarity(targets, preds, dim=-1).mean())
     authors.backward()
+    authors = authors.detach()
     assert abs(float(loss) - (float(authors) + VISION_COEF)) <= TOLERANCE
+    print(f"loss error {abs(float(loss) - (float(authors) + VISION_COEF)):.2e}")
     compare_grads(config, grads, reference)
 
 
@@ -276,19 +137,18 @@ def test_pixels_and_precomputed_visual_tokens_agree(setup):
     config, params, _, samples, _ = setup
     batch = {k: jnp.asarray(v) for k, v in packed_batch(samples, ROWS).items()}
     model = metamorph.MetaMorph(config)
-    visual = model.apply({"params": params}, batch["images"], method=metamorph.MetaMorph.encode_images)
+    visual = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                              method=metamorph.MetaMorph.encode_images))(
+        params, batch["images"])
     assert visual.shape == (len(ROWS), MAX_IMAGES, TOKENS_PER_IMAGE, 24)
-    common = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
-                  image_index=batch["image_index"], compute_logits=True)
-    from_pixels = model.apply({"params": params}, batch["tokens"], images=batch["images"], **common)
-    from_tokens = model.apply({"params": params}, batch["tokens"], visual_tokens=visual, **common)
-    np.testing.assert_array_equal(np.asarray(from_pixels.hidden_states),
-                                  np.asarray(from_tokens.hidden_states))
-    loss_pixels, _ = vpit_loss.vpit_loss(model, params, batch)
-    loss_tokens, _ = vpit_loss.vpit_loss(model, params, {**{k: v for k, v in batch.items()
-                                                            if k != "images"},
-                                                         "visual_tokens": visual})
-    assert float(loss_pixels) == float(loss_tokens)
+
+    loss = jax.jit(lambda p, b: vpit_loss.vpit_loss(model, p, b)[1])
+    without_images = {k: v for k, v in batch.items() if k != "images"}
+    from_pixels = loss(params, batch)
+    from_tokens = loss(params, {**without_images, "visual_tokens": visual})
+    for key in ("text_loss", "vision_loss"):
+        assert float(from_pixels[key]) == pytest.approx(float(from_tokens[key]), abs=1e-6)
+    assert float(from_pixels["vision_tokens"]) > 0
 
 
 def _gelu(x):
@@ -298,13 +158,16 @@ def _gelu(x):
 
 def test_splice_positions_by_hand():
     """Two rows, two images each, visual tokens placed in a hand-chosen order."""
-    llm = tiny_llama_hf_config(vocab_size=20)
-    hf = authors_hf_config(20)
-    hf.update(llm)
-    hf["model_type"] = "metamorph_llama"
-    config = metamorph_convert.config_from_hf(hf, SiglipConfig.from_hf(vision_hf_config()))
-    params = nn.unbox(metamorph.init_params(config, jax.random.key(0)))
+    config = metamorph_convert.config_from_hf(authors_hf_config(20),
+                                              SiglipConfig.from_hf(vision_hf_config()))
     model = metamorph.MetaMorph(config)
+    # Only the parts embed_inputs reads: the token table and the adapter.
+    normal = np.random.default_rng(4).standard_normal
+    p = {"linear_0": {"kernel": normal((24, 32)), "bias": normal(32)},
+         "linear_2": {"kernel": normal((32, 32)) / 6, "bias": normal(32)}}
+    table = normal((20, 32))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                          {"llm": {"embed_tokens": {"embedding": table}}, "mm_projector": p})
     rng = np.random.default_rng(3)
     visual = rng.standard_normal((2, 2, TOKENS_PER_IMAGE, 24)).astype(np.float32)
     tokens = rng.integers(0, 20, (2, 8)).astype(np.int32)
@@ -312,10 +175,9 @@ def test_splice_positions_by_hand():
     index[0, 1:4] = [9, 10, 17]     # row 0: image 1's tokens 0, 1, 8
     index[0, 6] = 0                 # row 0: image 0's token 0
     index[1, 2:4] = [4, 13]         # row 1: image 0's token 4, image 1's token 4
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(index),
-                                 jnp.asarray(visual), method=metamorph.MetaMorph.embed_inputs))
-    p = jax.tree.map(np.asarray, params["mm_projector"])
-    table = np.asarray(params["llm"]["embed_tokens"]["embedding"])
+    embed = jax.jit(lambda p, *a: model.apply({"params": p}, *a,
+                                              method=metamorph.MetaMorph.embed_inputs))
+    out = np.asarray(embed(params, jnp.asarray(tokens), jnp.asarray(index), jnp.asarray(visual)))
     for b in range(2):
         for t in range(8):
             if index[b, t] < 0:
@@ -338,7 +200,7 @@ def test_from_pretrained_parts_grows_the_vocabulary_with_mean_rows(setup):
         vision_coef=VISION_COEF)
     assert built == config
     assert (jax.tree.map(np.shape, built_params)
-            == jax.tree.map(np.shape, nn.unbox(metamorph.init_params(config, jax.random.key(0)))))
+            == jax.tree.map(np.shape, metamorph.param_shapes(config)))
     embedding = np.asarray(built_params["llm"]["embed_tokens"]["embedding"])
     kernel = np.asarray(built_params["llm"]["lm_head"]["kernel"])
     for row in (config.image_start_id, config.image_end_id):
@@ -367,3 +229,79 @@ def test_config_round_trips_through_a_dict(setup):
     assert metamorph.MetaMorphConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown MetaMorphConfig fields"):
         metamorph.MetaMorphConfig.from_dict({**config.to_dict(), "extra": 1})
+
+
+def test_kv_cache_decoding_with_fed_back_visual_tokens_equals_the_full_forward(setup):
+    """Image-mode decoding as the authors' loop does it (the head's prediction goes through
+    the adapter and is the next input embedding), with the KV cache passed through."""
+    config, params, _, samples, _ = setup
+    model = metamorph.MetaMorph(config)
+    M = metamorph.MetaMorph
+    s = samples["prompt_image"]
+    length, steps = len(s["tokens"]), 3
+    tokens, index = jnp.asarray(s["tokens"])[None], jnp.asarray(s["image_index"])[None]
+    visual = jax.jit(lambda p, x: model.apply({"params": p}, x, method=M.encode_images))(
+        params, jnp.asarray(s["images"])[None])
+
+    @jax.jit
+    def prefill(p):
+        cache = model.apply({"params": p}, 1, length + steps, method=M.init_cache)
+        out = model.apply({"params": p}, tokens, positions=jnp.arange(length)[None],
+                          image_index=index, visual_tokens=visual, cache=cache)
+        return out.hidden_states, out.cache
+
+    @jax.jit
+    def step(p, hidden, cache, t):
+        predicted = model.apply({"params": p}, hidden, method=M.vision_head_outputs)
+        embeds = model.apply({"params": p}, predicted, method=M.project_visual_tokens)
+        out = model.apply({"params": p}, inputs_embeds=embeds, positions=t[None, None],
+                          cache=cache, cache_index=t[None])
+        return out.hidden_states, out.cache, embeds
+
+    hidden, cache = prefill(params)
+    decoded, fed = [hidden[:, -1:]], []
+    for t in range(length, length + steps):
+        last, cache, embeds = step(params, decoded[-1], cache, jnp.asarray(t, jnp.int32))
+        decoded.append(last)
+        fed.append(embeds)
+
+    @jax.jit
+    def full(p, extra):
+        embeds = model.apply({"params": p}, tokens, index, visual, method=M.embed_inputs)
+        embeds = jnp.concatenate([embeds, extra], axis=1)
+        return model.apply({"params": p}, inputs_embeds=embeds,
+                           positions=jnp.arange(length + steps)[None]).hidden_states
+    expected = full(params, jnp.concatenate(fed, axis=1))
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(expected[:, :length]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(decoded, axis=1)),
+                               np.asarray(expected[:, length - 1:]), atol=1e-5)
+
+
+def test_sharded_loss_equals_single_device(setup):
+    """Params placed by their logical axis names on a (data, fsdp, tensor) = 2x2x2 mesh, the
+    batch split over rows: the same loss, activations constrained by the same names."""
+    from metamorph_jax import sharding
+    config, params, _, samples, _ = setup
+    model = metamorph.MetaMorph(config)
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(samples, ROWS).items()}
+    loss = jax.jit(lambda p, b: vpit_loss.vpit_loss(model, p, b)[0])
+    expected = float(loss(params, batch))
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    boxed = jax.eval_shape(lambda r: metamorph.init_params(config, r), jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh)
+    assert (shardings["mm_projector"]["linear_0"]["kernel"].spec
+            == jax.sharding.PartitionSpec("fsdp", "tensor"))
+    assert (shardings["vision_head"]["linear_2"]["kernel"].spec
+            == jax.sharding.PartitionSpec("tensor", "fsdp"))
+    placed = jax.device_put(params, shardings)
+    placed_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, ndim=v.ndim))
+                    for k, v in batch.items()}
+
+    @jax.jit
+    def sharded_loss(p, b):
+        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            return vpit_loss.vpit_loss(model, p, b)[0]
+    with mesh:
+        got = float(sharded_loss(placed, placed_batch))
+    assert abs(got - expected) <= TOLERANCE

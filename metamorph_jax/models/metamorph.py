@@ -217,6 +217,8 @@ class MetaMorph(nn.Module):
         if per_image != self.config.num_image_tokens:
             raise ValueError(f"visual tokens have {per_image} tokens per image, the config's "
                              f"num_image_tokens is {self.config.num_image_tokens}")
+        if count == 0:  # rows without image slots: nothing to splice
+            return embeds
         # The adapter runs on the N*V tokens, not on all T positions, then is gathered.
         adapted = self.project_visual_tokens(visual_tokens.reshape(batch, count * per_image,
                                                                    channels))
@@ -224,25 +226,39 @@ class MetaMorph(nn.Module):
         out = jnp.where((image_index >= 0)[..., None], spliced, embeds)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
-    def __call__(self, tokens: Array, *, positions: Array, segment_ids: Array | None = None,
-                 image_index: Array | None = None, images: Array | None = None,
-                 visual_tokens: Array | None = None, cache: dict | None = None,
+    def __call__(self, tokens: Array | None = None, *, positions: Array,
+                 segment_ids: Array | None = None, image_index: Array | None = None,
+                 images: Array | None = None, visual_tokens: Array | None = None,
+                 inputs_embeds: Array | None = None, cache: dict | None = None,
                  cache_index: Array | None = None, compute_logits: bool = False
                  ) -> DecoderOutput:
         """Final hidden states (after the LLM's last norm) [B, T, d]; logits when asked.
 
         Images come as pixels (`images` [B, N, H, W, 3]) or as the tower's tokens
-        (`visual_tokens` [B, N, V, C]); `cache` / `cache_index` pass through to the LLM
-        (see LlamaForCausalLM) for decoding.
+        (`visual_tokens` [B, N, V, C]), placed by `image_index`. A decoder may pass
+        `inputs_embeds` [B, T, d] instead (from embed_inputs, or the adapter applied to the
+        vision head's last prediction); `cache` / `cache_index` pass through to the LLM
+        (see LlamaForCausalLM).
         """
         if images is not None and visual_tokens is not None:
             raise ValueError("pass images or visual_tokens, not both")
-        if images is not None:
-            visual_tokens = self.encode_images(images)
-        embeds = self.embed_inputs(tokens, image_index, visual_tokens)
+        if inputs_embeds is not None:
+            if tokens is not None or images is not None or visual_tokens is not None:
+                raise ValueError("inputs_embeds replaces tokens, images and visual_tokens")
+            embeds = inputs_embeds
+        else:
+            if tokens is None:
+                raise ValueError("pass tokens or inputs_embeds")
+            if images is not None:
+                visual_tokens = self.encode_images(images)
+            embeds = self.embed_inputs(tokens, image_index, visual_tokens)
         return self.llm(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids,
                         cache=cache, cache_index=cache_index, compute_logits=compute_logits,
                         return_hidden=True)
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """The LLM's zeroed KV cache (LlamaForCausalLM.init_cache)."""
+        return self.llm.init_cache(batch_size, max_length)
 
     def vision_head_outputs(self, hidden: Array) -> Array:
         """Predicted next visual tokens [..., C_vis] fp32, L2-normalised (normalize_vision)."""

@@ -11,6 +11,9 @@ Convention: each term is averaged over its own target count in the global batch,
 
 with a term taken as 0 when its count is 0. `vpit_loss_sums` returns the sums and counts
 so that micro-batches and devices can be added before dividing once (`vpit_loss_mean`).
+The counts depend on the batch only (text_mask.sum(), vision_mask.sum()), so a step that
+accumulates gradients over micro-batches can count the whole batch first and divide each
+micro-batch's sums by the global counts.
 The authors average per micro-batch per device (a torch CrossEntropyLoss mean and a
 cosine mean), which is the same on one device with one micro-batch; their `-cos` differs
 from `1 - cos` by the constant 1 only.
