@@ -1,29 +1,37 @@
-"""Train the LLM text stage on text-only conversation records.
+"""Train: run a config's stages in order (VPiT adapter / instruct, decoder, LLM text).
 
-  python train.py --config configs/text_tiny.py [--config.steps=20 --config.optim.lr=1e-4 ...]
+  python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
 
-Fields and how to make the tiny inputs: configs/text_tiny.py; what a run does and writes:
-metamorph_jax/training/text_loop.py. No mid-run checkpoint/resume yet.
+`--workdir` defaults to the config's work_dir. Re-running the same command with the same
+work directory resumes from the latest complete checkpoint (finished stages are skipped).
+What a run does and writes: metamorph_jax/training/runner.py; the config schema:
+configs/tiny.py.
 """
 from __future__ import annotations
 
 import sys
 
-from metamorph_jax.training import text_loop
-
 
 def main(argv=None) -> int:
     from absl import flags
+
+    from metamorph_jax.training import runner
+    from metamorph_jax.training.objectives import StageConfigError
     argv = list(sys.argv if argv is None else argv)
     try:
-        config = text_loop.parse_flags(argv)
-    except flags.Error as error:
+        config = runner.parse_flags(argv)
+        results = runner.run(config)
+    except (flags.Error, StageConfigError) as error:
         print(f"{argv[0]}: {error}", file=sys.stderr)
         return 2
-    summary = text_loop.train(config)
-    if summary["first_loss"] is not None:
-        print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> "
-              f"{summary['last_loss']:.4f}; model folder {summary['final_dir']}")
+    for result in results:
+        if not result.ran:
+            print(f"stage {result.name}: already done ({result.final_dir})")
+        elif result.losses:
+            print(f"stage {result.name}: {result.steps} steps, loss {result.losses[0]:.4f} -> "
+                  f"{result.losses[-1]:.4f}; model folder {result.final_dir}")
+        else:
+            print(f"stage {result.name}: {result.steps} steps; model folder {result.final_dir}")
     return 0
 
 

@@ -25,3 +25,98 @@ def tiny_llama_config(tokenizer, **overrides):
                   eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=None)
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+def tiny_siglip_config(**overrides):
+    """A 2-layer SigLIP tower: a 4x4 patch grid (at any image_size divisible by 4) reduced
+    to 2x2 = 4 visual tokens."""
+    from metamorph_jax.models.siglip import SiglipConfig
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=16, use_head=False,
+                  num_visual_tokens=4)
+    fields.update(overrides)
+    fields.setdefault("patch_size", fields["image_size"] // 4)
+    return SiglipConfig(**fields)
+
+
+def _shapes_words(world: Path) -> list[str]:
+    """Every word and punctuation mark of the world's records, sorted."""
+    import json
+    import re
+    words: set[str] = set()
+    for path in sorted(world.glob("*/*.jsonl")):
+        for line in path.read_text().splitlines():
+            for turn in json.loads(line).get("conversations", ()):
+                words.update(re.findall(r"\w+|[^\w\s]", turn["value"]))
+    words.discard("image")  # "<image>" is a placeholder, not text
+    return sorted(words)
+
+
+def _build_into(target: Path, make) -> None:
+    """make(folder) into a temporary sibling, renamed to `target` when complete (a run
+    killed half-way leaves no half-made folder behind under the real name)."""
+    import shutil
+    if target.exists():
+        return
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    make(partial)
+    partial.rename(target)
+
+
+def ensure_assets(assets) -> dict:
+    """Make the inputs of configs/tiny.py under `assets.root` when absent: the Shapes world
+    (`shapes/`), a word-level tokenizer over its words with the two image tokens
+    (`tokenizer/`), a tiny random LLaMA whose vocabulary stops just before those tokens
+    (`llm/`), and a tiny random SigLIP tower (`siglip/`). Returns their paths."""
+    import jax
+    import flax.linen as nn
+    import numpy as np
+
+    from metamorph_jax import pretrained
+    from metamorph_jax.data import conversation as conv
+    from metamorph_jax.data import shapes
+    from metamorph_jax.data.testing import build_tiny_tokenizer
+    from metamorph_jax.models import siglip
+    from metamorph_jax.models.llama import LlamaForCausalLM
+
+    if assets.get("kind") != "tiny_shapes":
+        raise ValueError(f"config field 'assets.kind' = {assets.get('kind')!r}: the only kind "
+                         "is 'tiny_shapes'")
+    root = Path(assets.root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {name: root / name for name in ("shapes", "tokenizer", "llm", "siglip")}
+    world = shapes.WorldConfig(
+        seed=int(assets.get("seed", 0)), image_size=int(assets.image_size),
+        scenes=(("train", int(assets.train)), ("validation", int(assets.validation)),
+                ("test", int(assets.get("test", 0)))),
+        clips=(("train", int(assets.clips)), ("validation", max(1, int(assets.clips) // 4)),
+               ("test", 0)))
+    _build_into(paths["shapes"], lambda out: shapes.write_world(str(out), world, progress=False))
+
+    def make_tokenizer(out: Path) -> None:
+        tokenizer = build_tiny_tokenizer(_shapes_words(paths["shapes"]))
+        conv.add_image_tokens(tokenizer)
+        tokenizer.save_pretrained(str(out))
+    _build_into(paths["tokenizer"], make_tokenizer)
+
+    def make_llm(out: Path) -> None:
+        tokenizer = pretrained.load_tokenizer(paths["tokenizer"])
+        vocab = tokenizer.convert_tokens_to_ids(conv.IMAGE_START)
+        config = tiny_llama_config(tokenizer, vocab_size=vocab, max_position_embeddings=512)
+        dummy = np.zeros((1, 1), np.int32)
+        params = nn.unbox(LlamaForCausalLM(config).init(jax.random.key(1), dummy,
+                                                        positions=dummy))["params"]
+        pretrained.save_pretrained(out, "llama", config.to_dict(),
+                                   jax.tree.map(np.asarray, params))
+        tokenizer.save_pretrained(str(out))
+    _build_into(paths["llm"], make_llm)
+
+    def make_siglip(out: Path) -> None:
+        config = tiny_siglip_config(image_size=int(assets.image_size))
+        params = nn.unbox(siglip.init_params(config, jax.random.key(2)))
+        pretrained.save_pretrained(out, "siglip", config.to_dict(),
+                                   jax.tree.map(np.asarray, params))
+    _build_into(paths["siglip"], make_siglip)
+    return paths

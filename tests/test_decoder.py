@@ -1,9 +1,11 @@
-"""The visualiser: projector parity, training step (loss falls, samples match their targets),
-sharded step equals the single-device step, frozen VAE, schedule."""
+"""The visualiser: projector parity, the runner's decoder stage step (loss falls, samples
+match their targets), sharded step equals the single-device step, frozen VAE and SigLIP,
+pretrained UNet weights, schedule, the SD 1.5 config."""
 import importlib.util
 import math
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +14,14 @@ import pytest
 import torch
 from tqdm.auto import tqdm
 
+from metamorph_jax import pretrained, tiny
 from metamorph_jax.inference import diffusion as D
+from metamorph_jax.models import siglip
 from metamorph_jax.sharding import make_mesh
 from metamorph_jax.models.visualizer import VisualizerConfig, TokenProjector, Visualizer
-from metamorph_jax.training import decoder_step as S
-from metamorph_jax.training import optim
+from metamorph_jax.training import objectives, optim
+from metamorph_jax.training import state as state_lib
+from metamorph_jax.training import steps as steps_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +36,44 @@ def load_config(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """A tiny SigLIP folder whose tokens fit decoder_tiny (4 tokens of width 16)."""
+    folder = tmp_path_factory.mktemp("siglip") / "siglip"
+    config = tiny.tiny_siglip_config(hidden_size=16, intermediate_size=32, image_size=8)
+    params = nn.unbox(siglip.init_params(config, fast_key(7)))
+    pretrained.save_pretrained(folder, "siglip", config.to_dict(), jax.tree.map(np.asarray, params))
+    return folder
+
+
+def decoder_objective(stage, siglip_dir, **init):
+    stage.init.vision_dir = str(siglip_dir)
+    for field, value in init.items():
+        stage.init[field] = value
+    return objectives.build(stage, "decoder", None)
+
+
+def new_state(objective, tx, mesh):
+    """The runner's train state for `objective` (random projector + UNet), on `mesh`."""
+    boxed = state_lib.abstract_state(*objective.boxed_parts(), tx)
+    shardings = state_lib.state_shardings(boxed, mesh, objective.rules)
+    trainable, frozen = objective.load_parts(shardings.trainable, shardings.frozen)
+    return state_lib.init_state(trainable, frozen, tx, state_lib.rng_data(0), shardings,
+                                mesh), shardings
+
+
+def jit_step(objective, tx, schedule, mesh, shardings):
+    train = steps_lib.make_train_step(objective, tx, schedule, False)
+    step = steps_lib.jit_train_step(train, mesh, shardings, objective.rules,
+                                    {"images": 5, "tokens": 4})
+    return lambda state, batch: step(state, steps_lib.global_batch(
+        {k: np.asarray(v)[None] for k, v in batch.items()}, mesh, objective.rules))
+
+
+def single_mesh():
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 
 def synthetic_images(n=4, size=8):
@@ -63,27 +106,41 @@ def test_projector_matches_torch_and_pads_with_zeros():
         want = ref(torch.tensor(tokens)).numpy()
     assert np.abs(np.asarray(out) - want).max() <= 1e-4
 
-    cfg = load_config("decoder_tiny")
+    cfg = load_config("decoder_tiny").stages.decoder
     model = Visualizer(VisualizerConfig.from_dict(cfg.model.to_dict()))
-    state = S.create_decoder_state(model, optax.sgd(0.1), fast_key(0))
+    params = nn.unbox(jax.jit(model.init)(fast_key(0), jnp.zeros((1, 8, 8, 3)),
+                                          jnp.zeros((1,), jnp.int32), jnp.zeros((1, 4, 16))))["params"]
     tokens = jnp.ones((2, 4, 16))
-    context = model.apply({"params": state.params}, tokens, method=Visualizer.condition)
+    context = model.apply({"params": params}, tokens, method=Visualizer.condition)
     assert context.shape == (2, 6, 32)
     assert float(jnp.abs(context[:, 4:]).max()) == 0.0
     assert float(jnp.abs(context[:, :4]).max()) > 0.1
     with pytest.raises(ValueError, match=r"tokens must be \[B, 4, 16\]"):
-        model.apply({"params": state.params}, jnp.ones((2, 5, 16)), method=Visualizer.condition)
+        model.apply({"params": params}, jnp.ones((2, 5, 16)), method=Visualizer.condition)
 
-    # Converted UNet weights slot into a fresh state; a wrong shape is named.
-    unet = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, np.float32),
-                                  state.params["unet"])
-    loaded = S.with_pretrained(state, optax.sgd(0.1), unet=unet)
-    assert float(loaded.params["unet"]["conv_in"]["kernel"][0, 0, 0, 0]) == 0.5
+
+@pytest.mark.slow
+def test_the_decoder_stage_starts_from_converted_unet_weights(tmp_path, siglip_dir):
+    """A `convert` UNet folder slots into the stage's initial params; a wrong shape is named;
+    a VAE folder for a pixel-space decoder is refused."""
+    stage = load_config("decoder_tiny").stages.decoder
+    objective = decoder_objective(stage, siglip_dir)
+    trainable, _ = objective.boxed_parts()
+    unet = jax.tree.map(lambda x: np.full(x.shape, 0.5, np.float32), nn.unbox(trainable["unet"]))
+    pretrained.save_pretrained(tmp_path / "unet", "unet", {}, unet)
+    loaded = decoder_objective(stage, siglip_dir, unet_dir=str(tmp_path / "unet"))
+    mesh = single_mesh()
+    state, _ = new_state(loaded, optax.sgd(0.1), mesh)
+    assert float(state.trainable["unet"]["conv_in"]["kernel"][0, 0, 0, 0]) == 0.5
+    assert set(state.frozen) == {"siglip"}
     bad = dict(unet, conv_in={"kernel": np.zeros((3, 3, 3, 7)), "bias": np.zeros(7)})
+    pretrained.save_pretrained(tmp_path / "bad", "unet", {}, bad)
     with pytest.raises(ValueError, match="conv_in/bias"):
-        S.with_pretrained(state, optax.sgd(0.1), unet=bad)
+        new_state(decoder_objective(stage, siglip_dir, unet_dir=str(tmp_path / "bad")),
+                  optax.sgd(0.1), mesh)
     with pytest.raises(ValueError, match="pixel-space"):
-        S.with_pretrained(state, optax.sgd(0.1), vae={})
+        new_state(decoder_objective(stage, siglip_dir, unet_dir="",
+                                    vae_dir=str(tmp_path / "unet")), optax.sgd(0.1), mesh)
 
 
 def authors_multiplier(step: int) -> float:
@@ -133,23 +190,25 @@ def test_lr_of_each_update_matches_torch_lambdalr():
 
 
 @pytest.mark.slow
-def test_tiny_pixel_decoder_learns_its_targets():
+def test_tiny_pixel_decoder_learns_its_targets(siglip_dir):
     """Loss falls, and each condition's samples look like its own target more than others."""
     config = load_config("decoder_tiny")
-    model, tx, schedule, lr_fn = S.build_decoder_stage(config)
+    stage = config.stages.decoder
+    objective = decoder_objective(stage, siglip_dir)
+    model = objective.model
     assert model.config.pixel_space
+    tx, lr_fn = optim.build_optimizer(stage.optim, stage.steps)
     images = synthetic_images()
     tokens = np.random.RandomState(0).randn(4, 4, 16).astype(np.float32)
-    copies = config.train.batch_size // 4
-    batch = {"images": jnp.asarray(np.concatenate([images] * copies)),
-             "tokens": jnp.asarray(np.concatenate([tokens] * copies))}
-    state = S.create_decoder_state(model, tx, fast_key(0))
-    step = jax.jit(S.make_decoder_train_step(model, tx, schedule, config.train.cfg_prob, lr_fn),
-                   donate_argnums=(0,))
-    rng = jax.random.PRNGKey(1)
+    copies = stage.data.batch_size // 4
+    batch = {"images": np.concatenate([images] * copies),
+             "tokens": np.concatenate([tokens] * copies)}
+    mesh = single_mesh()
+    state, shardings = new_state(objective, tx, mesh)
+    step = jit_step(objective, tx, lr_fn, mesh, shardings)
     losses = []
-    for _ in tqdm(range(config.train.num_steps), desc="tiny decoder", leave=False):
-        state, metrics = step(state, batch, rng)
+    for _ in tqdm(range(stage.steps), desc="tiny decoder", leave=False):
+        state, metrics = step(state, batch)
         losses.append(metrics["loss"])
     losses = np.array([float(x) for x in losses])
     assert np.all(np.isfinite(losses))
@@ -157,19 +216,20 @@ def test_tiny_pixel_decoder_learns_its_targets():
 
     noise = jax.random.normal(jax.random.PRNGKey(3), (4, *model.config.sample_shape))
     sample = jax.jit(lambda p, t, z: D.visualize(
-        model, p, t, z, schedule, config.sample.num_steps, config.sample.guidance_scale,
-        config.sample.sampler))
-    out = np.clip(np.asarray(sample(state.params, jnp.asarray(tokens), noise)), -1, 1)
+        model, p, t, z, objective.noise, stage.sample.num_steps, stage.sample.guidance_scale,
+        stage.sample.sampler))
+    out = np.clip(np.asarray(sample(state.trainable, jnp.asarray(tokens), noise)), -1, 1)
     distance = ((out[:, None] - images[None]) ** 2).mean(axis=(2, 3, 4))  # [sample, target]
     assert np.all(np.argmin(distance, axis=1) == np.arange(4)), distance
 
 
 def latent_tiny_config():
     """decoder_tiny with a tiny VAE in front: the UNet denoises 4-channel latents."""
-    config = load_config("decoder_tiny")
+    config = load_config("decoder_tiny").stages.decoder
     config.model.image_size = 8
     config.model.unet.in_channels = 4
     config.model.unet.out_channels = 4
+    config.cfg_prob = 0.5
     # One VAE level (no downsampling) keeps the compile short; latents stay 8x8.
     config.model.vae = dict(in_channels=3, out_channels=3, block_out_channels=(8,),
                             layers_per_block=1, latent_channels=4, norm_num_groups=4,
@@ -179,60 +239,61 @@ def latent_tiny_config():
 
 
 @pytest.mark.slow
-def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen():
+def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen(siglip_dir):
     """The step over a state sharded on a (data=2, fsdp=2, tensor=2) mesh computes what the
-    single-device step computes; the VAE is frozen, the projector and UNet move."""
-    model, _, schedule, _ = S.build_decoder_stage(latent_tiny_config())
-    assert model.config.sample_shape == (8, 8, 4)
+    single-device step computes; the VAE and SigLIP are frozen, the projector and UNet move."""
+    objective = decoder_objective(latent_tiny_config(), siglip_dir)
+    assert objective.model.config.sample_shape == (8, 8, 4)
     tx = optax.sgd(0.1)  # plain SGD: the update shows any gradient difference directly
+    schedule = optax.constant_schedule(0.1)
     rs = np.random.RandomState(0)
-    batch = {"images": jnp.asarray(rs.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32)),
-             "tokens": jnp.asarray(rs.randn(8, 4, 16).astype(np.float32))}
-    train_step = S.make_decoder_train_step(model, tx, schedule, 0.5)
-    rng = jax.random.PRNGKey(5)
+    batch = {"images": rs.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32),
+             "tokens": rs.randn(8, 4, 16).astype(np.float32)}
 
-    state = S.create_decoder_state(model, tx, fast_key(0))
-    assert set(state.params) == {"projector", "unet"} and set(state.frozen) == {"vae"}
-    single, single_metrics = jax.jit(train_step)(state, batch, rng)
+    mesh = single_mesh()
+    state, shardings = new_state(objective, tx, mesh)
+    assert set(state.trainable) == {"projector", "unet"}
+    assert set(state.frozen) == {"vae", "siglip"}
+    before = jax.device_get(state)
+    single, single_metrics = jit_step(objective, tx, schedule, mesh, shardings)(state, batch)
+    single = jax.device_get(single)
     assert np.isfinite(float(single_metrics["loss"]))
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
-                                  state.frozen, single.frozen)
+                                  before.frozen, single.frozen)
     assert all(jax.tree_util.tree_leaves(same))
-    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
-                                   single.params, state.params)
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                   single.trainable, before.trainable)
     assert max(jax.tree_util.tree_leaves(moved["unet"])) > 1e-3
     assert max(jax.tree_util.tree_leaves(moved["projector"])) > 0
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
-    shardings = S.state_shardings(model, tx, mesh)  # DECODER_RULES
-    sharded_state = jax.device_put(state, shardings)
-    kernel = sharded_state.params["unet"]["conv_in"]["kernel"]
+    sharded_state, shardings = new_state(objective, tx, mesh)  # DECODER_RULES
+    kernel = sharded_state.trainable["unet"]["conv_in"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
-    q_kernel = sharded_state.params["unet"]["down_blocks_0"]["attentions_0"][
+    q_kernel = sharded_state.trainable["unet"]["down_blocks_0"]["attentions_0"][
         "transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
     assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    step = S.jit_train_step(train_step, shardings, mesh)
-    new_state, metrics = step(sharded_state, batch, rng)
+    new_state_8, metrics = jit_step(objective, tx, schedule, mesh, shardings)(sharded_state, batch)
     assert abs(float(metrics["loss"]) - float(single_metrics["loss"])) <= 1e-5
-    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
-                                   new_state.params, single.params)
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                   new_state_8.trainable, single.trainable)
     assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
-    assert int(new_state.step) == 1
+    assert int(new_state_8.step) == 1
 
 
 def test_sd15_config_builds_the_paper_model():
     config = load_config("decoder_sd15")
-    cfg = VisualizerConfig.from_dict(config.model.to_dict())
+    stage = config.stages.decoder
+    cfg = VisualizerConfig.from_dict(stage.model.to_dict())
     assert cfg.sample_shape == (64, 64, 4)
     assert cfg.unet.cross_attention_dim == 768 and cfg.context_length == 77
-    train = config.train
-    # defaults: the authors' code; train.paper: the paper's text (kept, unused)
-    assert (train.peak_lr, train.warmup_steps, train.decay_end_step, train.cfg_prob) == \
+    # defaults: the authors' code; `reference`: the paper's text (kept, unused)
+    assert (stage.optim.lr, stage.optim.warmup, stage.optim.decay_end_step, stage.cfg_prob) == \
         (1e-5, 4000, 16000, 0.8)
-    assert (train.paper.peak_lr, train.paper.warmup_steps, train.paper.decay_end_step,
-            train.paper.num_steps, train.paper.cfg_prob) == (1.1e-5, 2000, 14000, 14000, 0.7)
-    lr = optim.make_schedule(train.lr_schedule, peak_lr=train.peak_lr,
-                             warmup_steps=train.warmup_steps, decay_end_step=train.decay_end_step)
-    steps = [0, 1, 1000, 3999, 4000, 10000, 15999, 16000, train.num_steps - 1]
+    assert (stage.reference.paper_lr, stage.reference.paper_warmup,
+            stage.reference.paper_decay_end_step, stage.reference.paper_cfg_prob) == \
+        (1.1e-5, 2000, 14000, 0.7)
+    lr = optim.make_schedule(stage.optim, stage.steps)
+    steps = [0, 1, 1000, 3999, 4000, 10000, 15999, 16000, stage.steps - 1]
     np.testing.assert_allclose([float(lr(s)) for s in steps],
                                [1e-5 * authors_multiplier(s) for s in steps], rtol=2e-6, atol=1e-12)

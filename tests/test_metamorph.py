@@ -302,6 +302,6 @@ def test_sharded_loss_equals_single_device(setup):
     def sharded_loss(p, b):
         with nn.logical_axis_rules(sharding.DEFAULT_RULES):
             return vpit_loss.vpit_loss(model, p, b)[0]
-    with mesh:
+    with jax.set_mesh(mesh):
         got = float(sharded_loss(placed, placed_batch))
     assert abs(got - expected) <= TOLERANCE

@@ -7,14 +7,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 
 from metamorph_jax import pretrained, sharding, tiny
 from metamorph_jax.data import text_records
 from metamorph_jax.models.llama import LlamaForCausalLM
-from metamorph_jax.training import text_step
+from metamorph_jax.training import objectives, optim, runner, text_step
+from metamorph_jax.training import state as state_lib
+from metamorph_jax.training import steps as steps_lib
 from metamorph_jax.training.losses import masked_cosine_loss, masked_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,13 +109,24 @@ def test_all_zero_mask_gives_zero_sum_and_count():
 # --- the train step ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    tokenizer = tiny.tiny_tokenizer()
+def tiny_model(tmp_path_factory):
+    """A tiny LLaMA saved as a model folder, and the text objective over it."""
+    folder = tmp_path_factory.mktemp("text_model")
+    tokenizer = tiny.tiny_tokenizer(folder / "tok")
     config = tiny.tiny_llama_config(tokenizer, vocab_size=96)
     model = LlamaForCausalLM(config)
     dummy = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(0), dummy, positions=dummy)["params"])
-    return model, jax.tree.map(np.asarray, params)
+    params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(0), dummy,
+                                                          positions=dummy)["params"]))
+    pretrained.save_pretrained(folder / "llm", "llama", config.to_dict(), params)
+    stage = load_text_tiny().stages.text
+    stage.init.llm_dir = str(folder / "llm")
+    stage.init.tokenizer_dir = str(folder / "tok")
+    return model, params, objectives.build(stage, "text", None)
+
+
+def load_text_tiny():
+    return runner.parse_flags(["train.py", "--config", str(REPO / "configs" / "text_tiny.py")])
 
 
 def packed_batch(rng, rows=8, length=16, vocab=96):
@@ -136,81 +148,84 @@ def packed_batch(rng, rows=8, length=16, vocab=96):
     return batch
 
 
-def run_steps(model, params, batches, mesh, steps_optimizer):
-    optimizer, schedule = steps_optimizer
-    shardings = text_step.state_shardings(model, optimizer, mesh)
-    placed = jax.device_put(params, shardings.params)
-    state = text_step.init_state(placed, optimizer, mesh, shardings)
-    step = text_step.jit_train_step(text_step.make_train_step(model, optimizer, schedule), mesh, shardings)
+def run_steps(objective, batches, mesh, optim_fields, steps):
+    optimizer, schedule = optim.build_optimizer(optim_fields, steps)
+    boxed = state_lib.abstract_state(*objective.boxed_parts(), optimizer)
+    shardings = state_lib.state_shardings(boxed, mesh, objective.rules)
+    trainable, frozen = objective.load_parts(shardings.trainable, shardings.frozen)
+    state = state_lib.init_state(trainable, frozen, optimizer, state_lib.rng_data(0), shardings,
+                                 mesh)
+    step = steps_lib.jit_train_step(
+        steps_lib.make_train_step(objective, optimizer, schedule, False), mesh, shardings,
+        objective.rules, {key: 3 if key != "images" else 6 for key in objective.batch_keys})
     history = []
     for batch in batches:
-        state, metrics = step(state, text_step.global_batch(batch, mesh))
+        stacked = steps_lib.stack_micro_batches([batch], objective.batch_keys)
+        state, metrics = step(state, steps_lib.global_batch(stacked, mesh, objective.rules))
         history.append(jax.device_get(metrics))
     return state, history
 
 
 def test_sharded_step_equals_single_device(tiny_model):
-    model, params = tiny_model
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 1, 4)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    _, params, objective = tiny_model
+    fields = dict(lr=1e-2, schedule="warmup_cosine", warmup=1, grad_clip=1.0)
     rng = np.random.default_rng(0)
     batches = [packed_batch(rng) for _ in range(3)]
 
     single = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    state_1, history_1 = run_steps(model, params, batches, single, (optimizer, schedule))
+    state_1, history_1 = run_steps(objective, batches, single, fields, 4)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    state_8, history_8 = run_steps(model, params, batches, mesh, (optimizer, schedule))
+    state_8, history_8 = run_steps(objective, batches, mesh, fields, 4)
 
     # the state really is spread over the mesh, moments like their params
-    q = state_8.params["layers"]["self_attn"]["q_proj"]["kernel"]
+    q = state_8.trainable["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     mu = state_8.opt_state[1][0].mu["layers"]["self_attn"]["q_proj"]["kernel"]
     assert mu.sharding.spec == q.sharding.spec
-    assert int(state_8.step) == 3
+    assert int(state_8.step) == 3 and state_8.frozen == {}
     for m1, m8 in zip(history_1, history_8):
-        for key in ("loss", "tokens", "grad_norm", "lr"):
+        for key in ("loss", "text_tokens", "grad_norm", "lr"):
             np.testing.assert_allclose(m8[key], m1[key], atol=1e-5, rtol=1e-5, err_msg=key)
     assert history_1[0]["lr"] == 0.0 and history_1[1]["lr"] == pytest.approx(1e-2)
-    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state_1.params, params)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state_1.trainable, params)
     assert max(jax.tree.leaves(moved)) > 1e-4  # the updates are not trivially zero
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
-                 state_8.params, state_1.params)
+                 state_8.trainable, state_1.trainable)
 
 
 def test_train_step_loss_is_the_masked_mean(tiny_model):
     """The reported loss equals the model's cross-entropy over the trained tokens only."""
-    model, params = tiny_model
+    model, params, objective = tiny_model
     batch = packed_batch(np.random.default_rng(5))
-    optimizer = optax.sgd(0.0)
-    state = text_step.TrainState.create(jax.tree.map(jnp.asarray, params), optimizer)
-    _, metrics = jax.jit(text_step.make_train_step(model, optimizer))(state, batch)
+    single = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    _, [metrics] = run_steps(objective, [batch], single, dict(lr=0.0, schedule="constant"), 1)
     logits = np.asarray(model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                     segment_ids=batch["segment_ids"]).logits)
     keep = batch["text_mask"].astype(bool)
     expected = torch.nn.functional.cross_entropy(torch.tensor(logits[keep]),
                                                  torch.tensor(batch["text_targets"][keep]).long())
     np.testing.assert_allclose(float(metrics["loss"]), expected.item(), rtol=1e-5)
-    assert float(metrics["tokens"]) == keep.sum()
-    assert np.isnan(float(metrics["lr"]))  # no schedule given
+    assert float(metrics["text_tokens"]) == keep.sum()
     loss_sum, count = jax.jit(text_step.make_eval_step(model))(params, batch)
     np.testing.assert_allclose(float(loss_sum / count), expected.item(), rtol=1e-5)
 
 
 def test_schedule_warms_up_over_three_percent_then_decays():
-    import ml_collections
-    from metamorph_jax.training import text_loop
-    optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_ratio=0.03, end_ratio=0.1, weight_decay=0.0,
-                                           b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0))
-    _, schedule = text_loop.make_optimizer(optim, steps=200)
+    fields = dict(lr=1e-3, schedule="warmup_cosine", warmup=0.03, end_ratio=0.1)
+    _, schedule = optim.build_optimizer(fields, steps=200)
     lrs = np.asarray([schedule(step) for step in range(201)])
     assert lrs[0] == 0.0 and lrs[3] < 1e-3 and lrs[6] == pytest.approx(1e-3)  # 6 = 3% of 200
     assert np.all(np.diff(lrs[:7]) > 0) and np.all(np.diff(lrs[6:]) <= 1e-12)
     assert lrs[200] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="optim: unknown field"):
+        optim.build_optimizer(dict(fields, warmup_ratio=0.1), steps=10)
+    with pytest.raises(ValueError, match="field 'schedule' = 'linear'"):
+        optim.build_optimizer(dict(fields, schedule="linear"), steps=10)
 
 
 # --- train.py end to end ------------------------------------------------------------------
 
-def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
+def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path, capsys):
     import importlib
 
     train_cli = importlib.import_module("train")
@@ -222,34 +237,46 @@ def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path):
     pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
     data = text_records.write_text_records(tmp_path / "text.jsonl", count=8)
     work = tmp_path / "run"
-    argv = ["train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=10",
-            f"--config.llm_dir={tmp_path / 'llm'}", f"--config.tokenizer_dir={tmp_path / 'tok'}",
-            f"--config.work_dir={work}", f"--config.data.sources.text.path={data}",
-            "--config.data.seq_len=64", "--config.optim.lr=3e-3"]
+    argv = ["train.py", "--config", str(REPO / "configs" / "text_tiny.py"),
+            "--config.stages.text.steps=10", f"--config.stages.text.init.llm_dir={tmp_path / 'llm'}",
+            f"--config.stages.text.init.tokenizer_dir={tmp_path / 'tok'}", "--workdir", str(work),
+            f"--config.stages.text.data.sources.text.path={data}",
+            "--config.stages.text.data.seq_len=64", "--config.stages.text.optim.lr=3e-3"]
     assert train_cli.main(argv) == 0
+    final = work / "text" / "final"
 
     lines = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 11))
-    assert set(lines[0]) >= {"loss", "tokens", "grad_norm", "lr"}
+    assert set(lines[0]) >= {"loss", "text_loss", "text_tokens", "grad_norm", "lr", "tokens_per_s",
+                             "step_s", "records/text"}
+    assert {line["stage"] for line in lines} == {"text"}
     losses = [line["loss"] for line in lines]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
     assert lines[0]["lr"] == 0.0 and lines[1]["lr"] == pytest.approx(3e-3)  # 1 warm-up step
     assert any(path.name.startswith("events.out.tfevents") for path in (work / "tensorboard").iterdir())
 
     # the saved folder is a model folder generate.py reads, holding the trained params
-    model, params, _ = pretrained.load_llama(work / "final")
+    model, params, _ = pretrained.load_llama(final)
     assert model.config.to_dict() == config.to_dict()
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, initial)
     assert min(jax.tree.leaves(moved)) > 0
-    assert pretrained.chat_template(work / "final") == "llama3"
+    assert pretrained.chat_template(final) == "llama3"
     generate_cli = importlib.import_module("generate")
-    assert generate_cli.main(["--llm", str(work / "final"), "--prompt", "how many shapes are there ?",
+    assert generate_cli.main(["--llm", str(final), "--prompt", "how many shapes are there ?",
                               "--chat", "--max-new-tokens", "3"]) == 0
 
-    # a second run may not overwrite the result
-    with pytest.raises(FileExistsError, match="final already exists"):
-        train_cli.main(argv)
+    # running it again finds the stage done and leaves the result as it is
+    assert train_cli.main(argv) == 0
+    assert "stage text: already done" in capsys.readouterr().out
+    assert len((work / "metrics.jsonl").read_text().splitlines()) == 10
+    # bad configs: one error naming the field
     assert train_cli.main(argv + ["--config.no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert train_cli.main(argv + ["--config.stages.text.kind=vision"]) == 2
+    assert "stage 'text': field 'kind' = 'vision'" in capsys.readouterr().err
+    assert train_cli.main(argv + ["--workdir", str(tmp_path / "other"),
+                                  "--config.stages.text.optim.schedule=linear"]) == 2
+    assert "stage 'text': optim: field 'schedule' = 'linear'" in capsys.readouterr().err
 
 
 def test_a_record_with_images_stops_the_text_stage(tmp_path):
@@ -268,7 +295,6 @@ def test_a_record_with_images_stops_the_text_stage(tmp_path):
 def test_training_unrolled_from_a_scanned_folder_matches_scanned_training(tmp_path):
     """scan_layers=False trains the same model (the same losses and final params, up to
     float rounding) and saves final/ in the folder's scanned layout."""
-    from metamorph_jax.training import text_loop
     tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
     config = tiny.tiny_llama_config(tokenizer)
     assert config.scan_layers
@@ -280,17 +306,18 @@ def test_training_unrolled_from_a_scanned_folder_matches_scanned_training(tmp_pa
     finals, losses = [], []
     for scan in (None, False):
         work = tmp_path / f"run_{scan}"
-        run = text_loop.parse_flags([
-            "train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=3",
-            f"--config.llm_dir={tmp_path / 'llm'}", f"--config.tokenizer_dir={tmp_path / 'tok'}",
-            f"--config.work_dir={work}", f"--config.data.sources.text.path={data}",
-            "--config.data.seq_len=64", "--config.optim.lr=3e-3"]
-            + ([] if scan is None else [f"--config.scan_layers={scan}"]))
-        text_loop.train(run)
+        run = runner.parse_flags([
+            "train.py", "--config", str(REPO / "configs" / "text_tiny.py"),
+            "--config.stages.text.steps=3", f"--config.stages.text.init.llm_dir={tmp_path / 'llm'}",
+            f"--config.stages.text.init.tokenizer_dir={tmp_path / 'tok'}", "--workdir", str(work),
+            f"--config.stages.text.data.sources.text.path={data}",
+            "--config.stages.text.data.seq_len=64", "--config.stages.text.optim.lr=3e-3"]
+            + ([] if scan is None else [f"--config.stages.text.scan_layers={scan}"]))
+        runner.run(run)
         losses.append([json.loads(line)["loss"]
                        for line in (work / "metrics.jsonl").read_text().splitlines()])
-        assert pretrained.read_model_config(work / "final")["config"] == config.to_dict()
-        finals.append(pretrained.load_params(work / "final"))
+        assert pretrained.read_model_config(work / "text" / "final")["config"] == config.to_dict()
+        finals.append(pretrained.load_params(work / "text" / "final"))
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     assert jax.tree.structure(finals[0]) == jax.tree.structure(initial)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
@@ -310,13 +337,14 @@ def test_steps_cut_short_by_the_data_are_still_logged_and_checked(tmp_path, caps
     pretrained.save_pretrained(tmp_path / "llm", "llama", config.to_dict(), initial)
     data = text_records.write_text_records(tmp_path / "text.jsonl", count=6)
     work = tmp_path / "run"
-    # 6 records, 2 per 64-token row x 2 rows: one epoch is 2 batches, fewer than 10 steps
+    # 6 records, 2 per 64-token row: one epoch is one batch of 8 rows, fewer than 10 steps
     assert train_cli.main([
-        "train.py", "--config", str(REPO / "configs" / "text_tiny.py"), "--config.steps=10",
-        "--config.log_every=4", f"--config.llm_dir={tmp_path / 'llm'}",
-        f"--config.tokenizer_dir={tmp_path / 'tok'}", f"--config.work_dir={work}",
-        f"--config.data.sources.text.path={data}", "--config.data.seq_len=64",
-        "--config.data.batch_size=2", "--config.data.num_epochs=1"]) == 0
+        "train.py", "--config", str(REPO / "configs" / "text_tiny.py"),
+        "--config.stages.text.steps=10", "--config.log_every=4",
+        f"--config.stages.text.init.llm_dir={tmp_path / 'llm'}",
+        f"--config.stages.text.init.tokenizer_dir={tmp_path / 'tok'}", "--workdir", str(work),
+        f"--config.stages.text.data.sources.text.path={data}", "--config.stages.text.data.seq_len=64",
+        "--config.stages.text.data.num_epochs=1"]) == 0
     steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert 0 < len(steps) < 4 and steps == list(range(1, len(steps) + 1))
-    assert f"trained {len(steps)} steps" in capsys.readouterr().out
+    assert f"stage text: {len(steps)} steps" in capsys.readouterr().out

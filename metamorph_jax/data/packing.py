@@ -16,6 +16,8 @@ vision_target_index    int32 [B,T]     flat index (n * V + k) of that target tok
 images                 float32 [B,N,H,W,3]  the row's images in order (zeros where unused);
                                        uint8 (resized, not normalised) with image_dtype="uint8"
 image_valid            int32 [B,N]     1 for the images a row uses
+record_ids             object [B]      host only: per row, a tuple of the packed samples'
+                                       record ids ("id (file:line)"); never sent to devices
 =====================  ==============  ======================================================
 
 Attention masks come from segment_ids (same non-zero segment, causal); nothing in a row
@@ -52,6 +54,8 @@ def empty_batch(batch_size: int, seq_len: int, max_images: int, image_size: int,
     batch["vision_target_index"] = np.full(shape, -1, np.int32)
     batch["images"] = np.zeros((batch_size, max_images, image_size, image_size, 3), np.dtype(image_dtype))
     batch["image_valid"] = np.zeros((batch_size, max_images), np.int32)
+    batch["record_ids"] = np.empty(batch_size, object)
+    batch["record_ids"][:] = [()] * batch_size
     return batch
 
 
@@ -75,6 +79,7 @@ def fill_row(batch: dict, row: int, samples: list[dict], num_image_tokens: int) 
             batch["image_valid"][row, image_offset:image_offset + count] = 1
         offset += length
         image_offset += count
+    batch["record_ids"][row] = tuple(sample.get("record_id", "?") for sample in samples)
 
 
 class PackedBatchDataset(grain.IterDataset):

@@ -117,6 +117,8 @@ class SampleMaker:
                 missing = isinstance(error, images_lib.ImageError) and error.reason == "file does not exist"
                 return bad_marker("missing_image" if missing else "corrupt_image", where, str(error))
         size = config.image_size
+        # Host-side provenance, carried through packing into the batch's `record_ids`.
+        sample["record_id"] = f"{conversation.id} ({where})" if conversation.id != where else where
         sample["images"] = (np.stack(pixels) if pixels
                             else np.zeros((0, size, size, 3), np.dtype(config.image_dtype)))
         return sample

@@ -1,4 +1,17 @@
-"""Optimizers and learning-rate schedules (optax), shared by the training stages."""
+"""Optimizers and learning-rate schedules (optax), built from one config shape for every stage.
+
+A stage's `optim` fields (configs/*.py)::
+
+    lr              peak learning rate
+    schedule        "warmup_cosine" | "constant" | "log_warmup_linear_decay"
+    warmup          warm-up length: a value below 1 is a fraction of the stage's steps (the
+                    paper's 0.03), 1 or more is a number of steps, 0 is none
+    end_ratio       the lr at the end of the decay, as a fraction of lr
+    decay_end_step  log_warmup_linear_decay: the step where the decay reaches end_ratio * lr
+                    (0: the stage's last step)
+    weight_decay, b1, b2, eps   AdamW (decoupled weight decay)
+    grad_clip       global-norm clipping of the (accumulated) gradient; 0 disables
+"""
 from __future__ import annotations
 
 import math
@@ -6,6 +19,10 @@ from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 import optax
+
+SCHEDULES = ("warmup_cosine", "constant", "log_warmup_linear_decay")
+OPTIM_FIELDS = ("lr", "schedule", "warmup", "end_ratio", "decay_end_step", "weight_decay",
+                "b1", "b2", "eps", "grad_clip")
 
 
 def log_warmup_linear_decay(peak_lr: float, warmup_steps: int, decay_end_step: int,
@@ -35,6 +52,15 @@ def log_warmup_linear_decay(peak_lr: float, warmup_steps: int, decay_end_step: i
     return schedule
 
 
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
+                  end_lr: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0 to peak_lr over warmup_steps, then cosine decay to end_lr at
+    total_steps (the paper's recipe: 3% warm-up, cosine)."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=end_lr)
+
+
 def adamw(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.01, grad_clip_norm: Optional[float] = None,
           weight_decay_mask: Any = None) -> optax.GradientTransformation:
@@ -43,15 +69,63 @@ def adamw(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.
     weight_decay_mask: pytree of bools (or a function of params) choosing decayed params.
     """
     chain = []
-    if grad_clip_norm is not None:
+    if grad_clip_norm:
         chain.append(optax.clip_by_global_norm(grad_clip_norm))
     chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                              mask=weight_decay_mask))
     return optax.chain(*chain)
 
 
-def make_schedule(kind: str, **kwargs) -> optax.Schedule:
-    """A schedule by name from config: 'log_warmup_linear_decay' | 'constant'."""
+def warmup_steps(warmup: float, steps: int) -> int:
+    """The `warmup` field in steps: below 1 a fraction of `steps` (at least one step when
+    positive), else a step count."""
+    if warmup < 0:
+        raise ValueError(f"optim field 'warmup' must be >= 0, got {warmup}")
+    if warmup == 0:
+        return 0
+    if warmup < 1:
+        return max(1, int(round(warmup * steps)))
+    return int(warmup)
+
+
+def make_schedule(optim, steps: int, where: str = "optim") -> optax.Schedule:
+    """The learning-rate schedule of a stage's `optim` fields (see the module docstring)."""
+    kind = optim["schedule"]
+    lr = float(optim["lr"])
+    end = lr * float(optim.get("end_ratio", 0.0) or 0.0)
+    warm = warmup_steps(float(optim.get("warmup", 0.0) or 0.0), steps)
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    if kind == "warmup_cosine":
+        return warmup_cosine(lr, warm, steps, end)
+    if kind == "log_warmup_linear_decay":
+        decay_end = int(optim.get("decay_end_step", 0) or 0) or steps
+        if decay_end < warm:
+            raise ValueError(f"{where}: field 'decay_end_step' = {decay_end} is before the end "
+                             f"of the warm-up ({warm} steps)")
+        return log_warmup_linear_decay(lr, warm, decay_end, end)
+    raise ValueError(f"{where}: field 'schedule' = {kind!r} is not one of {SCHEDULES}")
+
+
+def build_optimizer(optim, steps: int, where: str = "optim"
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW behind optional global-norm clipping, its schedule) from a stage's `optim`."""
+    unknown = sorted(set(optim.keys()) - set(OPTIM_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {list(OPTIM_FIELDS)}")
+    for field in ("lr", "schedule"):
+        if field not in optim:
+            raise ValueError(f"{where}: field {field!r} is missing")
+    schedule = make_schedule(optim, steps, where)
+    tx = adamw(schedule, b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
+               eps=float(optim.get("eps", 1e-8)),
+               weight_decay=float(optim.get("weight_decay", 0.0)),
+               grad_clip_norm=float(optim.get("grad_clip", 0.0) or 0.0) or None)
+    return tx, schedule
+
+
+def schedule_by_name(kind: str, **kwargs) -> optax.Schedule:
+    """A schedule by name with explicit arguments: 'log_warmup_linear_decay' | 'constant'."""
     builders: dict[str, Callable[..., optax.Schedule]] = {
         "log_warmup_linear_decay": log_warmup_linear_decay,
         "constant": lambda peak_lr: optax.constant_schedule(peak_lr),

@@ -1,0 +1,561 @@
+"""What each kind of stage trains and how: model, trainable paths, data, loss, export.
+
+Kinds (a stage's `kind` field):
+
+    adapter   VPiT stage 1: the adapter (mm_projector) and the two new token INPUT rows
+              train; everything else is frozen. The rows are a small trainable
+              [2, d] leaf, `new_token_rows`, written into the frozen embedding table by the
+              forward (and merged back by the export): no optimizer state for the table.
+    instruct  VPiT stage 2: everything but the vision tower (LLM, adapter, vision head).
+    decoder   the visualiser: projector + UNet train with the epsilon-MSE objective
+              (decoder_step.decoder_loss) on real images, conditioned on the frozen SigLIP
+              tower's tokens of the same images (computed inside the step); VAE and SigLIP
+              are frozen.
+    text      the LLM alone on text-only records.
+
+An objective is built from a stage's config without touching parameters (`boxed_parts`
+gives the abstract trees the shardings and the --plan compile need); `load_parts` reads or
+initialises the parameters, `export` writes the stage's result as a model folder (tokenizer
+and chat template inside) that the next stage starts from.
+
+Losses come as sums over a micro-batch divided by normalisers of the whole (accumulated)
+batch, `normalizers(batch)` being computed from the stacked micro-batches' masks, so that
+k accumulated micro-batches give the gradient of the large batch: each term is averaged
+over all its targets, the convention of vpit_loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metamorph_jax import pretrained, sharding
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import pipeline
+
+Array = jax.Array
+logger = logging.getLogger("metamorph_jax.training")
+
+KINDS = ("adapter", "instruct", "decoder", "text")
+NEW_TOKEN_ROWS = "new_token_rows"
+
+
+class StageConfigError(ValueError):
+    """A stage config that cannot run (the message names the stage and the field)."""
+
+
+# --- shared helpers -----------------------------------------------------------------------
+
+def data_from_config(data, where: str) -> tuple[list[pipeline.Source], pipeline.DataConfig]:
+    """pipeline.from_config, also accepting `sources` as a mapping name -> source fields (so
+    that `--config.stages.S.data.sources.NAME.path=F` works; a list does not allow it)."""
+    values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+    sources = values.get("sources")
+    if isinstance(sources, dict):
+        values["sources"] = list(sources.values())
+    if not values.get("sources"):
+        raise StageConfigError(f"{where}: field 'sources' is empty")
+    try:
+        return pipeline.from_config(values)
+    except (TypeError, ValueError) as error:
+        raise StageConfigError(f"{where}: {error}") from None
+
+
+def source_names(data) -> list[str]:
+    values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+    sources = values.get("sources") or {}
+    return list(sources) if isinstance(sources, dict) else [f"source{i}" for i in range(len(sources))]
+
+
+def _folder(path: str | Path, where: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise StageConfigError(f"{where}: folder {path} does not exist")
+    return path
+
+
+def _safe_mean(total: Array, count: Array) -> Array:
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def _host(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def place(params: Any, shardings: Any) -> Any:
+    """Host (numpy) params -> global arrays with the given shardings (every process holds
+    the whole host tree and contributes its addressable shards)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+        np.shape(x), s, lambda index: np.asarray(x)[index]), params, shardings)
+
+
+class Objective:
+    """The interface the runner drives; see the module docstring."""
+    kind: str = ""
+    rules: tuple = sharding.DEFAULT_RULES
+    batch_keys: tuple[str, ...] = ()
+
+    def __init__(self, stage, name: str, previous_dir: Path | None):
+        self.stage = stage
+        self.name = name
+        self.where = f"stage {name!r}"
+        self.previous_dir = previous_dir
+
+    # model
+    def boxed_parts(self) -> tuple[Any, Any]:
+        """(trainable, frozen) abstract params, boxed with logical axis names."""
+        raise NotImplementedError
+
+    def load_parts(self, trainable_shardings: Any, frozen_shardings: Any) -> tuple[Any, Any]:
+        """(trainable, frozen) params placed with the given shardings."""
+        raise NotImplementedError
+
+    def model_params(self, trainable: Any, frozen: Any) -> Any:
+        from metamorph_jax.training.state import merge
+        return merge(trainable, frozen)
+
+    # data
+    def batches(self, data, seed_offset: int = 0):
+        raise NotImplementedError
+
+    def check_batch(self, batch: dict) -> None:
+        pass
+
+    def tokens_in(self, batch: dict) -> int:
+        return int(np.count_nonzero(batch["segment_ids"]))
+
+    # loss
+    def normalizers(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def loss(self, params: Any, batch: dict, normalizers: dict, rng: Array
+             ) -> tuple[Array, dict]:
+        raise NotImplementedError
+
+    def summarize(self, sums: dict) -> tuple[Array, dict]:
+        raise NotImplementedError
+
+    # result
+    def export(self, out_dir: Path, trainable: Any, frozen: Any) -> None:
+        raise NotImplementedError
+
+    def initial_dir(self, field: str) -> Path | None:
+        """The folder a stage starts from: its init.`field`, else the previous stage's
+        export when init.from_previous."""
+        init = self.stage.init
+        value = init.get(field)
+        if value:
+            return _folder(value, f"{self.where}: field 'init.{field}'")
+        return None
+
+
+# --- VPiT (adapter, instruct) ---------------------------------------------------------------
+
+class VPiTObjective(Objective):
+    """The MetaMorph model with the VPiT loss; see the kinds in the module docstring."""
+    batch_keys = ("tokens", "positions", "segment_ids", "text_targets", "text_mask",
+                  "image_index", "vision_mask", "vision_target_index", "images")
+
+    def __init__(self, stage, name, previous_dir):
+        super().__init__(stage, name, previous_dir)
+        from metamorph_jax.models import metamorph
+        from metamorph_jax.models.llama import LlamaConfig
+        from metamorph_jax.models.siglip import SiglipConfig
+        init = stage.init
+        runtime = dict(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy)
+        model_dir = self.initial_dir("model_dir")
+        if model_dir is None and init.get("from_previous", False):
+            if previous_dir is None:
+                raise StageConfigError(f"{self.where}: field 'init.from_previous' is set but "
+                                       "no stage runs before it")
+            model_dir = previous_dir
+        self.model_dir = model_dir
+        if model_dir is not None:
+            saved = pretrained.read_model_config(model_dir)
+            if saved["model"] != "metamorph":
+                raise StageConfigError(f"{self.where}: {model_dir} holds a {saved['model']!r} "
+                                       "model, expected 'metamorph'")
+            config = metamorph.MetaMorphConfig.from_dict(saved["config"])
+            self.tokenizer_dir = Path(init.get("tokenizer_dir") or model_dir)
+            self.llm_dir = self.vision_dir = None
+        else:
+            self.llm_dir = self.initial_dir("llm_dir")
+            self.vision_dir = self.initial_dir("vision_dir")
+            if self.llm_dir is None or self.vision_dir is None:
+                raise StageConfigError(f"{self.where}: give init.model_dir (a MetaMorph folder), "
+                                       "init.from_previous, or init.llm_dir and init.vision_dir")
+            llm_saved = pretrained.read_model_config(self.llm_dir)
+            vision_saved = pretrained.read_model_config(self.vision_dir)
+            llm = LlamaConfig.from_dict(llm_saved["config"])
+            vision = SiglipConfig.from_dict(vision_saved["config"])
+            vocab = llm.vocab_size
+            config = metamorph.MetaMorphConfig(
+                llm=llm.replace(vocab_size=vocab + metamorph.NUM_NEW_TOKENS), vision=vision,
+                num_image_tokens=vision.num_visual_tokens,
+                normalize_vision=vision.normalize_visual_tokens,
+                image_start_id=vocab, image_end_id=vocab + 1)
+            self.tokenizer_dir = self.initial_dir("tokenizer_dir") or self.llm_dir
+        coef = stage.get("vision_coef")
+        self.config = config.replace(
+            llm=config.llm.replace(**runtime),
+            vision=config.vision.replace(dtype=stage.dtype, param_dtype="float32"),
+            **({} if coef is None else {"vision_coef": float(coef)}))
+        self.model = metamorph.MetaMorph(self.config)
+        self.tokenizer = pretrained.load_tokenizer(self.tokenizer_dir)
+        self.ids = conv.add_image_tokens(self.tokenizer)
+        want = (self.config.image_start_id, self.config.image_end_id)
+        if (self.ids.image_start_id, self.ids.image_end_id) != want:
+            raise StageConfigError(
+                f"{self.where}: the tokenizer in {self.tokenizer_dir} has <image_start>, "
+                f"<image_end> = {self.ids.image_start_id}, {self.ids.image_end_id}; the model "
+                f"uses {want[0]}, {want[1]} (its LLM's vocabulary plus two); use the "
+                "tokenizer the LLM was made with")
+        self.template = stage.data.get("template", "llama3")
+
+    def is_trainable(self, path: tuple[str, ...]) -> bool:
+        if self.kind == "adapter":
+            return path[0] == "mm_projector"
+        return path[0] != "vision_tower"
+
+    def _split(self, params: Any) -> tuple[Any, Any]:
+        from metamorph_jax.training.state import split
+        return split(params, self.is_trainable)
+
+    def boxed_parts(self):
+        from metamorph_jax.models import metamorph
+        boxed = jax.eval_shape(lambda: metamorph.init_params(self.config, jax.random.key(0)))
+        trainable, frozen = self._split(boxed)
+        if self.kind == "adapter":
+            d = self.config.llm.hidden_size
+            trainable[NEW_TOKEN_ROWS] = nn.LogicallyPartitioned(
+                jax.ShapeDtypeStruct((metamorph.NUM_NEW_TOKENS, d), jnp.float32),
+                (None, "embed"))
+        return trainable, frozen
+
+    def load_parts(self, trainable_shardings, frozen_shardings):
+        from metamorph_jax.models import metamorph
+        from metamorph_jax.models.siglip import SiglipConfig
+        if self.model_dir is not None:
+            params = pretrained.load_params(self.model_dir, dtype=np.float32)
+        else:
+            llm = pretrained.load_params(self.llm_dir, dtype=np.float32)
+            vision = pretrained.load_params(self.vision_dir, dtype=np.float32)
+            vision_config = SiglipConfig.from_dict(
+                pretrained.read_model_config(self.vision_dir)["config"])
+            llm_config = self.config.llm.replace(
+                vocab_size=self.config.llm.vocab_size - metamorph.NUM_NEW_TOKENS)
+            _, params = metamorph.from_pretrained_parts(
+                llm, llm_config, vision, vision_config,
+                jax.random.key(int(self.stage.init.get("seed", 0))))
+            params = _host(params)
+        trainable, frozen = self._split(params)
+        if self.kind == "adapter":
+            table = params["llm"]["embed_tokens"]["embedding"]
+            start = self.config.image_start_id
+            trainable[NEW_TOKEN_ROWS] = np.asarray(table[start:start + metamorph.NUM_NEW_TOKENS])
+        return place(trainable, trainable_shardings), place(frozen, frozen_shardings)
+
+    def model_params(self, trainable, frozen):
+        from metamorph_jax.training.state import merge
+        if self.kind != "adapter":
+            return merge(trainable, frozen)
+        rows = trainable[NEW_TOKEN_ROWS]
+        params = merge({k: v for k, v in trainable.items() if k != NEW_TOKEN_ROWS}, frozen)
+        table = params["llm"]["embed_tokens"]["embedding"]
+        table = jax.lax.dynamic_update_slice(table, rows.astype(table.dtype),
+                                             (self.config.image_start_id, 0))
+        llm = dict(params["llm"], embed_tokens=dict(params["llm"]["embed_tokens"],
+                                                    embedding=table))
+        return dict(params, llm=llm)
+
+    def batches(self, data, seed_offset: int = 0):
+        sources, config = data_from_config(data, f"{self.where}: data")
+        if seed_offset:
+            config = dataclasses.replace(config, seed=config.seed + seed_offset)
+        if config.num_image_tokens != self.config.num_image_tokens:
+            raise StageConfigError(f"{self.where}: field 'data.num_image_tokens' = "
+                                   f"{config.num_image_tokens}, the model's is "
+                                   f"{self.config.num_image_tokens}")
+        if config.image_size != self.config.vision.image_size:
+            raise StageConfigError(f"{self.where}: field 'data.image_size' = {config.image_size}, "
+                                   f"the vision tower's is {self.config.vision.image_size}")
+        return pipeline.make_iterator(sources, self.tokenizer, self.ids, config)
+
+    def normalizers(self, batch):
+        return {"text_tokens": jnp.sum(batch["text_mask"] > 0, dtype=jnp.float32),
+                "vision_tokens": jnp.sum(batch["vision_mask"] > 0, dtype=jnp.float32)}
+
+    def loss(self, params, batch, normalizers, rng):
+        from metamorph_jax.training.vpit_loss import vpit_loss_sums
+        sums = vpit_loss_sums(self.model, params, batch)
+        loss = (_safe_mean(sums["text_loss_sum"], normalizers["text_tokens"])
+                + self.config.vision_coef * _safe_mean(sums["vision_loss_sum"],
+                                                       normalizers["vision_tokens"]))
+        return loss, sums
+
+    def summarize(self, sums):
+        from metamorph_jax.training.vpit_loss import vpit_loss_mean
+        return vpit_loss_mean(sums, self.config.vision_coef)
+
+    def export(self, out_dir, trainable, frozen):
+        params = _host(jax.jit(self.model_params)(trainable, frozen))
+        config = self.config.replace(
+            llm=self.config.llm.replace(dtype="float32", remat_policy="none"),
+            vision=self.config.vision.replace(dtype="float32"))
+        pretrained.save_pretrained(out_dir, "metamorph", config.to_dict(), params,
+                                   chat_template=self.template)
+        self.tokenizer.save_pretrained(str(out_dir))
+
+
+class AdapterObjective(VPiTObjective):
+    kind = "adapter"
+
+
+class InstructObjective(VPiTObjective):
+    kind = "instruct"
+
+
+# --- text ------------------------------------------------------------------------------------
+
+class TextObjective(Objective):
+    """The LLM alone on text-only records (the old text stage)."""
+    kind = "text"
+    batch_keys = ("tokens", "positions", "segment_ids", "text_targets", "text_mask")
+
+    def __init__(self, stage, name, previous_dir):
+        super().__init__(stage, name, previous_dir)
+        from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM
+        llm_dir = self.initial_dir("llm_dir")
+        if llm_dir is None and stage.init.get("from_previous", False):
+            llm_dir = previous_dir
+        if llm_dir is None:
+            raise StageConfigError(f"{self.where}: give init.llm_dir (a llama model folder) or "
+                                   "init.from_previous")
+        self.llm_dir = llm_dir
+        self.tokenizer_dir = self.initial_dir("tokenizer_dir") or llm_dir
+        self.saved = pretrained.read_model_config(llm_dir)
+        if self.saved["model"] != "llama":
+            raise StageConfigError(f"{self.where}: {llm_dir} holds a {self.saved['model']!r} "
+                                   "model, expected 'llama'")
+        stored = LlamaConfig.from_dict(self.saved["config"])
+        changes = dict(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy)
+        scan = stage.get("scan_layers")
+        if scan is not None:
+            changes["scan_layers"] = bool(scan)
+        self.stored_scan = stored.scan_layers
+        self.model = LlamaForCausalLM(stored.replace(**changes))
+        self.tokenizer = pretrained.load_tokenizer(self.tokenizer_dir)
+        pretrained.check_vocab(self.model.config.vocab_size, self.tokenizer, llm_dir,
+                               self.tokenizer_dir)
+        self.template = stage.data.get("template", "llama3")
+
+    def boxed_parts(self):
+        from metamorph_jax.models.llama import abstract_boxed_params
+        return abstract_boxed_params(self.model), {}
+
+    def load_parts(self, trainable_shardings, frozen_shardings):
+        from metamorph_jax.models.llama import with_layer_layout
+        params = pretrained.load_params(self.llm_dir, dtype=np.float32)
+        params = with_layer_layout(params, self.model.config.num_layers,
+                                   self.model.config.scan_layers)
+        return place(_host(params), trainable_shardings), {}
+
+    def batches(self, data, seed_offset: int = 0):
+        from metamorph_jax.data.text_records import text_batches
+        sources, config = data_from_config(data, f"{self.where}: data")
+        if seed_offset:
+            config = dataclasses.replace(config, seed=config.seed + seed_offset)
+        return text_batches(sources, self.tokenizer, config)
+
+    def check_batch(self, batch):
+        from metamorph_jax.data.text_records import check_text_only
+        check_text_only(batch)
+
+    def normalizers(self, batch):
+        return {"text_tokens": jnp.sum(batch["text_mask"] > 0, dtype=jnp.float32)}
+
+    def loss(self, params, batch, normalizers, rng):
+        from metamorph_jax.training.text_step import text_loss_sum
+        total, count = text_loss_sum(self.model, params, batch)
+        return _safe_mean(total, normalizers["text_tokens"]), {"text_loss_sum": total,
+                                                                "text_tokens": count}
+
+    def summarize(self, sums):
+        text = _safe_mean(sums["text_loss_sum"], sums["text_tokens"])
+        return text, {"loss": text, "text_loss": text, "text_tokens": sums["text_tokens"]}
+
+    def export(self, out_dir, trainable, frozen):
+        from metamorph_jax.models.llama import with_layer_layout
+        params = with_layer_layout(_host(trainable), self.model.config.num_layers,
+                                   self.stored_scan)
+        pretrained.save_pretrained(out_dir, "llama", self.saved["config"], params,
+                                   hf_config=self.saved.get("hf_config"),
+                                   chat_template=self.template)
+        self.tokenizer.save_pretrained(str(out_dir))
+
+
+# --- decoder ----------------------------------------------------------------------------------
+
+class DecoderObjective(Objective):
+    """Projector + UNet of the visualiser on real images; see the module docstring."""
+    kind = "decoder"
+    batch_keys = ("images",)   # plus "tokens" [B, num_tokens, C] when a batch brings its own
+
+    def __init__(self, stage, name, previous_dir):
+        super().__init__(stage, name, previous_dir)
+        from metamorph_jax.models.noise_schedule import NoiseSchedule
+        from metamorph_jax.models.siglip import SiglipConfig, SiglipVisionModel
+        from metamorph_jax.models.visualizer import Visualizer, VisualizerConfig
+        from metamorph_jax.training.decoder_step import DECODER_RULES
+        self.rules = DECODER_RULES
+        for field in ("model", "noise", "cfg_prob"):
+            if field not in stage:
+                raise StageConfigError(f"{self.where}: the decoder stage needs field {field!r}")
+        model_fields = stage.model.to_dict() if hasattr(stage.model, "to_dict") else dict(stage.model)
+        try:
+            self.model_config = VisualizerConfig.from_dict(model_fields)
+        except (TypeError, ValueError) as error:
+            raise StageConfigError(f"{self.where}: field 'model': {error}") from None
+        self.model_fields = model_fields
+        self.model = Visualizer(self.model_config, dtype=jnp.dtype(stage.dtype),
+                                remat=stage.remat_policy not in ("none", None, ""))
+        self.noise = NoiseSchedule(**dict(stage.noise))
+        self.cfg_prob = float(stage.cfg_prob)
+        if not 0.0 <= self.cfg_prob <= 1.0:
+            raise StageConfigError(f"{self.where}: field 'cfg_prob' = {self.cfg_prob} must be in "
+                                   "[0, 1]")
+        self.vision_dir = self.initial_dir("vision_dir")
+        if self.vision_dir is None:
+            raise StageConfigError(f"{self.where}: field 'init.vision_dir' (the SigLIP folder "
+                                   "whose tokens condition the decoder) is missing")
+        vision_config = SiglipConfig.from_dict(
+            pretrained.read_model_config(self.vision_dir)["config"])
+        self.vision_config = vision_config.replace(dtype=stage.dtype, param_dtype="float32")
+        if (self.vision_config.num_visual_tokens, self.vision_config.hidden_size) != \
+                (self.model_config.num_tokens, self.model_config.token_dim):
+            raise StageConfigError(
+                f"{self.where}: field 'model': num_tokens, token_dim = "
+                f"{self.model_config.num_tokens}, {self.model_config.token_dim}, the SigLIP "
+                f"tower in {self.vision_dir} gives {self.vision_config.num_visual_tokens}, "
+                f"{self.vision_config.hidden_size}")
+        self.tower = SiglipVisionModel(self.vision_config)
+        self.decoder_dir = self.initial_dir("model_dir")
+        if self.decoder_dir is None and stage.init.get("from_previous", False):
+            self.decoder_dir = previous_dir
+        self.unet_dir = self.initial_dir("unet_dir")
+        self.vae_dir = self.initial_dir("vae_dir")
+
+    def _boxed_visualizer(self):
+        cfg = self.model_config
+        size = cfg.image_size
+        channels = cfg.unet.in_channels if cfg.vae is None else cfg.vae.in_channels
+        images = jnp.zeros((1, size, size, channels), jnp.float32)
+        tokens = jnp.zeros((1, cfg.num_tokens, cfg.token_dim), jnp.float32)
+        return jax.eval_shape(lambda: self.model.init(jax.random.key(0), images,
+                                                      jnp.zeros((1,), jnp.int32), tokens))["params"]
+
+    def boxed_parts(self):
+        from metamorph_jax.models import siglip
+        visualizer = dict(self._boxed_visualizer())
+        tower = jax.eval_shape(lambda: siglip.init_params(self.vision_config, jax.random.key(0)))
+        trainable = {k: visualizer[k] for k in ("projector", "unet")}
+        frozen = {k: v for k, v in visualizer.items() if k not in trainable}
+        frozen["siglip"] = tower
+        return trainable, frozen
+
+    def load_parts(self, trainable_shardings, frozen_shardings):
+        from metamorph_jax.training.decoder_step import check_same_tree
+        if self.decoder_dir is not None:
+            params = pretrained.load_params(self.decoder_dir, dtype=np.float32)
+        else:
+            cfg = self.model_config
+            size = cfg.image_size
+            channels = cfg.unet.in_channels if cfg.vae is None else cfg.vae.in_channels
+            # An RBG key: the UNet's init compiles several times faster than with threefry.
+            rng = jax.random.key(int(self.stage.init.get("seed", 0)), impl="unsafe_rbg")
+            params = _host(nn.unbox(jax.jit(lambda r: self.model.init(
+                r, jnp.zeros((1, size, size, channels)), jnp.zeros((1,), jnp.int32),
+                jnp.zeros((1, cfg.num_tokens, cfg.token_dim)))["params"])(rng)))
+        params = dict(params)
+        if self.unet_dir is not None:
+            unet = pretrained.load_params(self.unet_dir, dtype=np.float32)
+            check_same_tree("unet", unet, params["unet"])
+            params["unet"] = unet
+        if self.vae_dir is not None:
+            if "vae" not in params:
+                raise StageConfigError(f"{self.where}: field 'init.vae_dir' is set, but the "
+                                       "decoder config is pixel-space (model.vae is None)")
+            vae = pretrained.load_params(self.vae_dir, dtype=np.float32)
+            check_same_tree("vae", vae, params["vae"])
+            params["vae"] = vae
+        trainable = {k: params[k] for k in ("projector", "unet")}
+        frozen = {k: v for k, v in params.items() if k not in trainable}
+        frozen["siglip"] = pretrained.load_params(self.vision_dir, dtype=np.float32)
+        return place(trainable, trainable_shardings), place(frozen, frozen_shardings)
+
+    def batches(self, data, seed_offset: int = 0):
+        from metamorph_jax.data.image_batches import image_batches
+        sources, config = data_from_config(data, f"{self.where}: data")
+        if seed_offset:
+            config = dataclasses.replace(config, seed=config.seed + seed_offset)
+        if config.image_size != self.model_config.image_size:
+            raise StageConfigError(f"{self.where}: field 'data.image_size' = {config.image_size}, "
+                                   f"the decoder's model.image_size is "
+                                   f"{self.model_config.image_size}")
+        return image_batches(sources, config)
+
+    def tokens_in(self, batch):
+        return int(batch["images"].shape[0]) * self.model_config.num_tokens
+
+    def normalizers(self, batch):
+        return {"micro_batches": jnp.asarray(batch["images"].shape[0], jnp.float32)}
+
+    def visual_tokens(self, frozen, images):
+        size = self.vision_config.image_size
+        if images.shape[1:3] != (size, size):
+            images = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]),
+                                      "bilinear")
+        tokens = self.tower.apply({"params": frozen["siglip"]}, images,
+                                  method=self.tower.visual_tokens)
+        return jax.lax.stop_gradient(tokens)
+
+    def loss(self, params, batch, normalizers, rng):
+        from metamorph_jax.training.decoder_step import decoder_loss
+        frozen = {k: v for k, v in params.items() if k not in ("projector", "unet", "siglip")}
+        trained = {k: params[k] for k in ("projector", "unet")}
+        # Tokens given with the batch (tests, precomputed sets) stand in for the tower's.
+        tokens = (jax.lax.stop_gradient(batch["tokens"]) if "tokens" in batch
+                  else self.visual_tokens(params, batch["images"]))
+        mean, _ = decoder_loss(self.model, trained, frozen,
+                               {"images": batch["images"], "tokens": tokens}, rng,
+                               jnp.asarray(self.noise.alphas_cumprod()), self.cfg_prob)
+        return mean / normalizers["micro_batches"], {"mse_sum": mean, "micro_batches": 1.0}
+
+    def summarize(self, sums):
+        loss = _safe_mean(sums["mse_sum"], sums["micro_batches"])
+        return loss, {"loss": loss}
+
+    def export(self, out_dir, trainable, frozen):
+        params = _host({**trainable, **{k: v for k, v in frozen.items() if k != "siglip"}})
+        pretrained.save_pretrained(out_dir, "visualizer",
+                                   {"model": self.model_fields, "noise": dict(self.stage.noise),
+                                    "vision_dir": str(self.vision_dir)}, params)
+
+
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "adapter": AdapterObjective, "instruct": InstructObjective, "text": TextObjective,
+    "decoder": DecoderObjective,
+}
+
+
+def build(stage, name: str, previous_dir: Path | None) -> Objective:
+    kind = stage.get("kind")
+    if kind not in OBJECTIVES:
+        raise StageConfigError(f"stage {name!r}: field 'kind' = {kind!r} is not one of {KINDS}")
+    return OBJECTIVES[kind](stage, name, previous_dir)

@@ -1,0 +1,467 @@
+"""The stage runner behind train.py: mesh -> for each stage: restore-or-init -> steps ->
+checkpoints, metrics, periodic held-out evaluation -> export.
+
+    python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
+
+A run is a list of stages (`config.order`, names into `config.stages`); each stage names
+its `kind` (objectives.py: adapter, instruct, decoder, text). WORK_DIR holds::
+
+    config.json                  the run's config
+    metrics.jsonl                one line per logged step (and per evaluation) of every stage
+    tensorboard/                 the same scalars as TensorBoard events, tagged <stage>/<name>
+    <stage>/checkpoints/<step>/  Orbax checkpoints (checkpoint.py)
+    <stage>/final/               the stage's result: a model folder with the tokenizer; its
+                                 DONE file is written last, and a stage whose final/ has it
+                                 is not run again
+
+Re-running the same command with the same WORK_DIR resumes: finished stages are skipped,
+the current stage restores its newest complete checkpoint (state, data iterator, RNG) and
+continues with exactly the losses an uninterrupted run has (bit-identical on CPU);
+metrics.jsonl lines past the restored step are dropped first, so the file reads like one
+uninterrupted run.
+
+A non-finite loss stops the run with NonFiniteLossError naming the stage, the step and the
+record ids of the batch; with `skip_nonfinite` the update is skipped and counted instead
+(`skipped`, `skipped_total` in the metrics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from metamorph_jax import sharding
+from metamorph_jax.training import objectives, optim, steps as steps_lib
+from metamorph_jax.training import state as state_lib
+from metamorph_jax.training.checkpoint import StageCheckpoints
+from metamorph_jax.training.objectives import StageConfigError
+
+logger = logging.getLogger("metamorph_jax.training")
+
+RUN_FIELDS = {
+    "work_dir": "where checkpoints, metrics and stage results go (train.py --workdir)",
+    "seed": "the state RNG of stage i is seeded with seed + i",
+    "mesh": "sharding.make_mesh fields: data, fsdp, tensor (-1: the remaining devices)",
+    "order": "the stages to run, in order (names in `stages`)",
+    "stages": "name -> stage fields (STAGE_FIELDS)",
+    "checkpoint_every": "steps between checkpoints (and one at the end of every stage)",
+    "keep": "checkpoints kept per stage",
+    "async_checkpoints": "write checkpoints in the background",
+    "log_every": "steps between metric fetches / metrics.jsonl lines",
+    "eval_every": "steps between held-out evaluations (0: none)",
+    "eval_batches": "batches per evaluation",
+    "skip_nonfinite": "skip (and count) updates with a non-finite loss instead of stopping",
+    "assets": "inputs to make when absent (tiny.ensure_assets), or empty",
+}
+STAGE_FIELDS = {
+    "kind": "adapter | instruct | decoder | text",
+    "steps": "optimizer updates in the stage",
+    "init": "where the parameters come from (see objectives.py)",
+    "data": "pipeline.DataConfig fields + sources (name -> path, weight, image_root)",
+    "eval_data": "the held-out data, same fields (empty sources: no evaluation)",
+    "optim": "optim.OPTIM_FIELDS",
+    "grad_accum_steps": "micro-batches per update",
+    "dtype": "compute dtype; params and optimizer state stay fp32",
+    "remat_policy": "none | a layers.REMAT_POLICIES name (the decoder: any but none remats)",
+    "scan_layers": "text stage: None keeps the folder's layer layout",
+    "vision_coef": "VPiT: weight of the vision loss (None: the model's)",
+    "model": "decoder: VisualizerConfig fields",
+    "noise": "decoder: the DDPM noise schedule",
+    "cfg_prob": "decoder: probability of training without the condition",
+    "sample": "decoder: sampling settings (sampler, num_steps, guidance_scale) for previews",
+    "reference": "values from the paper or the authors' code kept for comparison (unused)",
+}
+DONE_FILE = "DONE"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A non-finite loss (the message names the stage, step and the batch's record ids)."""
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def check_config(config) -> None:
+    """One clear error naming the first bad field."""
+    keys = set(config.keys())
+    missing = [f for f in ("work_dir", "mesh", "order", "stages") if f not in keys]
+    if missing:
+        raise StageConfigError(f"the config lacks field(s) {missing}")
+    unknown = sorted(keys - set(RUN_FIELDS))
+    if unknown:
+        raise StageConfigError(f"unknown config field(s) {unknown}; known: {sorted(RUN_FIELDS)}")
+    for field in ("checkpoint_every", "keep", "log_every"):
+        if int(config.get(field, 1)) < 1:
+            raise StageConfigError(f"config field {field!r} must be at least 1, got "
+                                   f"{config.get(field)}")
+    order = list(config.order)
+    if not order:
+        raise StageConfigError("config field 'order' names no stage")
+    for name in order:
+        if name not in config.stages:
+            raise StageConfigError(f"config field 'order' names stage {name!r}, which "
+                                   f"'stages' does not have (it has {sorted(config.stages)})")
+        stage = config.stages[name]
+        where = f"stage {name!r}"
+        unknown = sorted(set(stage.keys()) - set(STAGE_FIELDS))
+        if unknown:
+            raise StageConfigError(f"{where}: unknown field(s) {unknown}; known: "
+                                   f"{sorted(STAGE_FIELDS)}")
+        for field in ("kind", "steps", "init", "data", "optim", "dtype"):
+            if field not in stage:
+                raise StageConfigError(f"{where}: field {field!r} is missing")
+        if stage.kind not in objectives.KINDS:
+            raise StageConfigError(f"{where}: field 'kind' = {stage.kind!r} is not one of "
+                                   f"{objectives.KINDS}")
+        if int(stage.steps) < 1:
+            raise StageConfigError(f"{where}: field 'steps' must be at least 1, got {stage.steps}")
+        if int(stage.get("grad_accum_steps", 1)) < 1:
+            raise StageConfigError(f"{where}: field 'grad_accum_steps' must be at least 1, got "
+                                   f"{stage.get('grad_accum_steps')}")
+
+
+def config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) + TensorBoard events beside it. Only the
+    main process writes."""
+
+    def __init__(self, work_dir: Path, enabled: bool = True):
+        self.path = work_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self._board = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._board = SummaryWriter(logdir=str(work_dir / "tensorboard"))
+
+    def truncate(self, order: Sequence[str], stage: str, step: int) -> None:
+        """Drop lines of `stage` after `step` and of later stages (and a torn last line):
+        what a killed run wrote past the checkpoint it resumes from."""
+        if not self.enabled or not self.path.exists():
+            return
+        rank = {name: index for index, name in enumerate(order)}
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            position = rank.get(record.get("stage"), len(order))
+            if position < rank[stage] or (position == rank[stage] and record["step"] <= step):
+                keep.append(line)
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, stage: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, "stage": stage, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self._board.add_scalar(f"{stage}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+
+
+@dataclasses.dataclass
+class PendingStep:
+    step: int
+    metrics: Any           # device scalars, fetched at the next flush
+    record_ids: list       # host: the ids of every packed record of the (accumulated) batch
+    tokens: int
+    records: dict
+
+
+def _batch_record_ids(micro_batches: list[dict]) -> list[str]:
+    ids: list[str] = []
+    for batch in micro_batches:
+        for row in batch.get("record_ids", ()):
+            ids.extend(row if isinstance(row, tuple) else (row,))
+    return [str(i) for i in ids]
+
+
+def _records_per_source(record_ids: list[str], sources: dict[str, str]) -> dict[str, int]:
+    counts = {f"records/{name}": 0 for name in sources}
+    for record in record_ids:
+        where = record[record.rfind("(") + 1:-1] if record.endswith(")") else record
+        for name, path in sources.items():
+            if where.startswith(path):
+                counts[f"records/{name}"] += 1
+                break
+    return counts
+
+
+def _source_paths(data) -> dict[str, str]:
+    values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
+    sources = values.get("sources") or {}
+    if isinstance(sources, dict):
+        return {name: str(source["path"]) for name, source in sources.items()}
+    return {f"source{i}": str(source["path"]) for i, source in enumerate(sources)}
+
+
+# --- one stage ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    final_dir: Path
+    steps: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    skipped: int = 0
+    resumed_from: int | None = None
+    ran: bool = True
+
+
+class Stage:
+    """One stage of a run: built from the config, then `run()`."""
+
+    def __init__(self, config, index: int, name: str, previous_dir: Path | None, mesh,
+                 metrics: MetricsLog):
+        self.config = config
+        self.index = index
+        self.name = name
+        self.stage = config.stages[name]
+        self.mesh = mesh
+        self.metrics = metrics
+        self.dir = Path(config.work_dir) / name
+        self.final_dir = self.dir / "final"
+        self.is_main = jax.process_index() == 0
+        self.objective = objectives.build(self.stage, name, previous_dir)
+        self.rules = self.objective.rules
+        self.steps = int(self.stage.steps)
+        self.accum = int(self.stage.get("grad_accum_steps", 1))
+        try:
+            self.optimizer, self.schedule = optim.build_optimizer(
+                self.stage.optim, self.steps, f"stage {name!r}: optim")
+        except ValueError as error:
+            raise StageConfigError(str(error)) from None
+        trainable, frozen = self.objective.boxed_parts()
+        boxed = state_lib.abstract_state(trainable, frozen, self.optimizer)
+        self.shardings = state_lib.state_shardings(boxed, mesh, self.rules)
+        self.abstract = state_lib.unboxed(boxed)
+        self.sources = _source_paths(self.stage.data)
+
+    # -- state
+    def init_or_restore(self, checkpoints: StageCheckpoints, batches):
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            target = state_lib.with_shardings(self.abstract, self.shardings)
+            state, meta = checkpoints.restore(latest, target, batches)
+            if meta.get("stage") != self.name:
+                raise ValueError(f"{checkpoints.directory}: checkpoint {latest} is of stage "
+                                 f"{meta.get('stage')!r}, not {self.name!r}")
+            logger.info("stage %s: resuming from step %d", self.name, latest)
+            return state, latest
+        trainable, frozen = self.objective.load_parts(self.shardings.trainable,
+                                                      self.shardings.frozen)
+        rng = state_lib.rng_data(int(self.config.get("seed", 0)) + self.index)
+        return state_lib.init_state(trainable, frozen, self.optimizer, rng, self.shardings,
+                                    self.mesh), None
+
+    def meta(self, step: int) -> dict:
+        return {"stage": self.name, "stage_index": self.index, "step": step,
+                "config": config_json(self.config)}
+
+    # -- steps
+    def compile(self, stacked: dict):
+        specs = {key: value.ndim for key, value in stacked.items()}
+        skip = bool(self.config.get("skip_nonfinite", False))
+        train = steps_lib.make_train_step(self.objective, self.optimizer, self.schedule, skip)
+        self.train_step = steps_lib.jit_train_step(train, self.mesh, self.shardings, self.rules,
+                                                   specs)
+        self.eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(self.objective),
+                                                 self.mesh, self.shardings, self.rules, specs)
+
+    def evaluate(self, state, step: int) -> dict | None:
+        eval_data = self.stage.get("eval_data")
+        if not eval_data or not eval_data.get("sources"):
+            return None
+        batches = self.objective.batches(eval_data)
+        totals = None
+        for _ in range(int(self.config.get("eval_batches", 1))):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            stacked = steps_lib.stack_micro_batches([batch], self.objective.batch_keys)
+            sums = jax.device_get(self.eval_step(
+                state, steps_lib.global_batch(stacked, self.mesh, self.rules)))
+            totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        if totals is None:
+            return None
+        _, values = self.objective.summarize(totals)
+        values = {f"eval_{key}": float(value) for key, value in values.items()}
+        self.metrics.write(self.name, step, values)
+        return values
+
+    def run(self) -> StageResult:
+        from tqdm import tqdm
+
+        result = StageResult(self.name, self.final_dir)
+        checkpoints = StageCheckpoints(self.dir / "checkpoints", int(self.config.get("keep", 2)),
+                                       bool(self.config.get("async_checkpoints", True)))
+        batches = self.objective.batches(self.stage.data)
+        state, restored = self.init_or_restore(checkpoints, batches)
+        result.resumed_from = restored
+        step = int(jax.device_get(state.step))
+        self.metrics.truncate(list(self.config.order), self.name, step)
+        log_every = int(self.config.get("log_every", 1))
+        ckpt_every = int(self.config.get("checkpoint_every", self.steps))
+        eval_every = int(self.config.get("eval_every", 0) or 0)
+        skip = bool(self.config.get("skip_nonfinite", False))
+        pending: list[PendingStep] = []
+        clock = [time.time()]
+        self.train_step = None
+        bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step",
+                   disable=not self.is_main)
+
+        def flush() -> None:
+            if not pending:
+                return
+            fetched = jax.device_get([p.metrics for p in pending])
+            now = time.time()
+            step_s = (now - clock[0]) / len(pending)
+            clock[0] = now
+            for entry, values in zip(pending, fetched):
+                values = {key: float(value) for key, value in values.items()}
+                loss = values["loss"]
+                if not math.isfinite(loss) and not skip:
+                    raise NonFiniteLossError(
+                        f"stage {self.name!r} step {entry.step}: the loss is {loss}; the "
+                        f"batch's records: {', '.join(entry.record_ids) or '(no ids)'}")
+                if values.get("skipped"):
+                    logger.warning("stage %s step %d: non-finite loss, update skipped; the "
+                                   "batch's records: %s", self.name, entry.step,
+                                   ", ".join(entry.record_ids))
+                values.update(tokens_per_s=entry.tokens / max(step_s, 1e-9), step_s=step_s,
+                              **entry.records)
+                result.losses.append(loss)
+                result.skipped = int(values["skipped_total"])
+                self.metrics.write(self.name, entry.step, values)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
+            pending.clear()
+
+        try:
+            while step < self.steps:
+                micro = []
+                for _ in range(self.accum):
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    self.objective.check_batch(batch)
+                    micro.append(batch)
+                if len(micro) < self.accum:
+                    logger.warning("stage %s: the data ran out after %d steps", self.name, step)
+                    break
+                stacked = steps_lib.stack_micro_batches(micro, self.objective.batch_keys)
+                if self.train_step is None:
+                    self.compile(stacked)
+                state, values = self.train_step(
+                    state, steps_lib.global_batch(stacked, self.mesh, self.rules))
+                step += 1
+                ids = _batch_record_ids(micro)
+                pending.append(PendingStep(step, values, ids,
+                                           sum(self.objective.tokens_in(b) for b in micro),
+                                           _records_per_source(ids, self.sources)))
+                bar.update(1)
+                if step % log_every == 0:
+                    flush()
+                if eval_every and step % eval_every == 0:
+                    flush()
+                    self.evaluate(state, step)
+                if step % ckpt_every == 0 and step < self.steps:
+                    flush()
+                    checkpoints.save(step, state, batches, self.meta(step))
+            flush()
+            if step != restored:
+                checkpoints.save(step, state, batches, self.meta(step))
+            checkpoints.wait()
+        finally:
+            bar.close()
+        result.steps = step
+        self.export(state)
+        checkpoints.close()
+        return result
+
+    def export(self, state) -> None:
+        if self.is_main:
+            if self.final_dir.exists():   # an export cut short by a kill: write it again
+                shutil.rmtree(self.final_dir)
+            self.objective.export(self.final_dir, state.trainable, state.frozen)
+            (self.final_dir / DONE_FILE).write_text(json.dumps({"stage": self.name}) + "\n")
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def run(config) -> list[StageResult]:
+    """Run the config's stages in order (see the module docstring)."""
+    check_config(config)
+    work_dir = Path(config.work_dir)
+    is_main = jax.process_index() == 0
+    if config.get("assets") and config.assets.get("kind"):
+        from metamorph_jax import tiny
+        if is_main:
+            tiny.ensure_assets(config.assets)
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    metrics = MetricsLog(work_dir, enabled=is_main)
+    results: list[StageResult] = []
+    previous: Path | None = None
+    try:
+        for index, name in enumerate(config.order):
+            final_dir = work_dir / name / "final"
+            if (final_dir / DONE_FILE).exists():
+                logger.info("stage %s is done (%s); skipping it", name, final_dir)
+                results.append(StageResult(name, final_dir, ran=False))
+            else:
+                results.append(Stage(config, index, name, previous, mesh, metrics).run())
+            previous = final_dir
+    finally:
+        metrics.close()
+    return results
+
+
+def parse_flags(argv: Sequence[str]):
+    """`argv` (program name first) -> the ConfigDict of `--config FILE` with every
+    `--config.a.b=value` override applied and `--workdir` (if given) as work_dir. Unknown
+    fields are an error. Uses its own flag registry, so it can be called more than once."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    registry = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
+                                    flag_values=registry, lock_config=True,
+                                    sys_argv=list(argv))  # overrides are found in argv, not sys.argv
+    flags.DEFINE_string("workdir", None, "the run's work directory (default: the config's "
+                        "work_dir)", flag_values=registry)
+    try:
+        rest = registry(list(argv))
+    except (AttributeError, KeyError) as error:  # ml_collections' word for an unknown field
+        raise flags.Error(f"a --config.* override names a field the config does not have: "
+                          f"{error}") from None
+    if len(rest) > 1:
+        raise flags.Error(f"unexpected arguments {rest[1:]}; overrides look like "
+                          "--config.stages.adapter.steps=20")
+    if registry.config is None:
+        raise flags.Error("--config FILE is required, e.g. --config configs/tiny.py")
+    config = registry.config
+    if registry.workdir:
+        with config.unlocked():
+            config.work_dir = registry.workdir
+    return config

@@ -1,0 +1,259 @@
+"""The stage runner on configs/tiny.py: every stage's loss falls, freezing leaves frozen
+parameters bit-identical with no optimizer state, gradient accumulation equals the large
+batch, resume after SIGKILL replays the uninterrupted losses, the NaN guard names record ids.
+
+One tiny run (adapter, instruct, decoder on the Shapes world) is shared by the module.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from metamorph_jax import pretrained
+from metamorph_jax.training import objectives, runner, steps as steps_lib
+from metamorph_jax.training import state as state_lib
+from metamorph_jax.training.checkpoint import StageCheckpoints
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.py"
+
+
+def tiny_config(assets: Path, work: Path, *overrides: str):
+    return runner.parse_flags(["train.py", "--config", f"{TINY}:{assets}", "--workdir",
+                               str(work), *overrides])
+
+
+def read_metrics(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(lines: list[dict]) -> list[tuple]:
+    return [(line["stage"], line["step"], line["loss"]) for line in lines if "loss" in line]
+
+
+def flat(tree) -> dict:
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    assets, work = root / "assets", root / "run"
+    config = tiny_config(assets, work)
+    results = runner.run(config)
+    return config, results, assets, work
+
+
+@pytest.mark.slow
+def test_a_tiny_run_learns_in_every_stage_and_logs_the_metric_names(tiny_run):
+    config, results, _, work = tiny_run
+    assert [r.name for r in results] == ["adapter", "instruct", "decoder"]
+    lines = read_metrics(work)
+    for name in config.order:
+        train = [line for line in lines if line["stage"] == name and "loss" in line]
+        assert [line["step"] for line in train] == list(range(1, config.stages[name].steps + 1))
+        losses = [line["loss"] for line in train]
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, (name, losses)
+        assert {"step", "stage", "loss", "grad_norm", "lr", "tokens_per_s", "step_s",
+                "skipped", "skipped_total"} <= set(train[0])
+        assert train[0]["lr"] == 0.0 and train[1]["lr"] > 0  # warm-up from 0
+        evals = [line for line in lines if line["stage"] == name and "eval_loss" in line]
+        assert [line["step"] for line in evals] == [config.eval_every]
+        assert (work / name / "final" / runner.DONE_FILE).exists()
+    vpit = [line for line in lines if line["stage"] == "instruct" and "loss" in line]
+    assert {"text_loss", "vision_cosine", "records/image_qa", "records/video"} <= set(vpit[0])
+    # records per source add up to the batch's records, and sources with weight are drawn
+    assert sum(v for k, v in vpit[0].items() if k.startswith("records/")) > 0
+    # the instruct stage trains the vision head: cosine with the target tokens rises
+    assert vpit[-1]["vision_cosine"] > vpit[0]["vision_cosine"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (work / "tensorboard").iterdir())
+    # re-running a finished work directory does nothing more
+    again = runner.run(config)
+    assert [r.ran for r in again] == [False, False, False]
+    assert len(read_metrics(work)) == len(lines)
+
+
+@pytest.mark.slow
+def test_each_stage_trains_only_its_part_and_frozen_parameters_stay_bit_identical(tiny_run):
+    from metamorph_jax.models import metamorph
+    from metamorph_jax.models.llama import LlamaConfig
+    from metamorph_jax.models.siglip import SiglipConfig
+    config, _, assets, work = tiny_run
+    # Stage 1 starts from the parts (same seed as the run) ...
+    llm_saved = pretrained.read_model_config(assets / "llm")
+    siglip_saved = pretrained.read_model_config(assets / "siglip")
+    _, start = metamorph.from_pretrained_parts(
+        pretrained.load_params(assets / "llm"), LlamaConfig.from_dict(llm_saved["config"]),
+        pretrained.load_params(assets / "siglip"), SiglipConfig.from_dict(siglip_saved["config"]),
+        jax.random.key(0))
+    start = flat(start)
+    adapter = flat(pretrained.load_params(work / "adapter" / "final"))
+    instruct = flat(pretrained.load_params(work / "instruct" / "final"))
+    assert set(adapter) == set(start) == set(instruct)
+    vocab = LlamaConfig.from_dict(llm_saved["config"]).vocab_size
+    embedding = ("llm", "embed_tokens", "embedding")
+    for path, before in start.items():
+        after = adapter[path]
+        if path[0] == "mm_projector":
+            assert not np.array_equal(after, before), path
+        elif path == embedding:   # only the two new input rows move
+            np.testing.assert_array_equal(after[:vocab], before[:vocab])
+            assert not np.array_equal(after[vocab:], before[vocab:])
+        else:
+            np.testing.assert_array_equal(after, before, err_msg="/".join(path))
+    # ... stage 2 from stage 1's result: everything but the tower moves
+    for path, before in adapter.items():
+        if path[0] == "vision_tower":
+            np.testing.assert_array_equal(instruct[path], before, err_msg="/".join(path))
+    for part in ("mm_projector", "llm", "vision_head"):
+        assert any(not np.array_equal(instruct[p], adapter[p]) for p in adapter if p[0] == part)
+
+    # Optimizer state exists for the trainable part only.
+    for name, trainable in (("adapter", {"mm_projector", objectives.NEW_TOKEN_ROWS}),
+                            ("instruct", {"mm_projector", "llm", "vision_head"}),
+                            ("decoder", {"projector", "unet"})):
+        stage = runner.Stage(config, list(config.order).index(name), name,
+                             work / "adapter" / "final", runner.sharding.make_mesh(
+                                 **config.mesh.to_dict()), runner.MetricsLog(work, False))
+        assert set(stage.abstract.trainable) == trainable
+        adam = stage.abstract.opt_state[1][0]
+        assert jax.tree.structure(adam.mu) == jax.tree.structure(stage.abstract.trainable)
+        assert not set(stage.abstract.frozen) & trainable
+        if name == "decoder":
+            assert set(stage.abstract.frozen) == {"siglip"}   # pixel space: no VAE
+            # the frozen SigLIP tower in the decoder's last checkpoint is the folder's
+            checkpoints = StageCheckpoints(work / "decoder" / "checkpoints", 2)
+            step = checkpoints.latest_step()
+            assert step == config.stages.decoder.steps
+            target = state_lib.with_shardings(stage.abstract, stage.shardings)
+            restored, meta = checkpoints.restore(step, target, stage.objective.batches(
+                config.stages.decoder.data))
+            assert meta["stage"] == "decoder" and meta["step"] == step
+            for path, value in flat(pretrained.load_params(assets / "siglip")).items():
+                np.testing.assert_array_equal(flat(restored.frozen["siglip"])[path], value)
+            checkpoints.close()
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch(tiny_run):
+    """Two micro-batches of 4 rows accumulated = one batch of their 8 rows (VPiT loss, whose
+    text and vision terms each average over all targets of the whole batch)."""
+    config, _, _, work = tiny_run
+    mesh = runner.sharding.make_mesh(data=1, fsdp=4, tensor=1, devices=jax.devices()[:4])
+    stage = config.stages.instruct
+    objective = objectives.build(stage, "instruct", work / "adapter" / "final")
+    batches = objective.batches(stage.data)
+    large = next(batches)
+    keys = objective.batch_keys
+    halves = [{k: large[k][:4] for k in keys}, {k: large[k][4:] for k in keys}]
+    assert all(h["vision_mask"].sum() > 0 for h in halves)   # both terms in both halves
+
+    results = []
+    for micro in ([large], halves):
+        from metamorph_jax.training import optim
+        # eps = 1 makes Adam's first update about lr * g (not lr * sign(g)), so the params
+        # compare the gradients themselves.
+        tx, schedule = optim.build_optimizer(dict(lr=1.0, schedule="constant", eps=1.0), 1)
+        boxed = state_lib.abstract_state(*objective.boxed_parts(), tx)
+        shardings = state_lib.state_shardings(boxed, mesh, objective.rules)
+        trainable, frozen = objective.load_parts(shardings.trainable, shardings.frozen)
+        initial = flat(trainable)
+        state = state_lib.init_state(trainable, frozen, tx, state_lib.rng_data(0), shardings, mesh)
+        stacked = steps_lib.stack_micro_batches(micro, keys)
+        step = steps_lib.jit_train_step(
+            steps_lib.make_train_step(objective, tx, schedule, False), mesh, shardings,
+            objective.rules, {k: v.ndim for k, v in stacked.items()})
+        state, metrics = step(state, steps_lib.global_batch(stacked, mesh, objective.rules))
+        results.append((jax.device_get(metrics), flat(state.trainable)))
+    (m1, p1), (m2, p2) = results
+    for key in ("loss", "text_loss", "vision_loss", "grad_norm", "text_tokens", "vision_tokens"):
+        np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, err_msg=key)
+    for path in p1:
+        np.testing.assert_allclose(p2[path], p1[path], rtol=1e-5, atol=2e-7,
+                                   err_msg="/".join(path))
+    assert max(float(np.abs(p1[path] - initial[path]).max()) for path in p1) > 1e-3
+
+
+def _poisoned_llm(assets: Path, out: Path) -> Path:
+    """The tiny LLM with a NaN in its final norm: every loss is NaN."""
+    saved = pretrained.read_model_config(assets / "llm")
+    params = pretrained.load_params(assets / "llm")
+    params["norm"]["scale"] = np.full_like(params["norm"]["scale"], np.nan)
+    pretrained.save_pretrained(out, "llama", saved["config"], params)
+    return out
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_naming_the_step_and_records_or_is_skipped(tiny_run, tmp_path):
+    _, _, assets, _ = tiny_run
+    llm = _poisoned_llm(assets, tmp_path / "nan_llm")
+    common = ["--config.order=('adapter',)", "--config.stages.adapter.steps=2",
+              f"--config.stages.adapter.init.llm_dir={llm}", "--config.eval_every=0"]
+    with pytest.raises(runner.NonFiniteLossError) as error:
+        runner.run(tiny_config(assets, tmp_path / "stop", *common))
+    message = str(error.value)
+    assert "stage 'adapter' step 1: the loss is nan" in message
+    assert "train-qa-" in message and "image_qa.jsonl:" in message  # "id (file:line)"
+    assert not (tmp_path / "stop" / "adapter" / "checkpoints" / "1").exists()
+
+    work = tmp_path / "skip"
+    [result] = runner.run(tiny_config(assets, work, *common, "--config.skip_nonfinite=True"))
+    lines = [line for line in read_metrics(work) if "loss" in line]
+    assert [line["skipped"] for line in lines] == [1.0, 1.0]
+    assert [line["skipped_total"] for line in lines] == [1.0, 2.0]
+    assert result.skipped == 2
+    # no update was applied: the exported adapter is the initial one
+    from metamorph_jax.models import metamorph
+    from metamorph_jax.models.llama import LlamaConfig
+    from metamorph_jax.models.siglip import SiglipConfig
+    _, start = metamorph.from_pretrained_parts(
+        pretrained.load_params(llm),
+        LlamaConfig.from_dict(pretrained.read_model_config(llm)["config"]),
+        pretrained.load_params(assets / "siglip"),
+        SiglipConfig.from_dict(pretrained.read_model_config(assets / "siglip")["config"]),
+        jax.random.key(0))
+    final = flat(pretrained.load_params(work / "adapter" / "final"))
+    for path, value in flat(start["mm_projector"]).items():
+        np.testing.assert_array_equal(final[("mm_projector",) + path], value)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_run, tmp_path):
+    """train.py killed (SIGKILL) at a random step, then run again with the same command,
+    ends with exactly (bit for bit) the loss sequence of the uninterrupted in-process run."""
+    config, _, assets, reference = tiny_run
+    expected = train_losses(read_metrics(reference))
+    work = tmp_path / "run"
+    command = [sys.executable, str(REPO / "train.py"), "--config", f"{TINY}:{assets}",
+               "--workdir", str(work)]
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")  # as conftest sets it
+    kill_after = random.Random().randint(2, len(expected) - 2)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = work / "metrics.jsonl"
+    try:
+        while process.poll() is None:
+            if metrics.exists() and len(train_losses(
+                    [json.loads(l) for l in metrics.read_text().splitlines()
+                     if l.endswith("}")])) >= kill_after:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_after}"
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert train_losses(read_metrics(work)) == expected, f"killed after {kill_after} steps"
