@@ -97,13 +97,16 @@ def abstract_boxed_params(model: nn.Module) -> Any:
 
 def param_shardings(model: nn.Module, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> Any:
+    sharding.check_platform(model.config.platform, mesh)
     return sharding.logical_shardings(abstract_boxed_params(model), mesh, rules)
 
 
 def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> TrainState:
     """NamedShardings of the whole TrainState (optimizer moments follow their params;
-    counters and other unnamed leaves are replicated)."""
+    counters and other unnamed leaves are replicated). The model must be built for the
+    mesh's platform (sharding.check_platform)."""
+    sharding.check_platform(model.config.platform, mesh)
     boxed = abstract_boxed_params(model)
     # optax's init maps over leaves, so moments inherit the boxes (and the axis names).
     abstract_state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), boxed)
