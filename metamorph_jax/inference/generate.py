@@ -56,9 +56,8 @@ class TextGenerator:
     sliced once here). Scan slices every layer's weights out of the stack at each step,
     which costs a weight copy per token; unrolled decoding measured ~1.5x faster at batch 1.
     fuse_projections: join the q/k/v and gate/up kernels once here (see
-    llama.fuse_projections); None does so when the model runs on CPU (config.platform), where
-    it made batch-1 decoding ~10%
-    faster. The generator keeps only the joined copy.
+    llama.fuse_projections); None does so when the model runs on CPU (config.platform),
+    where it made batch-1 decoding ~10% faster. The generator keeps only the joined copy.
     """
 
     def __init__(self, model: LlamaForCausalLM, params, eos_token_ids: Sequence[int],
