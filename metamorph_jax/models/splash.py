@@ -7,6 +7,9 @@ shard_map: a Mosaic kernel is an opaque custom call that XLA's partitioner would
 otherwise run replicated (gathering the whole batch onto every chip). Batch and heads
 split as the logical-axis rules place "batch", "heads" and "kv_heads"; the sequence
 stays whole in each shard.
+
+The kernel's products take jax_default_matmul_precision at trace time: "highest" (fp32
+contract precision) with bf16 inputs fails Mosaic's compile ("Bad lhs type").
 """
 from __future__ import annotations
 
