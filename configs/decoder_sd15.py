@@ -28,14 +28,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "bfloat16"          # compute; params and optimizer state stay fp32
     config.remat = True
     config.schedule = ml_collections.ConfigDict(SD15_SCHEDULER)
+    # The schedule is the authors' code (facebookresearch/metamorph visualization/train.py
+    # with submit.sh's --base_lr 1e-5): lr(s) = 1e-5 * log(1 + s) / log(1 + 4000) for
+    # s < 4000, then linear to 0 at step 16000. Where the paper's text differs its values
+    # are kept in train.paper, unused; copy them up to train with the paper's run, e.g.
+    # --config.train.peak_lr=1.1e-5 --config.train.warmup_steps=2000 ...
+    # (The code's loop stops after --training_steps + 1 = 12001 updates by default; we run
+    # the schedule to its end.)
     config.train = ml_collections.ConfigDict(dict(
-        batch_size=2112,
-        # Paper: log warm-up over 2000 steps to 1.1e-5, linear decay to 0 over 12000 more.
-        # (Authors' code: 1e-5, warm-up 4000, decay to step 16000.)
-        lr_schedule="log_warmup_linear_decay", peak_lr=1.1e-5, warmup_steps=2000,
-        decay_end_step=14000, num_steps=14000,
+        batch_size=2112,  # paper; the code's is 24 per GPU times the GPU count
+        lr_schedule="log_warmup_linear_decay", peak_lr=1e-5, warmup_steps=4000,
+        decay_end_step=16000, num_steps=16000,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=None,
-        cfg_prob=0.8,  # authors' code; the paper's text says 0.7
+        cfg_prob=0.8,
+        # The paper's text: log warm-up over 2000 steps to 1.1e-5, linear decay to 0 over
+        # 12000 more; conditioning dropped with probability 0.7.
+        paper=dict(peak_lr=1.1e-5, warmup_steps=2000, decay_end_step=14000, num_steps=14000,
+                   cfg_prob=0.7),
     ))
     config.sample = ml_collections.ConfigDict(dict(
         sampler="pndm", num_steps=50, guidance_scale=7.5))  # paper tried 6.0 to 12.5

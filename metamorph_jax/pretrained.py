@@ -37,9 +37,8 @@ def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
     # Orbax deep-copies host arrays before writing by default (so callers may mutate them
     # during an async save); this save is synchronous, and skipping the copy keeps peak
     # memory at one model, which is what lets an 8B bf16 model convert in 24 GB.
-    from orbax.checkpoint._src.serialization.type_handlers import NumpyHandler
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()))
     # zstd compression would hold a compressed copy of every array in flight (weights
     # barely compress anyway), so it is off.

@@ -1,6 +1,7 @@
 """The visualiser: projector parity, training step (loss falls, samples match their targets),
 sharded step equals the single-device step, frozen VAE, schedule."""
 import importlib.util
+import math
 from pathlib import Path
 
 import jax
@@ -85,16 +86,50 @@ def test_projector_matches_torch_and_pads_with_zeros():
         S.with_pretrained(state, optax.sgd(0.1), vae={})
 
 
-def test_log_warmup_linear_decay():
-    lr = optim.log_warmup_linear_decay(1.0, warmup_steps=100, decay_end_step=300)
-    values = np.array([float(lr(s)) for s in range(0, 400)])
-    assert values[0] == 0.0
-    assert np.all(np.diff(values[:101]) > 0)            # warm-up rises ...
-    assert values[100] == pytest.approx(1.0)
-    assert values[50] > 0.5                            # ... logarithmically: fast at first
-    assert np.all(np.diff(values[100:301]) < 0)         # linear decay ...
-    np.testing.assert_allclose(np.diff(values[100:301]), -1 / 200, rtol=1e-4)
-    assert values[300] == 0.0 and values[399] == 0.0    # ... to zero, then flat
+def authors_multiplier(step: int) -> float:
+    """The decoder's lr multiplier as facebookresearch/metamorph visualization/train.py
+    defines it (restated here from its rule, independently of optim.py): log warm-up to
+    1 over the first quarter of 16000 steps, then linear down to 0 at 16000, 0 after."""
+    end, warm = 16000, 16000 // 4
+    if step >= end:
+        return 0.0
+    if step >= warm:
+        return (end - step) / (end - warm)
+    return math.log(step + 1) / math.log(warm + 1)
+
+
+def test_log_warmup_linear_decay_is_the_authors_rule():
+    peak = 1e-5
+    lr = optim.log_warmup_linear_decay(peak, warmup_steps=4000, decay_end_step=16000)
+    steps = np.arange(0, 17001)
+    ours = np.asarray(jax.jit(lr)(steps), np.float64)
+    reference = peak * np.array([authors_multiplier(int(s)) for s in steps])
+    # float32 arithmetic on our side; the reference is float64
+    np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-12)
+
+
+def test_lr_of_each_update_matches_torch_lambdalr():
+    """optax counts updates from 0 as torch's LambdaLR does when stepped after each
+    optimizer step (the authors' loop): update k uses multiplier(k), the first one 0."""
+    peak, n = 1e-5, 16002
+    weight = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+    opt = torch.optim.SGD([weight], lr=peak)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=authors_multiplier)
+    torch_lrs = []
+    for _ in range(n):
+        torch_lrs.append(opt.param_groups[0]["lr"])  # what this update uses
+        weight.grad = torch.ones((), dtype=torch.float64)
+        opt.step()
+        sched.step()
+    tx = optax.sgd(optim.log_warmup_linear_decay(peak, warmup_steps=4000, decay_end_step=16000))
+
+    def update(state, _):
+        step, state = tx.update(jnp.ones(()), state)
+        return state, -step
+
+    _, optax_lrs = jax.jit(lambda s: jax.lax.scan(update, s, None, length=n))(tx.init(jnp.zeros(())))
+    assert torch_lrs[0] == 0.0 and float(optax_lrs[0]) == 0.0
+    np.testing.assert_allclose(np.asarray(optax_lrs, np.float64), torch_lrs, rtol=2e-6, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -190,8 +225,14 @@ def test_sd15_config_builds_the_paper_model():
     cfg = VisualizerConfig.from_dict(config.model.to_dict())
     assert cfg.sample_shape == (64, 64, 4)
     assert cfg.unet.cross_attention_dim == 768 and cfg.context_length == 77
-    lr = optim.make_schedule(config.train.lr_schedule, peak_lr=config.train.peak_lr,
-                             warmup_steps=config.train.warmup_steps,
-                             decay_end_step=config.train.decay_end_step)
-    assert float(lr(config.train.warmup_steps)) == pytest.approx(1.1e-5)
-    assert float(lr(config.train.decay_end_step)) == 0.0
+    train = config.train
+    # defaults: the authors' code; train.paper: the paper's text (kept, unused)
+    assert (train.peak_lr, train.warmup_steps, train.decay_end_step, train.cfg_prob) == \
+        (1e-5, 4000, 16000, 0.8)
+    assert (train.paper.peak_lr, train.paper.warmup_steps, train.paper.decay_end_step,
+            train.paper.num_steps, train.paper.cfg_prob) == (1.1e-5, 2000, 14000, 14000, 0.7)
+    lr = optim.make_schedule(train.lr_schedule, peak_lr=train.peak_lr,
+                             warmup_steps=train.warmup_steps, decay_end_step=train.decay_end_step)
+    steps = [0, 1, 1000, 3999, 4000, 10000, 15999, 16000, train.num_steps - 1]
+    np.testing.assert_allclose([float(lr(s)) for s in steps],
+                               [1e-5 * authors_multiplier(s) for s in steps], rtol=2e-6, atol=1e-12)

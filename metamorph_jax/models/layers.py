@@ -389,6 +389,20 @@ class RMSNorm(nn.Module):
         return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
 
 
+def layer_norm(epsilon: float, name: str, param_dtype: Any, axis_name: str = "embed") -> nn.LayerNorm:
+    """torch.nn.LayerNorm (affine), statistics in fp32 with torch's two-pass variance;
+    params "scale" and "bias" on the logical axis `axis_name`. Returns fp32."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+        name=name,
+    )
+
+
 # --------------------------------------------------------------------------- rotary
 
 def rope_inverse_frequencies(head_dim: int, theta: float,

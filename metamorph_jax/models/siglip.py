@@ -219,16 +219,7 @@ def _partitioned(init, names: tuple[str | None, ...]):
 
 
 def _layer_norm(config: SiglipConfig, name: str) -> nn.LayerNorm:
-    # Statistics in fp32 (dtype=float32), two-pass variance as torch computes it.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=jnp.float32,
-        param_dtype=layers.to_dtype(config.param_dtype),
-        use_fast_variance=False,
-        scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-        name=name,
-    )
+    return layers.layer_norm(config.layer_norm_eps, name, layers.to_dtype(config.param_dtype))
 
 
 def resize_position_embedding(table: jnp.ndarray, new_grid: tuple[int, int]) -> jnp.ndarray:
