@@ -114,7 +114,8 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
     """(model, fp32 params, saved model_config) of a 'llama' model folder.
 
     mesh: None restores host-side arrays placed on the default device; a Mesh places each
-    parameter by its logical axes (sharding.DEFAULT_RULES unless `rules`). scan_layers:
+    parameter by its logical axes (sharding.DEFAULT_RULES unless `rules`), and the model
+    is built for the mesh's platform (LlamaConfig.platform). scan_layers:
     None keeps the folder's layer layout; True/False converts the params once here
     (llama.with_layer_layout turns them back for saving).
     """
@@ -128,7 +129,8 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
     if saved["model"] != "llama":
         raise ValueError(f"{Path(model_dir) / CONFIG_FILE}: field 'model' is "
                          f"{saved['model']!r}, expected 'llama'")
-    changes = dict(dtype=dtype, param_dtype="float32")
+    changes = dict(dtype=dtype, param_dtype="float32",
+                   platform=None if mesh is None else sharding.mesh_platform(mesh))
     if remat_policy is not None:
         changes["remat_policy"] = remat_policy
     stored = LlamaForCausalLM(LlamaConfig.from_dict(saved["config"]).replace(**changes))

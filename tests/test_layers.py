@@ -170,3 +170,16 @@ def test_cudnn_attention_matches_reference_on_gpu():
     want = layers.reference_attention(*(x.astype(jnp.float32) for x in (query, key, value)),
                                       mask, None)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), atol=3e-2)
+
+
+@pytest.mark.parametrize("platform,custom", [("cpu", True), ("tpu", False), ("gpu", False),
+                                             (None, jax.default_backend() == "cpu")])
+def test_dense_uses_the_cpu_backward_on_cpu_only(platform, custom):
+    # The platform given, not the backend tracing it, picks the product: a TPU plan traced
+    # on this CPU gets autodiff's product (no custom VJP, no transposes behind barriers).
+    dense = layers.MultiAxisDense((6,), ("embed", "mlp"), platform=platform)
+    inputs = jnp.ones((2, 3, 4))
+    params = dense.init(jax.random.key(0), inputs)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: dense.apply(p, inputs).sum()))(params))
+    # The CPU backward's mark: its transposed activations behind a barrier.
+    assert ("optimization_barrier" in jaxpr) == custom

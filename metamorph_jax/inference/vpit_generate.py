@@ -50,7 +50,7 @@ import numpy as np
 
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.inference.generate import sample_tokens
-from metamorph_jax.models import llama
+from metamorph_jax.models import layers, llama
 from metamorph_jax.models.metamorph import MetaMorph, MetaMorphConfig
 
 # Markers in a Generation's token list.
@@ -182,7 +182,7 @@ class VPiTGenerator:
             llm_params = llama.unstack_layers(llm_params, llm_config.num_layers)
             llm_config = llm_config.replace(scan_layers=False)
         if fuse_projections is None:
-            fuse_projections = jax.default_backend() == "cpu"
+            fuse_projections = layers.resolve_platform(llm_config.platform) == "cpu"
         if fuse_projections and not llm_config.fused_projections:
             llm_params = llama.fuse_projections(llm_params)
             llm_config = llm_config.replace(fused_projections=True)

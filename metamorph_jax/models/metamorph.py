@@ -203,11 +203,13 @@ class TwoLayerMLP(nn.Module):
     kernel_init: Any = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str | None = None  # see LlamaConfig.platform
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         in_axis, mid_axis, out_axis = self.axis_names
-        dense = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                     platform=self.platform)
         lead = ("batch",) + (None,) * (x.ndim - 3) + ("length",) if x.ndim >= 3 else ("batch",)
         hidden = layers.MultiAxisDense((self.hidden_size,), (in_axis, mid_axis),
                                        name="linear_0", **dense)(x)
@@ -230,14 +232,16 @@ def projector_module(config: MetaMorphConfig, **kwargs) -> TwoLayerMLP:
     # Vision width named "embed" as in the tower (fsdp-sharded), hidden named "mlp".
     return TwoLayerMLP(d, d, ("embed", "mlp", "embed"), kernel_init=PROJECTOR_INIT,
                        dtype=layers.to_dtype(config.llm.dtype),
-                       param_dtype=layers.to_dtype(config.llm.param_dtype), **kwargs)
+                       param_dtype=layers.to_dtype(config.llm.param_dtype),
+                       platform=config.llm.platform, **kwargs)
 
 
 def vision_head_module(config: MetaMorphConfig, **kwargs) -> TwoLayerMLP:
     return TwoLayerMLP(config.llm.hidden_size, config.vision.hidden_size,
                        ("embed", "mlp", "embed"), kernel_init=HEAD_INIT,
                        dtype=layers.to_dtype(config.llm.dtype),
-                       param_dtype=layers.to_dtype(config.llm.param_dtype), **kwargs)
+                       param_dtype=layers.to_dtype(config.llm.param_dtype),
+                       platform=config.llm.platform, **kwargs)
 
 
 def gather_tokens(table: Array, index: Array) -> Array:

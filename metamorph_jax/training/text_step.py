@@ -53,6 +53,7 @@ def abstract_boxed_params(model: nn.Module) -> Any:
 
 def param_shardings(model: nn.Module, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> Any:
+    sharding.check_platform(model.config.platform, mesh)
     return sharding.logical_shardings(abstract_boxed_params(model), mesh, rules)
 
 
