@@ -5,7 +5,8 @@
 Both sides train the same MetaMorph shape: the ~100M LLaMA of llama_vs_torch.HF_CONFIG
 (vocabulary ~32k: a word-level tokenizer over the Shapes words padded with unused words),
 a small SigLIP tower (frozen), the two-layer GELU adapter and vision head; fp32, AdamW
-(lr 1e-4, weight decay 0.01) behind global-norm clipping at 1.0, as the authors' Trainer.
+(lr 1e-4, weight decay 0.01: torch's default) behind global-norm clipping at 1.0 (the
+transformers Trainer's default max_grad_norm, which the authors train with).
 
 Ours is what `train.py` runs: objectives.build(kind "instruct") + steps.make_train_step +
 steps.jit_train_step (state donated) on a one-device mesh, fed by the data pipeline's
