@@ -52,6 +52,12 @@ def decoder_stage(steps: int = 16000) -> ml_collections.ConfigDict:
     stage.model = ml_collections.ConfigDict(dict(
         token_dim=1152, projector_hidden=2048, num_tokens=64, context_length=77, image_size=512,
         unet=SD15_UNET, vae=SD15_VAE))
+    # The schedule is the authors' code (facebookresearch/metamorph visualization/train.py
+    # with submit.sh's --base_lr 1e-5): lr(s) = 1e-5 * log(1 + s) / log(1 + 4000) for
+    # s < 4000, then linear to 0 at step 16000; `reference` keeps the paper's text values
+    # (1.1e-5, warm-up 2000, 0 at 14000, condition dropped with probability 0.7), unused.
+    # (The code's loop stops after --training_steps + 1 = 12001 updates by default; we run
+    # the schedule to its end.)
     stage.noise = ml_collections.ConfigDict(SD15_SCHEDULER)
     stage.cfg_prob = 0.8               # the authors' code; the paper's text says 0.7
     stage.sample = ml_collections.ConfigDict(dict(

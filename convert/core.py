@@ -107,8 +107,11 @@ def open_checkpoint(src_dir: str | Path, allow_pickle: bool = False,
 
     loaders, origin = {}, {}
     for path in files:
-        opened = (safetensors_io.open_tensors(path) if path.suffix == ".safetensors"
-                  else _pickle_loaders(path))
+        try:
+            opened = (safetensors_io.open_tensors(path) if path.suffix == ".safetensors"
+                      else _pickle_loaders(path))
+        except safetensors_io.SafetensorsError as e:  # the message already names the file
+            raise ConversionError(str(e)) from None
         for name, load in opened.items():
             if name in loaders:
                 raise ConversionError(f"{path}: tensor {name!r} also stored in {origin[name]}")

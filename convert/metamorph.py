@@ -31,81 +31,6 @@ from metamorph_jax.models.siglip import SiglipConfig
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 # A Linear(4096, d) the authors' model creates and never uses.
 UNUSED_PREFIXES = ("model.vision_proj.",)
-# Names in mm_vision_tower that mean SigLIP So400m/14@384 (SiglipConfig's defaults).
-SO400M_NAMES = ("siglip-so400m-patch14-384", "CLIP-ViT-SO400M-14-384", "ViT-SO400M-14-SigLIP-384")
-# (field, allowed values, default when absent or None for a required field)
-_FIXED_FIELDS = (
-    ("mm_vision_select_feature", ("patch", "cls_patch"), "patch"),  # the same for SigLIP
-    ("mm_patch_merge_type", ("flat",), "flat"),
-    ("mm_use_im_start_end", (True,), True),
-    ("image_token_reduction", ("interpolation",), None),
-    ("apply_softmax", (False,), False),
-)
-
-
-def _vision_config(hf: dict, vision: SiglipConfig | None) -> SiglipConfig:
-    if vision is not None:
-        return vision
-    if isinstance(hf.get("vision_config"), dict):
-        return SiglipConfig.from_hf(hf["vision_config"])
-    name = str(hf.get("mm_vision_tower", ""))
-    if any(known in name for known in SO400M_NAMES):
-        return SiglipConfig()
-    raise ValueError(f"field 'mm_vision_tower' = {hf.get('mm_vision_tower')!r} is not SigLIP "
-                     f"So400m/14@384 and there is no 'vision_config': pass --vision-tower "
-                     f"SIGLIP_DIR (a Hugging Face SigLIP folder) to give the tower's config")
-
-
-def config_from_hf(hf: dict, vision: SiglipConfig | None = None) -> metamorph.MetaMorphConfig:
-    """The authors' config.json -> MetaMorphConfig; `vision` overrides the tower's config."""
-    if hf.get("model_type") != "metamorph_llama":
-        raise ValueError(f"field 'model_type' is {hf.get('model_type')!r}, not 'metamorph_llama'")
-    llm = llama_convert.config_from_hf({**hf, "model_type": "llama"})
-    for field in ("mm_hidden_size", "mm_projector_type", "vision_head_type", "num_image_tokens",
-                  "mm_vision_select_layer"):
-        if field not in hf:
-            raise ValueError(f"missing field {field!r}")
-    for field, allowed, default in _FIXED_FIELDS:
-        if default is None and field not in hf:
-            raise ValueError(f"missing field {field!r}")
-        value = hf.get(field, default)
-        if value not in allowed:
-            raise ValueError(f"field {field!r} = {value!r} is not supported (supported: "
-                             f"{list(allowed)})")
-    vision = _vision_config(hf, vision).replace(
-        visual_token_layer=hf["mm_vision_select_layer"],
-        num_visual_tokens=hf["num_image_tokens"],
-        normalize_visual_tokens=bool(hf.get("normalize_vision", False)))
-    # The image markers are the last two rows unless the file says otherwise (LLaMA-3's
-    # tokenizer has exactly 128256 tokens, so they land at 128256 and 128257).
-    return metamorph.MetaMorphConfig(
-        llm=llm, vision=vision, mm_projector_type=hf["mm_projector_type"],
-        vision_head_type=hf["vision_head_type"], num_image_tokens=hf["num_image_tokens"],
-        normalize_vision=bool(hf.get("normalize_vision", False)),
-        vision_coef=float(hf.get("vision_coef", 1.0)), mm_hidden_size=hf["mm_hidden_size"],
-        image_start_id=hf.get("image_start_id", llm.vocab_size - 2),
-        image_end_id=hf.get("image_end_id", llm.vocab_size - 1))
-
-
-def config_to_hf(cfg: metamorph.MetaMorphConfig) -> dict:
-    """A config.json the authors' code reads (and transformers' LlamaForCausalLM loads)."""
-    out = llama_convert.config_to_hf(cfg.llm)
-    out.update({
-        "architectures": ["MetaMorphLlamaForCausalLM"], "model_type": "metamorph_llama",
-        "mm_hidden_size": cfg.mm_hidden_size, "mm_projector_type": cfg.mm_projector_type,
-        "mm_vision_select_layer": cfg.vision.visual_token_layer,
-        "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",
-        "mm_use_im_start_end": True, "vision_head_type": cfg.vision_head_type,
-        "image_token_reduction": "interpolation", "num_image_tokens": cfg.num_image_tokens,
-        "freeze_vision": True, "normalize_vision": cfg.normalize_vision, "apply_softmax": False,
-        "vision_coef": cfg.vision_coef, "image_start_id": cfg.image_start_id,
-        "image_end_id": cfg.image_end_id,
-        # Not the authors' field: the tower's architecture, so to-flax reads it back.
-        "vision_config": cfg.vision.to_hf(),
-    })
-    return out
-
-
 def rules(cfg: metamorph.MetaMorphConfig) -> list[Rule]:
     table = prefixed(llama_convert.rules(cfg.llm), "", "llm/")
     table += prefixed(siglip_convert.rules(cfg.vision), TOWER_PREFIX, "vision_tower/")
@@ -116,7 +41,8 @@ def rules(cfg: metamorph.MetaMorphConfig) -> list[Rule]:
     return table
 
 
-SPEC = ModelSpec(name="metamorph", config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+SPEC = ModelSpec(name="metamorph", config_from_hf=metamorph.MetaMorphConfig.from_hf,
+                 config_to_hf=metamorph.MetaMorphConfig.to_hf,
                  config_from_dict=metamorph.MetaMorphConfig.from_dict, rules=rules,
                  param_shapes=metamorph.param_shapes, skip_prefixes=UNUSED_PREFIXES)
 
@@ -152,13 +78,12 @@ def checkpoint_to_flax(src_dir: str | Path, out_dir: str | Path,
     vision = None
     if vision_tower is not None:
         tower_config = Path(vision_tower) / "config.json"
-        read_json(tower_config)  # a clear error when the folder has none
         try:
-            vision = SiglipConfig.from_hf(tower_config)
+            vision = SiglipConfig.from_hf(read_json(tower_config), source=str(tower_config))
         except ValueError as e:
             raise ConversionError(str(e)) from None
     try:
-        config = config_from_hf(hf_config, vision)
+        config = metamorph.MetaMorphConfig.from_hf(hf_config, vision)
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
     if not has_tower:

@@ -24,22 +24,37 @@ DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
+class SafetensorsError(ValueError):
+    """A file that is not a well-formed safetensors file; the message names the file."""
+
+
 def read_header(path: str | Path) -> tuple[dict, int]:
     """Returns (header without __metadata__, byte offset where tensor data starts)."""
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (size,) = struct.unpack("<Q", raw)
         if size > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header size {size})")
-        try:
-            header = json.loads(f.read(size))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
+            raise SafetensorsError(f"{path}: not a safetensors file (header size {size})")
+        encoded = f.read(size)
+    if len(encoded) != size:
+        raise SafetensorsError(f"{path}: truncated safetensors header ({len(encoded)} of "
+                               f"{size} bytes)")
+    try:
+        header = json.loads(encoded)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise SafetensorsError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def _is_int_list(value, length: int | None = None) -> bool:
+    return (isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+            and (length is None or len(value) == length))
 
 
 def open_tensors(path: str | Path) -> dict[str, Callable[[], np.ndarray]]:
@@ -49,12 +64,20 @@ def open_tensors(path: str | Path) -> dict[str, Callable[[], np.ndarray]]:
     file_size = path.stat().st_size
     loaders = {}
     for name, info in header.items():
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{path}: tensor {name!r}: header entry is not an object")
         if info.get("dtype") not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype "
+                                   f"{info.get('dtype')!r}")
+        for field, length in (("shape", None), ("data_offsets", 2)):
+            if not _is_int_list(info.get(field), length):
+                raise SafetensorsError(f"{path}: tensor {name!r}: field {field!r} is "
+                                       f"{info.get(field)!r}")
         begin, end = info["data_offsets"]
         dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
         if start + end > file_size or end - begin != dtype.itemsize * int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name!r} is truncated or its offsets are wrong")
+            raise SafetensorsError(f"{path}: tensor {name!r} is truncated or its offsets "
+                                   f"are wrong")
 
         def load(begin=begin, dtype=dtype, shape=shape):
             if int(np.prod(shape)) == 0:

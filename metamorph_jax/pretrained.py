@@ -37,9 +37,8 @@ def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
     # Orbax deep-copies host arrays before writing by default (so callers may mutate them
     # during an async save); this save is synchronous, and skipping the copy keeps peak
     # memory at one model, which is what lets an 8B bf16 model convert in 24 GB.
-    from orbax.checkpoint._src.serialization.type_handlers import NumpyHandler
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()))
     # zstd compression would hold a compressed copy of every array in flight (weights
     # barely compress anyway), so it is off.
@@ -115,7 +114,8 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
     """(model, fp32 params, saved model_config) of a 'llama' model folder.
 
     mesh: None restores host-side arrays placed on the default device; a Mesh places each
-    parameter by its logical axes (sharding.DEFAULT_RULES unless `rules`). scan_layers:
+    parameter by its logical axes (sharding.DEFAULT_RULES unless `rules`), and the model
+    is built for the mesh's platform (LlamaConfig.platform). scan_layers:
     None keeps the folder's layer layout; True/False converts the params once here
     (llama.with_layer_layout turns them back for saving).
     """
@@ -129,7 +129,8 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
     if saved["model"] != "llama":
         raise ValueError(f"{Path(model_dir) / CONFIG_FILE}: field 'model' is "
                          f"{saved['model']!r}, expected 'llama'")
-    changes = dict(dtype=dtype, param_dtype="float32")
+    changes = dict(dtype=dtype, param_dtype="float32",
+                   platform=None if mesh is None else sharding.mesh_platform(mesh))
     if remat_policy is not None:
         changes["remat_policy"] = remat_policy
     stored = LlamaForCausalLM(LlamaConfig.from_dict(saved["config"]).replace(**changes))
@@ -138,8 +139,8 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
         shardings = None
     else:
         rules = sharding.DEFAULT_RULES if rules is None else rules
-        params = load_params(model_dir, sharding.logical_shardings(abstract_boxed_params(stored), mesh, rules),
-                             dtype=jnp.float32)
+        shardings = sharding.logical_shardings(abstract_boxed_params(stored), mesh, rules)
+        params = load_params(model_dir, shardings, dtype=jnp.float32)
     if scan_layers is None or bool(scan_layers) == stored.config.scan_layers:
         return stored, params, saved
     model = LlamaForCausalLM(stored.config.replace(scan_layers=bool(scan_layers)))
@@ -171,5 +172,6 @@ def add_token_rows(src_dir: str | Path, out_dir: str | Path, count: int = 2) -> 
     hf_config = saved.get("hf_config")
     if hf_config is not None and "vocab_size" in hf_config:
         hf_config = {**hf_config, "vocab_size": config.vocab_size}
-    save_pretrained(out_dir, "llama", config.to_dict(), params, hf_config)
+    save_pretrained(out_dir, "llama", config.to_dict(), params, hf_config,
+                    chat_template=saved.get("chat_template"))
     return config.to_dict()

@@ -6,7 +6,8 @@ run is changing the mesh shape, not the model.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,40 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("cpu", "gpu", "tpu"): what a model built for
+    the mesh is compiled for (LlamaConfig.platform), which need not be the backend of
+    the process compiling it (a TPU plan compiled on a CPU host)."""
+    platforms = {device.platform for device in mesh.devices.flat}
+    if len(platforms) != 1:
+        raise ValueError(f"the mesh mixes device platforms {sorted(platforms)}")
+    return platforms.pop()
+
+
+def check_platform(platform: str | None, mesh: Mesh, what: str = "the model") -> None:
+    """A ValueError unless a model compiled for `platform` (None: jax.default_backend())
+    runs on the mesh's devices: kernels chosen for one platform do not compile for
+    another."""
+    chosen = jax.default_backend() if platform is None else platform
+    if chosen != mesh_platform(mesh):
+        raise ValueError(f"{what} is built for platform {chosen!r} (config field 'platform' = "
+                         f"{platform!r}) but the mesh's devices are {mesh_platform(mesh)!r}; "
+                         f"build it with platform=sharding.mesh_platform(mesh)")
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Iterator[None]:
+    """The mesh and logical-axis rules that model code must be traced (and run) under.
+
+    jax.set_mesh, not the legacy `with mesh:`: flax's with_logical_constraint looks the
+    mesh up with jax.sharding.get_abstract_mesh(), which `with mesh:` leaves empty, so
+    under it every activation constraint is silently dropped (XLA then gathered the whole
+    batch's logits onto every device).
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh,

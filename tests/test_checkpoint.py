@@ -1,6 +1,5 @@
 """Stage checkpoints: state + iterator state + meta round-trip; a checkpoint that was never
 completed (a temporary folder, or a save killed half-way) is never restored."""
-import json
 import os
 import shutil
 import signal

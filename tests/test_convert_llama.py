@@ -1,5 +1,6 @@
 """python -m convert for LLaMA: HF -> Flax -> HF bit-exact, errors, and generation parity."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,11 +119,48 @@ def test_bad_config_names_the_field(tmp_path):
         hf_to_flax(get_spec("llama"), tmp_path / "hf", tmp_path / "out", progress=False)
 
 
-def test_truncated_safetensors_is_an_error(tmp_path):
+def _truncate_data(data: bytes) -> bytes:
+    return data[:-100]
+
+
+def _truncate_header(data: bytes) -> bytes:
+    return data[:8 + 20]  # the length prefix promises more header than follows
+
+
+def _corrupt_header(data: bytes) -> bytes:
+    size = int.from_bytes(data[:8], "little")
+    return data[:8] + b"{" + b"\xff" * (size - 1) + data[8 + size:]
+
+
+def _header_not_an_object(data: bytes) -> bytes:
+    size = int.from_bytes(data[:8], "little")
+    return data[:8] + b"[1, 2]".ljust(size) + data[8 + size:]
+
+
+def _offsets_missing(data: bytes) -> bytes:
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].replace(b'"data_offsets"', b'"data_offzets"', 1)
+    return data[:8] + header + data[8 + size:]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate_data, r"tensor '.*' is truncated"),
+    (_truncate_header, r"truncated safetensors header \(20 of \d+ bytes\)"),
+    (_corrupt_header, r"corrupt safetensors header"),
+    (_header_not_an_object, r"corrupt safetensors header: not a JSON object"),
+    (_offsets_missing, r"tensor '.*': field 'data_offsets' is None"),
+], ids=["truncated_data", "truncated_header", "corrupt_header", "header_list", "no_offsets"])
+def test_damaged_safetensors_is_one_error_line(tmp_path, capsys, damage, message):
     save_hf_model(tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="model.safetensors: tensor .* truncated"):
+    path.write_bytes(damage(path.read_bytes()))
+    capsys.readouterr()
+    code = convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
+    assert re.search(message, err), err
+    with pytest.raises(ConversionError, match=message):
         open_checkpoint(tmp_path / "hf")
 
 

@@ -111,3 +111,15 @@ def test_fused_projections_decode_the_same_tokens():
     assert fused.model.config.fused_projections and "qkv_proj" in fused.params["layers_0"]["self_attn"]
     plain = TextGenerator(model, params, [-1], fuse_projections=False)
     assert fused.generate(prompts, sampling) == plain.generate(prompts, sampling)
+
+
+def test_top_k_never_samples_outside_the_k_largest():
+    probs = jnp.array([[0.1, 0.4, 0.05, 0.3, 0.15]])
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draws = jax.vmap(lambda k: sample_tokens(jnp.log(probs), k, 1.0, 1.0, 2))(keys)[:, 0]
+    # The two largest (ids 1 and 3) only, in ratio 4:3.
+    assert set(np.unique(draws)) == {1, 3}
+    assert abs(float((draws == 1).mean()) - 0.4 / 0.7) < 0.04
+    # top_k then top_p: of {1: 4/7, 3: 3/7}, a nucleus of 0.5 keeps id 1 alone.
+    draws = jax.vmap(lambda k: sample_tokens(jnp.log(probs), k, 1.0, 0.5, 2))(keys)[:, 0]
+    assert set(np.unique(draws)) == {1}

@@ -19,7 +19,9 @@ FORBIDDEN = {
     "metamorph_jax/training": ("metamorph_jax.inference", "metamorph_jax.evaluation"),
 }
 # Command-line modules: nothing in the library imports them.
-CLI_MODULES = ("metamorph_jax.inference.text_cli", "convert.__main__")
+CLI_MODULES = ("metamorph_jax.inference.text_cli", "metamorph_jax.inference.vpit_cli",
+               "metamorph_jax.evaluation.score_cli",
+               "convert.__main__")
 
 
 def module_name(path: Path, root: Path) -> str:

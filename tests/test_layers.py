@@ -88,3 +88,98 @@ def test_dense_matmul_gradients_equal_autodiff(dtype):
         # Same products, so bf16 agrees to its last bit here; fp32 up to summation order.
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                    atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- kernel choice
+
+def _spec(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# (query, key, mask, bias, dtype) -> the kernel chosen on "gpu"; key/value share a spec.
+GPU_CHOICES = [
+    ("packed causal mask, bf16", (2, 16, 8, 64), (2, 16, 2, 64), (2, 1, 16, 16), None,
+     jnp.bfloat16, "cudnn"),
+    ("no mask, fp16, head_dim 128", (2, 16, 8, 128), (2, 16, 8, 128), None, None,
+     jnp.float16, "cudnn"),
+    ("bias per head", (2, 16, 8, 64), (2, 16, 2, 64), None, (1, 8, 16, 16),
+     jnp.bfloat16, "cudnn"),
+    ("float32", (2, 16, 8, 64), (2, 16, 2, 64), (2, 1, 16, 16), None, jnp.float32, "xla"),
+    ("head_dim 160", (2, 16, 8, 160), (2, 16, 8, 160), None, None, jnp.bfloat16, "xla"),
+    ("head_dim 72 is a multiple of 8", (2, 16, 8, 72), (2, 16, 8, 72), None, None,
+     jnp.bfloat16, "cudnn"),
+    ("head_dim 36", (2, 16, 8, 36), (2, 16, 8, 36), None, None, jnp.bfloat16, "xla"),
+    ("mask broadcast over queries", (2, 16, 8, 64), (2, 16, 2, 64), (2, 1, 1, 16), None,
+     jnp.bfloat16, "xla"),
+    ("one decoded query with a mask", (2, 1, 8, 64), (2, 32, 2, 64), (2, 1, 1, 32), None,
+     jnp.bfloat16, "xla"),
+    ("one decoded query, no mask", (2, 1, 8, 64), (2, 32, 2, 64), None, None,
+     jnp.bfloat16, "cudnn"),
+]
+
+
+@pytest.mark.parametrize("query,key,mask,bias,dtype,expected", [c[1:] for c in GPU_CHOICES],
+                         ids=[c[0] for c in GPU_CHOICES])
+def test_attention_kernel_choice_on_gpu(query, key, mask, bias, dtype, expected):
+    q, k = _spec(query, dtype), _spec(key, dtype)
+    m = None if mask is None else _spec(mask, jnp.bool_)
+    b = None if bias is None else _spec(bias, dtype)
+    assert layers.choose_attention(q, k, k, m, b, platform="gpu") == expected
+    assert (layers.cudnn_attention_problem(q, k, k, m, b, platform="gpu") is None) == (
+        expected == "cudnn")
+
+
+def test_attention_kernel_choice_off_gpu():
+    query, key = _spec((2, 16, 8, 64)), _spec((2, 16, 2, 64))
+    mask = _spec((2, 1, 16, 16), jnp.bool_)
+    assert layers.choose_attention(query, key, key, mask, platform="tpu") == "xla"
+    assert layers.choose_attention(query, key, key, mask, platform="cpu") == "stacked"
+    assert layers.choose_attention(query, key, key, None, platform="cpu") == "reference"
+    # The platform defaults to the backend tracing the call.
+    assert layers.choose_attention(query, key, key, mask) == layers.choose_attention(
+        query, key, key, mask, platform=jax.default_backend())
+    assert "platform is 'tpu'" in layers.cudnn_attention_problem(query, key, key, mask,
+                                                                  platform="tpu")
+
+
+def test_cudnn_asked_for_unsupported_inputs_is_an_error():
+    rng = np.random.default_rng(2)
+    query = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), jnp.float32)
+    mask = jnp.ones((1, 1, 4, 4), bool)
+    with pytest.raises(ValueError, match="'cudnn' was asked for.*bfloat16 or all float16"):
+        layers.dot_product_attention(query, query, query, mask=mask, implementation="cudnn",
+                                     platform="gpu")
+    with pytest.raises(ValueError, match="'cudnn' was asked for.*platform is 'cpu'"):
+        layers.dot_product_attention(query.astype(jnp.bfloat16), query.astype(jnp.bfloat16),
+                                     query.astype(jnp.bfloat16), mask=mask,
+                                     implementation="cudnn", platform="cpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU; "
+                    f"the backend is {jax.default_backend()!r}")
+def test_cudnn_attention_matches_reference_on_gpu():
+    rng = np.random.default_rng(3)
+    query = jnp.asarray(rng.standard_normal((2, 16, 8, 64)), jnp.bfloat16)
+    key, value = (jnp.asarray(rng.standard_normal((2, 16, 2, 64)), jnp.bfloat16)
+                  for _ in range(2))
+    mask = _packed_mask(2, 16)
+    assert layers.choose_attention(query, key, value, mask) == "cudnn"
+    out = layers.dot_product_attention(query, key, value, mask=mask)
+    # The reference in fp32 from the same bf16 inputs; bf16 keeps 8 bits (about 0.4%),
+    # and outputs here are O(1). Not yet measured on a GPU.
+    want = layers.reference_attention(*(x.astype(jnp.float32) for x in (query, key, value)),
+                                      mask, None)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want), atol=3e-2)
+
+
+@pytest.mark.parametrize("platform,custom", [("cpu", True), ("tpu", False), ("gpu", False),
+                                             (None, jax.default_backend() == "cpu")])
+def test_dense_uses_the_cpu_backward_on_cpu_only(platform, custom):
+    # The platform given, not the backend tracing it, picks the product: a TPU plan traced
+    # on this CPU gets autodiff's product (no custom VJP, no transposes behind barriers).
+    dense = layers.MultiAxisDense((6,), ("embed", "mlp"), platform=platform)
+    inputs = jnp.ones((2, 3, 4))
+    params = dense.init(jax.random.key(0), inputs)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: dense.apply(p, inputs).sum()))(params))
+    # The CPU backward's mark: its transposed activations behind a barrier.
+    assert ("optimization_barrier" in jaxpr) == custom

@@ -160,7 +160,10 @@ def test_bf16_compute_stays_close():
     bf16 = LlamaForCausalLM(cfg.replace(dtype="bfloat16")).apply(
         {"params": params}, tokens, positions=positions).logits
     assert bf16.dtype == jnp.float32  # logits come back in fp32 for the loss
-    assert np.abs(np.asarray(f32) - np.asarray(bf16)).max() < 0.1
+    # Measured: max |f32 - bf16| = 1.8e-3 with max |logit| = 0.43 (0.42%, about one bf16
+    # step of 2^-8 = 0.39%; 0.48-0.58% for other init seeds); bound: 1.5% of the scale.
+    f32, bf16 = np.asarray(f32), np.asarray(bf16)
+    assert np.abs(f32 - bf16).max() < 0.015 * np.abs(f32).max()
 
 
 @pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("model_type", "mistral"),

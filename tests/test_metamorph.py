@@ -39,7 +39,7 @@ def setup():
     ids = conversation.add_image_tokens(tokenizer)
     hf_config = authors_hf_config(ids.vocab_size)
     reference = TorchMetaMorph(hf_config)
-    config = metamorph_convert.config_from_hf(hf_config, SiglipConfig.from_hf(vision_hf_config()))
+    config = metamorph.MetaMorphConfig.from_hf(hf_config, SiglipConfig.from_hf(vision_hf_config()))
     assert (config.image_start_id, config.image_end_id) == (ids.image_start_id, ids.image_end_id)
     params = jax.tree.map(jnp.asarray, state_dict_to_flax(metamorph_convert.SPEC, config,
                                                           reference.authors_state_dict()))
@@ -158,7 +158,7 @@ def _gelu(x):
 
 def test_splice_positions_by_hand():
     """Two rows, two images each, visual tokens placed in a hand-chosen order."""
-    config = metamorph_convert.config_from_hf(authors_hf_config(20),
+    config = metamorph.MetaMorphConfig.from_hf(authors_hf_config(20),
                                               SiglipConfig.from_hf(vision_hf_config()))
     model = metamorph.MetaMorph(config)
     # Only the parts embed_inputs reads: the token table and the adapter.
@@ -221,7 +221,7 @@ def test_unsupported_fields_are_errors(field, value, message):
     hf = authors_hf_config(76)
     hf[field] = value
     with pytest.raises(ValueError, match=message):
-        metamorph_convert.config_from_hf(hf, SiglipConfig.from_hf(vision_hf_config()))
+        metamorph.MetaMorphConfig.from_hf(hf, SiglipConfig.from_hf(vision_hf_config()))
 
 
 def test_config_round_trips_through_a_dict(setup):
@@ -302,6 +302,6 @@ def test_sharded_loss_equals_single_device(setup):
     def sharded_loss(p, b):
         with nn.logical_axis_rules(sharding.DEFAULT_RULES):
             return vpit_loss.vpit_loss(model, p, b)[0]
-    with mesh:
+    with jax.set_mesh(mesh):
         got = float(sharded_loss(placed, placed_batch))
     assert abs(got - expected) <= TOLERANCE

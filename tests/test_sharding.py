@@ -34,11 +34,11 @@ def test_sharded_forward_equals_single_device(shape):
     assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     data_sharding = sharding.batch_sharding(mesh)
 
+    # The activation constraints apply only under jax.set_mesh (sharding.activate).
     @jax.jit
     def forward(p, t, pos):
-        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
-            return model.apply({"params": p}, t, positions=pos).logits
-    with mesh:
+        return model.apply({"params": p}, t, positions=pos).logits
+    with sharding.activate(mesh):
         out = forward(sharded, jax.device_put(tokens, data_sharding),
                       jax.device_put(positions, data_sharding))
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
@@ -61,9 +61,8 @@ def test_init_under_mesh_and_rules_with_multi_axis_kernels():
 
     @jax.jit
     def init(key):
-        with nn.logical_axis_rules(sharding.DEFAULT_RULES):
-            return model.init(key, tokens, positions=tokens)["params"]
-    with mesh:
+        return model.init(key, tokens, positions=tokens)["params"]
+    with sharding.activate(mesh):
         boxed = init(jax.random.key(0))
     q = boxed["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.value.shape == (cfg.num_layers, 32, 4, 8)

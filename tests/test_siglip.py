@@ -180,11 +180,20 @@ def test_bf16_compute_stays_close(torch_tiny):
     bf16 = run(bf16_config, params, images)
     assert bf16["last_hidden_state"].dtype == jnp.bfloat16
     assert bf16["pooler_output"].dtype == jnp.bfloat16
-    # bf16 keeps 8 mantissa bits; post-LN outputs are O(1).
-    diff = np.abs(np.asarray(bf16["last_hidden_state"], np.float32) - np.asarray(fp32["last_hidden_state"]))
-    assert diff.max() < 0.1
+    # Measured max |fp32 - bf16| / max |fp32|: last_hidden_state 0.037 / 3.21 = 1.15%,
+    # pooler_output 0.022 / 2.16 = 1.03%, visual tokens 0.0052 / 0.63 = 0.83% (up to
+    # 1.15% over other weight and image seeds; outputs are stored in bf16, whose step is
+    # 2^-8 = 0.39% relative); bound: 3% of each output's scale.
+    def relative_error(ours, reference):
+        reference = np.asarray(reference, np.float32)
+        return np.abs(np.asarray(ours, np.float32) - reference).max() / np.abs(reference).max()
+
+    for key in ("last_hidden_state", "pooler_output"):
+        assert relative_error(bf16[key], fp32[key]) < 0.03, key
     tokens = run(bf16_config, params, images, method=siglip.SiglipVisionModel.visual_tokens)
     assert tokens.dtype == jnp.float32
+    fp32_tokens = run(config, params, images, method=siglip.SiglipVisionModel.visual_tokens)
+    assert relative_error(tokens, fp32_tokens) < 0.03
 
 
 def test_params_carry_logical_axis_names():

@@ -13,6 +13,7 @@ import transformers
 from convert import llama as llama_convert
 from convert.core import state_dict_to_flax
 from metamorph_jax import pretrained
+from metamorph_jax.models.llama import LlamaConfig
 from metamorph_jax.models.token_rows import grow_vocab
 from tests.helpers import tiny_llama_hf_config
 
@@ -22,7 +23,7 @@ def torch_reference(tied: bool, count: int = 2):
     hf_config = tiny_llama_hf_config(tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
-    cfg = llama_convert.config_from_hf(hf_config)
+    cfg = LlamaConfig.from_hf(hf_config)
     before = state_dict_to_flax(llama_convert.SPEC, cfg, model.state_dict())
     model.resize_token_embeddings(hf_config["vocab_size"] + count)
     with torch.no_grad():

@@ -32,6 +32,17 @@ Templates: "llama3" (the MetaMorph authors' variant: one newline after each head
 "llama3_official" (Meta's: two newlines, content trimmed) and "tokenizer" (the tokenizer's
 own `chat_template`, trained spans found by rendering growing prefixes).
 
+Tokenization: each text piece of the template (bos, a header with its newline(s), a
+turn's content between images, `<|eot_id|>`) is tokenized on its own. Special tokens split
+the string anyway, so this equals tokenizing the whole rendered string (images as
+`<image_start><image_end>`) with one intended exception: the string is cut after each
+header's newline(s). A turn whose content starts with whitespace holding a newline (only
+the untrimmed "llama3" template allows it) would, in the whole string, share a
+pre-token with the header's newline (LLaMA-3's `\\s*[\\r\\n]+`, e.g. "\\n" + "\\n..." ->
+"\\n\\n"); here the header and the content never share a token. That is how Meta's LLaMA-3
+`ChatFormat` encodes header and content, and how generation sees a reply: the model writes
+it after the header's tokens, so a trained reply must not begin mid-token.
+
 Records that cannot be used raise `RecordError` with a reason from `REASONS` and the
 file and line they came from.
 """
@@ -106,13 +117,9 @@ def _as_path_list(value, field: str, where: str) -> list:
     raise RecordError("bad_field", where, f'field "{field}" must be a path or a list of paths')
 
 
-def parse_record(record: Any, *, where: str = "?", image_root: str | None = None,
-                 video_fps: float = 1.0, video_source_fps: float | None = None,
-                 max_video_frames: int | None = None) -> Conversation:
-    """Validate one LLaVA/MetaMorph record (dict, JSON str or bytes) into a Conversation.
-
-    Relative image paths are joined to `image_root`. Raises RecordError.
-    """
+def record_object(record: Any, where: str = "?") -> dict:
+    """A record as a dict: JSON str or bytes are parsed; anything but a JSON object is
+    RecordError("malformed_json")."""
     if isinstance(record, (bytes, str)):
         try:
             record = json.loads(record)
@@ -120,6 +127,17 @@ def parse_record(record: Any, *, where: str = "?", image_root: str | None = None
             raise RecordError("malformed_json", where, str(error)) from None
     if not isinstance(record, dict):
         raise RecordError("malformed_json", where, f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def parse_record(record: Any, *, where: str = "?", image_root: str | None = None,
+                 video_fps: float = 1.0, video_source_fps: float | None = None,
+                 max_video_frames: int | None = None) -> Conversation:
+    """Validate one LLaVA/MetaMorph record (dict, JSON str or bytes) into a Conversation.
+
+    Relative image paths are joined to `image_root`. Raises RecordError.
+    """
+    record = record_object(record, where)
     turns_raw = record.get("conversations")
     if not isinstance(turns_raw, list) or not turns_raw:
         raise RecordError("bad_field", where, 'field "conversations" must be a non-empty list')

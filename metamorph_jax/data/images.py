@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -252,10 +251,3 @@ def save_png(pixels_uint8: np.ndarray, path) -> None:
     """Write a uint8 HWC array as PNG, creating folders."""
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     Image.fromarray(np.asarray(pixels_uint8, np.uint8)).save(path)
-
-
-def load_images(paths: Sequence, size: int, dtype: str = "float32") -> np.ndarray:
-    """Load several images into [n, size, size, 3] (n may be 0)."""
-    if not paths:
-        return np.zeros((0, size, size, 3), np.dtype(dtype))
-    return np.stack([load_image(p, size, dtype) for p in paths])

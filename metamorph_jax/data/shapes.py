@@ -195,10 +195,6 @@ def caption(scene: Scene) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _plural(word: str, count: int) -> str:
-    return word if count == 1 else word + "s"
-
-
 _NUMBER_WORDS = ("zero", "one", "two", "three")
 
 

@@ -19,13 +19,22 @@ from typing import Any, Callable
 import numpy as np
 
 
+ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
+
+
+def is_array_record(path) -> bool:
+    """Whether a record file (read or written) is ArrayRecord: by its suffix."""
+    return os.fspath(path).endswith(ARRAY_RECORD_SUFFIXES)
+
+
 def open_source(path: str, image_root: str | None = None, **tfds_kwargs):
-    """Pick the source class by the path: `tfds:name/split`, `*.array_record`, `*.json`,
-    else JSONL."""
+    """The one place a record file's format is decided: `tfds:name/split`, ArrayRecord by
+    suffix, a JSON list if the file starts with "[", else JSONL."""
+    path = os.fspath(path)
     if path.startswith("tfds:"):
         name, _, split = path[len("tfds:"):].partition("/")
         return TfdsSource(name, split or "train", image_root=image_root, **tfds_kwargs)
-    if path.endswith((".array_record", ".arrayrecord")):
+    if is_array_record(path):
         return ArrayRecordSource(path, image_root)
     with open(path, "rb") as handle:
         head = handle.read(1 << 12).lstrip()

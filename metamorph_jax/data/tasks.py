@@ -34,7 +34,11 @@ Command line (one source in, one record file out; `.jsonl` or `.array_record`)::
     python -m metamorph_jax.data.tasks image_qa --input llava.json --output qa.array_record
 
 Common flags: --seed (prompt wording draw), --image-root (folder that relative image
-paths in the input are relative to; paths are written as given).
+paths in the input are relative to; without it, the working directory). Input image paths
+are written as given. Paths the build writes or finds (crops, video frames) are written
+relative to --image-root, or absolute without it, so that readers given the same image
+root (or none: they default to the record file's folder) find them from any working
+directory.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
+from metamorph_jax.data import sources
 
 IMG = conv.IMAGE_PLACEHOLDER
 
@@ -214,32 +219,13 @@ def visual_thinking(record_id, image, crop, question: str, answer: str, rng) -> 
 
 # --- readers and writers ---------------------------------------------------------------
 
-def read_json_records(path) -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", record) from a JSONL file or a JSON list; malformed -> RecordError."""
-    path = os.fspath(path)
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 12).lstrip()
-    if head.startswith(b"["):
-        with open(path, "rb") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise conv.RecordError("malformed_json", f"{path}:{error.lineno}", str(error)) from None
-        for index, record in enumerate(data):
-            yield f"{path}:[{index}]", record
-        return
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                raise conv.RecordError("malformed_json", f"{path}:{number}", str(error)) from None
-
-
-def is_array_record(path) -> bool:
-    return os.fspath(path).endswith((".array_record", ".arrayrecord"))
+def read_records(path) -> Iterator[tuple[str, dict]]:
+    """Yield ("where", record) from a source that sources.open_source reads (JSONL, a
+    JSON list, ArrayRecord, tfds:...); a record that is not a JSON object -> RecordError."""
+    source = sources.open_source(os.fspath(path))
+    for index in range(len(source)):
+        element = source[index]
+        yield element["where"], conv.record_object(element["raw"], element["where"])
 
 
 def write_records(records: Iterable[dict], path) -> int:
@@ -248,7 +234,7 @@ def write_records(records: Iterable[dict], path) -> int:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     count = 0
-    if is_array_record(path):
+    if sources.is_array_record(path):
         from array_record.python.array_record_module import ArrayRecordWriter
         writer = ArrayRecordWriter(path, "group_size:1")
         try:
@@ -263,6 +249,14 @@ def write_records(records: Iterable[dict], path) -> int:
             handle.write(json.dumps(record) + "\n")
             count += 1
     return count
+
+
+def record_path(path, image_root: str | None) -> str:
+    """A file build() wrote or found (a path relative to the working directory, or
+    absolute) as records hold it: relative to image_root, against which readers resolve
+    it, or absolute when there is no root."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, os.path.abspath(image_root)) if image_root else path
 
 
 def _required(record, where, fields):
@@ -283,16 +277,16 @@ def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
     root = image_root or ""
     join = lambda p: p if os.path.isabs(p) else os.path.join(root, p)  # noqa: E731
     if kind in ("image_qa", "video_qa"):
-        for where, record in read_json_records(source):
+        for where, record in read_records(source):
             conv.parse_record(record, where=where, image_root=image_root, video_fps=fps,
                               video_source_fps=source_fps)  # validate; raises RecordError
             yield record
     elif kind == "text_to_image":
-        for where, record in read_json_records(source):
+        for where, record in read_records(source):
             _required(record, where, [("image", str), ("caption", str)])
             yield text_to_image(record.get("id", where), record["image"], record["caption"], rng)
     elif kind == "image_to_image":
-        for where, record in read_json_records(source):
+        for where, record in read_records(source):
             _required(record, where, [("source", str), ("instruction", str), ("target", str)])
             yield image_to_image(record.get("id", where), record["source"], record["instruction"],
                                  record["target"], rng)
@@ -312,6 +306,7 @@ def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
                     paths.append(os.path.join(frames_dir, clip, f"{round(t * 1000 / fps):06d}ms.png"))
                     images_lib.save_png(pixels, paths[-1])
                 frames = paths
+            frames = [record_path(frame, image_root) for frame in frames]
             for video_kind in video_kinds:
                 record = video_task(f"{clip}-{video_kind}", frames, video_kind, rng,
                                     context=context, predict=predict)
@@ -320,11 +315,11 @@ def build(kind: str, source, *, seed: int = 0, image_root: str | None = None,
     elif kind == "visual_thinking":
         if crop_dir is None:
             raise ValueError("visual_thinking needs crop_dir (where zoomed crops are written)")
-        for index, (where, record) in enumerate(read_json_records(source)):
+        for index, (where, record) in enumerate(read_records(source)):
             _required(record, where, [("image", str), ("box", list), ("question", str), ("answer", str)])
             record_id = record.get("id", f"vt{index:08d}")
-            crop = zoom_crop(join(record["image"]), record["box"],
-                             os.path.join(crop_dir, f"{record_id}.png"))
+            crop = record_path(zoom_crop(join(record["image"]), record["box"],
+                                         os.path.join(crop_dir, f"{record_id}.png")), image_root)
             yield visual_thinking(record_id, record["image"], crop, record["question"],
                                   record["answer"], rng)
     else:
@@ -335,7 +330,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS)
-    parser.add_argument("--input", required=True, help="source file (JSON/JSONL) or clip folder")
+    parser.add_argument("--input", required=True,
+                        help="source file (JSONL, JSON list, .array_record, tfds:name/split) or clip folder")
     parser.add_argument("--output", required=True, help="out.jsonl or out.array_record")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-root", default=None)

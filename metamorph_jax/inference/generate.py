@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from metamorph_jax.models import llama
+from metamorph_jax.models import layers, llama
 from metamorph_jax.models.llama import LlamaForCausalLM, unstack_layers
 
 
@@ -25,14 +25,20 @@ class SamplingConfig:
     temperature: float = 0.0      # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0                # 0 = no top-k cut
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float,
-                  top_p: float) -> jax.Array:
-    """logits [B,V] -> tokens [B]. Greedy at temperature 0, else nucleus sampling."""
+                  top_p: float, top_k: int = 0) -> jax.Array:
+    """logits [B,V] -> tokens [B]. Greedy at temperature 0, else sampling from the
+    temperature-scaled softmax, cut to the top_k largest logits (0: no cut) and then to
+    the nucleus of mass top_p (the order transformers applies them in)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
@@ -56,8 +62,8 @@ class TextGenerator:
     sliced once here). Scan slices every layer's weights out of the stack at each step,
     which costs a weight copy per token; unrolled decoding measured ~1.5x faster at batch 1.
     fuse_projections: join the q/k/v and gate/up kernels once here (see
-    llama.fuse_projections); None does so on CPU, where it made batch-1 decoding ~10%
-    faster. The generator keeps only the joined copy.
+    llama.fuse_projections); None does so when the model runs on CPU (config.platform),
+    where it made batch-1 decoding ~10% faster. The generator keeps only the joined copy.
     """
 
     def __init__(self, model: LlamaForCausalLM, params, eos_token_ids: Sequence[int],
@@ -68,7 +74,7 @@ class TextGenerator:
             params = unstack_layers(params, config.num_layers)
             config = config.replace(scan_layers=False)
         if fuse_projections is None:
-            fuse_projections = jax.default_backend() == "cpu"
+            fuse_projections = layers.resolve_platform(config.platform) == "cpu"
         if fuse_projections and not config.fused_projections:
             params = llama.fuse_projections(params)
             config = config.replace(fused_projections=True)
@@ -84,8 +90,8 @@ class TextGenerator:
     # new token ids travel back to the host.
     DECODE_CHUNK = 16
 
-    @partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(3,))
-    def _prefill(self, params, tokens, cache, lengths, key, temperature, top_p):
+    @partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(3,))
+    def _prefill(self, params, tokens, cache, lengths, key, temperature, top_p, top_k):
         # Causal attention over the prompt alone, and logits for each row's last prompt
         # position only: the other positions' logits are never used.
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -95,11 +101,11 @@ class TextGenerator:
         logits = self.model.apply({"params": params}, last_hidden,
                                   method=LlamaForCausalLM.logits)[:, 0]
         key, sub = jax.random.split(key)
-        return sample_tokens(logits, sub, temperature, top_p), out.cache, key
+        return sample_tokens(logits, sub, temperature, top_p, top_k), out.cache, key
 
-    @partial(jax.jit, static_argnums=(0, 8, 9), donate_argnums=(4,))
+    @partial(jax.jit, static_argnums=(0, 8, 9, 10), donate_argnums=(4,))
     def _decode_chunk(self, params, tokens, index, cache, key, done, num_steps, temperature,
-                      top_p):
+                      top_p, top_k):
         """Up to num_steps (<= DECODE_CHUNK) tokens per row after `tokens` [B].
 
         Returns the tokens [B, DECODE_CHUNK] (the first `count` valid), the count, and
@@ -113,7 +119,7 @@ class TextGenerator:
                                       positions=index[:, None], cache=cache,
                                       cache_index=index)
             key, sub = jax.random.split(key)
-            new = sample_tokens(logits.logits[:, 0], sub, temperature, top_p)
+            new = sample_tokens(logits.logits[:, 0], sub, temperature, top_p, top_k)
             out = out.at[:, i].set(new)
             done = done | jnp.isin(new, eos)
             return i + 1, out, new, index + 1, logits.cache, key, done
@@ -139,7 +145,7 @@ class TextGenerator:
             tokens[row, :len(prompt)] = prompt
         cache_len = _round_up(width + sampling.max_new_tokens, 8)
         cache = self.model.init_cache(batch, cache_len)
-        rule = (float(sampling.temperature), float(sampling.top_p))
+        rule = (float(sampling.temperature), float(sampling.top_p), int(sampling.top_k))
         new, cache, key = self._prefill(self.params, jnp.asarray(tokens), cache,
                                         jnp.asarray(lengths), jax.random.key(sampling.seed), *rule)
         outputs: list[list[int]] = [[] for _ in range(batch)]

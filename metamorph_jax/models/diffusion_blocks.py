@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metamorph_jax.models.layers import dot_product_attention
+from metamorph_jax.models.layers import dot_product_attention, layer_norm
 
 Dtype = Any
 
@@ -114,19 +114,6 @@ def norm_silu_conv_out(x, features: int, num_groups: int, epsilon: float, *,
         x.astype(jnp.float32)).astype(dtype)
     return conv(features, 3, "conv_out", out_axis="image_channels", dtype=dtype,
                 param_dtype=param_dtype)(nn.silu(x))
-
-
-def layer_norm(epsilon: float, name: str, param_dtype: Dtype, axis_name: str = "embed"):
-    """torch.nn.LayerNorm (affine) computed in fp32."""
-    return nn.LayerNorm(
-        epsilon=epsilon,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
-        name=name,
-    )
 
 
 def _norm(module: nn.Module, x):

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metamorph_jax.models import splash
+
 Array = jax.Array
 
 _DTYPES = {
@@ -35,7 +37,14 @@ def to_dtype(name: str | Any) -> Any:
 
 # --------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "stacked", "reference")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "splash", "stacked", "reference")
+
+
+def resolve_platform(platform: str | None) -> str:
+    """The platform kernels are chosen for: `platform` as given (the mesh's, set once by
+    whoever builds the model for a mesh, see sharding.mesh_platform), else the backend
+    tracing the call. A plan compiled here for other devices must give it."""
+    return jax.default_backend() if platform is None else platform
 
 
 def reference_attention(query: Array, key: Array, value: Array, mask: Array | None,
@@ -194,59 +203,171 @@ stacked_attention.defvjp(_stacked_attention_fwd, _stacked_attention_bwd)
 CAUSAL_BLOCK = 128
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, *,
-                          mask: Array | None = None, bias: Array | None = None,
-                          implementation: str | None = None, causal: bool = False) -> Array:
-    """Scaled dot-product attention; the one place that picks the kernel.
+# Largest head_dim cuDNN flash attention takes on every GPU generation (Hopper and later
+# take 256, but which GPU runs a plan is not known where the kernel is chosen).
+CUDNN_MAX_HEAD_DIM = 128
 
-    query [B,T,H,D]; key/value [B,S,K,D] with H % K == 0 (grouped-query attention).
-    mask: bool, broadcastable to [B,H,T,S], True = attend. bias: float, same broadcast.
-    Softmax runs in fp32 on every path. implementation: None picks per backend (on CPU
-    `stacked_attention` when the mask is the same for every head, else plain einsums;
-    jax.nn's XLA kernel on TPU; cuDNN flash attention on GPUs where it applies), or
-    "xla", "cudnn", "stacked", "reference" (plain einsums). causal: the mask is known to
-    allow only keys at or before each query (self-attention, S == T), which lets the CPU
-    path skip the masked upper triangle.
+
+def cudnn_attention_problem(query: Any, key: Any, value: Any, mask: Any | None = None,
+                            bias: Any | None = None, platform: str | None = None) -> str | None:
+    """Why cuDNN flash attention cannot take these inputs, or None when it can.
+
+    Looks at shapes, dtypes and the platform name only (arrays or jax.ShapeDtypeStructs),
+    so a plan can be checked for a platform other than the one tracing it. platform:
+    "gpu"/"cuda" or another jax platform name; None means jax.default_backend(). The
+    conditions are those jax's cuDNN wrapper enforces for bf16/fp16 (jax.nn mixes a bool
+    mask into an additive bias, so a mask counts as a bias).
+    """
+    platform = resolve_platform(platform)
+    if platform not in ("gpu", "cuda"):
+        return f"cuDNN attention runs on NVIDIA GPUs, the platform is {platform!r}"
+    dtypes = {jnp.dtype(t.dtype) for t in (query, key, value)}
+    if dtypes - {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)} or len(dtypes) > 1:
+        return (f"cuDNN attention takes query, key and value all bfloat16 or all float16, "
+                f"got {query.dtype}, {key.dtype}, {value.dtype}")
+    head_dim = query.shape[-1]
+    if key.shape[-1] != head_dim or value.shape[-1] != head_dim:
+        return (f"cuDNN attention takes one head_dim for query, key and value, got "
+                f"{query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]}")
+    if head_dim > CUDNN_MAX_HEAD_DIM or head_dim % 8:
+        return (f"cuDNN attention takes head_dim <= {CUDNN_MAX_HEAD_DIM} and a multiple of 8, "
+                f"got {head_dim}")
+    (batch, length, heads, _), keys = query.shape, key.shape[1]
+    for name, extra in (("mask", mask), ("bias", bias)):
+        if extra is None:
+            continue
+        if extra.ndim > 4 or tuple(extra.shape[-2:]) != (length, keys):
+            return (f"cuDNN attention takes a {name} [B|1, H|1, T, S] = [.., {length}, {keys}] "
+                    f"(no broadcasting over queries or keys), got {tuple(extra.shape)}")
+        lead = (1,) * (4 - extra.ndim) + tuple(extra.shape[:-2])
+        if lead[0] not in (1, batch) or lead[1] not in (1, heads):
+            return f"cuDNN attention cannot broadcast a {name} of shape {tuple(extra.shape)}"
+        # Its backward pass with a bias needs even lengths; the kernel is chosen before
+        # it is known whether a gradient will be taken.
+        if length % 2 or keys % 2:
+            return (f"cuDNN attention with a {name} needs even query and key lengths, got "
+                    f"{length} and {keys}")
+    return None
+
+
+def choose_attention(query: Any, key: Any, value: Any, mask: Any | None = None,
+                     bias: Any | None = None, implementation: str | None = None,
+                     platform: str | None = None, causal: bool = False,
+                     segment_ids: Any | None = None) -> str:
+    """The kernel dot_product_attention runs: "splash", "stacked", "reference", "xla" or
+    "cudnn".
+
+    Arguments as dot_product_attention's (arrays or jax.ShapeDtypeStructs). Without a
+    mask, segment ids or causality imply the [B,1,T,T] mask every kernel but splash is
+    given. implementation None picks by platform (None: jax.default_backend()): on TPUs
+    splash attention where `splash.splash_problem` finds none (no mask or bias array;
+    lengths a multiple of 128), else jax.nn's XLA kernel; on CPU `stacked_attention` when
+    the mask is a bool [B,1,T,S] (the same for every head) and there is no bias, else
+    plain einsums; on GPUs cuDNN flash attention where `cudnn_attention_problem` finds
+    none, else the XLA kernel. An explicit implementation is returned as is, after
+    checking that "splash", "stacked" and "cudnn" can take the inputs (a ValueError
+    saying why not).
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of "
                          f"{ATTENTION_IMPLEMENTATIONS}")
+    platform = resolve_platform(platform)
+    if mask is None and (segment_ids is not None or causal):
+        batch, length = query.shape[:2]
+        implied_mask = jax.ShapeDtypeStruct((batch, 1, length, length), jnp.bool_)
+    else:
+        implied_mask = mask
+    head_independent_mask = (implied_mask is not None and bias is None
+                             and implied_mask.ndim == 4 and implied_mask.shape[1] == 1)
+    if implementation == "stacked" and not head_independent_mask:
+        raise ValueError("stacked attention takes a bool mask [B,1,T,S] and no bias")
+    if implementation == "cudnn":
+        problem = cudnn_attention_problem(query, key, value, implied_mask, bias, platform)
+        if problem is not None:
+            raise ValueError(f"attention implementation 'cudnn' was asked for, but {problem}")
+    if implementation == "splash":
+        problem = _splash_problem(query, key, value, mask, bias, causal, platform)
+        if problem is not None:
+            raise ValueError(f"attention implementation 'splash' was asked for, but {problem}")
+    if implementation is not None:
+        return implementation
+    if platform == "cpu":
+        return "stacked" if head_independent_mask else "reference"
+    if platform in ("gpu", "cuda"):
+        no_cudnn = cudnn_attention_problem(query, key, value, implied_mask, bias, platform)
+        return "xla" if no_cudnn else "cudnn"
+    if _splash_problem(query, key, value, mask, bias, causal, platform) is None:
+        return "splash"
+    return "xla"
+
+
+def _splash_problem(query, key, value, mask, bias, causal, platform) -> str | None:
+    if platform != "tpu":
+        return f"splash attention runs on TPUs, the platform is {platform!r}"
+    return splash.splash_problem(query, key, value, mask, bias, causal)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *,
+                          mask: Array | None = None, bias: Array | None = None,
+                          segment_ids: Array | None = None,
+                          implementation: str | None = None, causal: bool = False,
+                          platform: str | None = None) -> Array:
+    """Scaled dot-product attention; the one place that picks the kernel.
+
+    query [B,T,H,D]; key/value [B,S,K,D] with H % K == 0 (grouped-query attention).
+    mask: bool, broadcastable to [B,H,T,S], True = attend. bias: float, same broadcast.
+    segment_ids: [B,T] int (self-attention, S == T), in place of a mask: queries attend
+    only to keys of their own segment (packed rows); splash attention takes them as they
+    are, the other kernels get the [B,1,T,T] mask they imply. Softmax runs in fp32 on
+    every path. implementation: None picks per platform (see `choose_attention`;
+    platform None is jax.default_backend()), or one of ATTENTION_IMPLEMENTATIONS; asking
+    for "cudnn", "splash" or "stacked" where they cannot run is an error, never a silent
+    fallback. causal: only keys at or before each query (self-attention, S == T); with a
+    mask it is a promise that the mask is causal (lets the CPU path skip the masked upper
+    triangle), without one it is applied.
+    """
     if query.shape[2] % key.shape[2]:
         raise ValueError(f"{query.shape[2]} query heads are not a multiple of "
                          f"{key.shape[2]} key/value heads")
     if causal and query.shape[1] != key.shape[1]:
         raise ValueError(f"causal attention needs as many keys as queries, got "
                          f"{key.shape[1]} keys for {query.shape[1]} queries")
-    on_cpu = implementation is None and jax.default_backend() == "cpu"
-    head_independent_mask = (mask is not None and bias is None and mask.ndim == 4
-                             and mask.shape[1] == 1)
-    if implementation == "stacked" or (on_cpu and head_independent_mask):
-        if not head_independent_mask:
-            raise ValueError("stacked attention takes a bool mask [B,1,T,S] and no bias")
+    if segment_ids is not None:
+        if mask is not None:
+            raise ValueError("pass a mask or segment ids, not both")
+        if segment_ids.shape != query.shape[:2] or key.shape[1] != query.shape[1]:
+            raise ValueError(f"segment ids {segment_ids.shape} need the queries' [B,T] = "
+                             f"{query.shape[:2]} and as many keys as queries")
+    kernel = choose_attention(query, key, value, mask, bias, implementation, platform,
+                              causal, segment_ids)
+    if kernel == "splash":
+        return splash.splash_attention(query, key, value, segment_ids, causal)
+    if mask is None and segment_ids is not None:
+        mask = segment_mask(segment_ids, causal)
+    elif mask is None and causal:
+        mask = segment_mask(jnp.zeros(query.shape[:2], jnp.int32), causal)
+    if kernel == "stacked":
         mask = jnp.broadcast_to(mask, (query.shape[0], 1, query.shape[1], key.shape[1]))
         return stacked_attention(query, key, value, mask, query.shape[2] // key.shape[2],
                                  CAUSAL_BLOCK if causal else 0)
-    if implementation == "reference" or on_cpu:
+    if kernel == "reference":
         return reference_attention(query, key, value, mask, bias)
-    if implementation is None and jax.default_backend() == "gpu":
-        # cuDNN flash attention takes bf16/fp16 with head_dim <= 128; else use XLA.
-        if query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] <= 128:
-            try:
-                return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                                    implementation="cudnn")
-            except (NotImplementedError, ValueError, RuntimeError):
-                pass
-        implementation = "xla"
     return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                        implementation=implementation)
+                                        implementation=kernel)
+
+
+def segment_mask(segment_ids: Array, causal: bool) -> Array:
+    """[B,T] segment ids -> bool [B,1,T,T]: never across segments, and causal if asked."""
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if causal:
+        length = segment_ids.shape[-1]
+        mask = mask & jnp.tril(jnp.ones((length, length), dtype=bool))
+    return mask
 
 
 def packed_causal_mask(segment_ids: Array) -> Array:
     """[B,T] segment ids -> bool [B,1,T,T]: causal, and never across segments."""
-    length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & causal)[:, None]
+    return segment_mask(segment_ids, causal=True)
 
 
 # --------------------------------------------------------------------------- norms
@@ -266,6 +387,20 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
+
+
+def layer_norm(epsilon: float, name: str, param_dtype: Any, axis_name: str = "embed") -> nn.LayerNorm:
+    """torch.nn.LayerNorm (affine), statistics in fp32 with torch's two-pass variance;
+    params "scale" and "bias" on the logical axis `axis_name`. Returns fp32."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+        name=name,
+    )
 
 
 # --------------------------------------------------------------------------- rotary
@@ -326,7 +461,9 @@ def dense_matmul(inputs: Array, kernel: Array) -> Array:
     then transposes each activation gradient and runs a slower Eigen product (measured
     285 -> 210 ms for one 125M-model layer's forward + backward). Here the weight
     gradient is transposed(inputs) @ grad, with the transpose materialised so the
-    product runs as a plain row-major matmul. Other backends get autodiff's product.
+    product runs as a plain row-major matmul. For CPU only: `dense` picks it by platform,
+    and other platforms get a plain product (autodiff's backward, which their compilers
+    lay out themselves).
     """
     return inputs @ kernel
 
@@ -340,15 +477,20 @@ def _dense_matmul_bwd(residuals, grad):
     d_inputs = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
     flat_inputs = inputs.reshape(-1, inputs.shape[-1])
     flat_grad = grad.reshape(-1, grad.shape[-1])
-    if jax.default_backend() == "cpu":
-        # The barrier stops XLA from folding the transpose back into the product.
-        d_kernel = jax.lax.optimization_barrier(flat_inputs.T) @ flat_grad
-    else:
-        d_kernel = jax.lax.dot_general(flat_inputs, flat_grad, (((0,), (0,)), ((), ())))
+    # The barrier stops XLA from folding the transpose back into the product.
+    d_kernel = jax.lax.optimization_barrier(flat_inputs.T) @ flat_grad
     return d_inputs, d_kernel.astype(kernel.dtype)
 
 
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def dense(inputs: Array, kernel: Array, platform: str | None = None) -> Array:
+    """inputs [..., N] @ kernel [N, F]: `dense_matmul` (its CPU backward) when the platform
+    (None: jax.default_backend()) is "cpu", else the plain product."""
+    if resolve_platform(platform) == "cpu":
+        return dense_matmul(inputs, kernel)
+    return inputs @ kernel
 
 
 class MultiAxisDense(nn.Module):
@@ -366,6 +508,7 @@ class MultiAxisDense(nn.Module):
     kernel_init: Callable | None = None  # unpartitioned; default: fan-avg uniform
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str | None = None  # devices the layer is compiled for (see `dense`)
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
@@ -380,7 +523,7 @@ class MultiAxisDense(nn.Module):
         # backend emits far fewer transposes for it than for a multi-axis dot_general.
         fan_in = int(np.prod(in_shape))
         flat = inputs.astype(self.dtype).reshape(*inputs.shape[:inputs.ndim - self.num_in], fan_in)
-        out = dense_matmul(flat, jnp.asarray(kernel, self.dtype).reshape(fan_in, -1))
+        out = dense(flat, jnp.asarray(kernel, self.dtype).reshape(fan_in, -1), self.platform)
         out = out.reshape(*out.shape[:-1], *self.features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(
@@ -401,6 +544,7 @@ class GatedMLP(nn.Module):
     # One "gate_up_proj" kernel [E, 2F] (gate columns first) in place of gate_proj and
     # up_proj: a decoding layout, see llama.fuse_projections.
     fused: bool = False
+    platform: str | None = None  # devices the layer is compiled for (see `dense`)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -409,7 +553,8 @@ class GatedMLP(nn.Module):
             # made XLA's CPU backward transpose each gradient before its weight product.
             return MultiAxisDense((features,), axes, use_bias=self.use_bias,
                                   kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
+                                  param_dtype=self.param_dtype, platform=self.platform,
+                                  name=name)
         if self.fused:
             gate_up = proj(2 * self.intermediate_size, "gate_up_proj", ("embed", "fused_mlp"))(x)
             gate, up = jnp.split(gate_up, 2, axis=-1)

@@ -55,6 +55,10 @@ class LlamaConfig:
     attention_impl: str | None = None
     # Decoding layout: q/k/v and gate/up kernels concatenated (see fuse_projections).
     fused_projections: bool = False
+    # The devices the model is compiled for ("cpu", "gpu", "tpu"): picks the attention
+    # kernel and the dense layers' backward. Set from the mesh by whoever builds the model
+    # for one (sharding.mesh_platform); None is jax.default_backend(). Not saved.
+    platform: str | None = None
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -65,6 +69,7 @@ class LlamaConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        del out["platform"]  # where it runs, not what it is
         out["rope_scaling"] = self.rope_scaling_dict
         out["eos_token_ids"] = list(self.eos_token_ids)
         return out
@@ -244,20 +249,24 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, rope: tuple[Array, Array], mask: Array,
+    def __call__(self, x: Array, rope: tuple[Array, Array], attend: Array,
                  cache_index: Array | None, layer_cache: tuple[Array, Array] | None):
+        """attend: segment ids [B,T] without cache_index, else the decoding mask [B,1,T,S]."""
+        segment_ids, decode_mask = (attend, None) if cache_index is None else (None, attend)
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
 
         def proj(num_heads, heads_axis, name):
             return layers.MultiAxisDense((num_heads, cfg.head_dim), ("embed", heads_axis, "head_dim"),
                                          use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
-                                         dtype=dtype, param_dtype=param_dtype, name=name)
+                                         dtype=dtype, param_dtype=param_dtype,
+                                         platform=cfg.platform, name=name)
         if cfg.fused_projections:
             widths = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
             qkv = layers.MultiAxisDense((sum(widths) * cfg.head_dim,), ("embed", "fused_qkv"),
                                         use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
-                                        dtype=dtype, param_dtype=param_dtype, name="qkv_proj")(x)
+                                        dtype=dtype, param_dtype=param_dtype,
+                                        platform=cfg.platform, name="qkv_proj")(x)
             qkv = qkv.reshape(*qkv.shape[:-1], sum(widths), cfg.head_dim)
             query, key, value = jnp.split(qkv, np.cumsum(widths)[:-1], axis=-2)
         else:
@@ -283,13 +292,22 @@ class LlamaAttention(nn.Module):
             # Back to [B,S,K,D] for the attention call; the CPU attention's own transpose
             # to head-major then cancels this one, so the cache is never copied.
             key, value = (c.transpose(0, 2, 1, 3).astype(dtype) for c in new_cache)
-        out = layers.dot_product_attention(query, key, value, mask=mask,
-                                           implementation=cfg.attention_impl,
-                                           causal=cache_index is None)
+        # Full forward and prefill: causal within segments (the kernel gets the segment
+        # ids, not a [B,1,T,T] mask, so splash attention never materialises one).
+        # Decoding: the cache-position mask.
+        if cache_index is None:
+            out = layers.dot_product_attention(query, key, value, segment_ids=segment_ids,
+                                               causal=True, implementation=cfg.attention_impl,
+                                               platform=cfg.platform)
+        else:
+            out = layers.dot_product_attention(query, key, value, mask=decode_mask,
+                                               implementation=cfg.attention_impl,
+                                               platform=cfg.platform)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
                                     use_bias=cfg.attention_bias, kernel_init=NORMAL_INIT,
-                                    dtype=dtype, param_dtype=param_dtype, name="o_proj")(out)
+                                    dtype=dtype, param_dtype=param_dtype, platform=cfg.platform,
+                                    name="o_proj")(out)
         return out, new_cache
 
 
@@ -297,18 +315,19 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, rope: tuple[Array, Array], mask: Array,
+    def __call__(self, hidden: Array, rope: tuple[Array, Array], attend: Array,
                  cache_index: Array | None, layer_cache):
         cfg = self.config
         dtype, param_dtype = layers.to_dtype(cfg.dtype), layers.to_dtype(cfg.param_dtype)
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         attn_out, new_cache = LlamaAttention(cfg, name="self_attn")(
             layers.RMSNorm(**norm, name="input_layernorm")(hidden),
-            rope, mask, cache_index, layer_cache)
+            rope, attend, cache_index, layer_cache)
         hidden = hidden + attn_out
         mlp_out = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias,
                                   dtype=dtype, param_dtype=param_dtype,
-                                  fused=cfg.fused_projections, name="mlp")(
+                                  fused=cfg.fused_projections, platform=cfg.platform,
+                                  name="mlp")(
             layers.RMSNorm(**norm, name="post_attention_layernorm")(hidden))
         hidden = nn.with_logical_constraint(hidden + mlp_out, ("batch", "length", "embed"))
         return hidden, new_cache
@@ -349,7 +368,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = layers.MultiAxisDense((cfg.vocab_size,), ("embed", "vocab"),
                                                  use_bias=False, dtype=dtype,
                                                  param_dtype=param_dtype,
-                                                 kernel_init=NORMAL_INIT)
+                                                 kernel_init=NORMAL_INIT,
+                                                 platform=cfg.platform)
 
     def embed(self, tokens: Array) -> Array:
         return self.embed_tokens(tokens)
@@ -396,11 +416,11 @@ class LlamaForCausalLM(nn.Module):
         if cache is not None and cache_index is not None:
             query_index = cache_index[:, None] + jnp.arange(length)[None, :]
             key_index = jnp.arange(cache_length)
-            mask = (key_index[None, None, :] <= query_index[:, :, None])[:, None]
+            # What each layer's attention reads: the decoding mask, or segment ids.
+            attend = (key_index[None, None, :] <= query_index[:, :, None])[:, None]
         else:
-            if segment_ids is None:
-                segment_ids = jnp.ones((batch, length), jnp.int32)
-            mask = layers.packed_causal_mask(segment_ids)
+            attend = (jnp.ones((batch, length), jnp.int32) if segment_ids is None
+                      else segment_ids)
 
         cfg = self.config
         inv_freq = layers.rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta,
@@ -409,20 +429,21 @@ class LlamaForCausalLM(nn.Module):
         new_cache = None
         if cfg.scan_layers:
             layer_cache = (cache["key"], cache["value"]) if cache is not None else None
-            hidden, stacked = self.layers(hidden, rope, mask, cache_index, layer_cache)
+            hidden, stacked = self.layers(hidden, rope, attend, cache_index, layer_cache)
             if cache is not None:
                 new_cache = {"key": stacked[0], "value": stacked[1]}
         else:
             keys, values = [], []
             for i, layer in enumerate(self.layer_list):
                 layer_cache = (cache["key"][i], cache["value"][i]) if cache is not None else None
-                hidden, updated = layer(hidden, rope, mask, cache_index, layer_cache)
+                hidden, updated = layer(hidden, rope, attend, cache_index, layer_cache)
                 if cache is not None:
                     keys.append(updated[0])
                     values.append(updated[1])
             if cache is not None:
                 new_cache = {"key": keys, "value": values}
-        hidden = self.norm(hidden)
+        # Batch-sharded like the logits that follow, so XLA splits the LM head by rows.
+        hidden = nn.with_logical_constraint(self.norm(hidden), ("batch", "length", "embed"))
         logits = self.logits(hidden) if compute_logits else None
         return DecoderOutput(logits=logits, hidden_states=hidden if return_hidden else None,
                              cache=new_cache)

@@ -40,6 +40,34 @@ VISION_HEAD_TYPES = ("mlp",)
 NUM_NEW_TOKENS = 2  # <image_start>, <image_end>
 
 
+# Names in mm_vision_tower that mean SigLIP So400m/14@384 (SiglipConfig's defaults).
+SO400M_NAMES = ("siglip-so400m-patch14-384", "CLIP-ViT-SO400M-14-384", "ViT-SO400M-14-SigLIP-384")
+# (field, allowed values, default when absent or None for a required field)
+_FIXED_FIELDS = (
+    ("mm_vision_select_feature", ("patch", "cls_patch"), "patch"),  # the same for SigLIP
+    ("mm_patch_merge_type", ("flat",), "flat"),
+    ("mm_use_im_start_end", (True,), True),
+    ("image_token_reduction", ("interpolation",), None),
+    ("apply_softmax", (False,), False),
+)
+
+
+def _hf_vision_config(hf: dict, vision: SiglipConfig | None) -> SiglipConfig:
+    """The tower's config for an authors' config.json, which does not describe it: `vision`
+    when given, else a `vision_config` field (which to_hf writes), else So400m/14@384 when
+    `mm_vision_tower` names it (what the authors' code loads whatever the name)."""
+    if vision is not None:
+        return vision
+    if isinstance(hf.get("vision_config"), dict):
+        return SiglipConfig.from_hf(hf["vision_config"])
+    name = str(hf.get("mm_vision_tower", ""))
+    if any(known in name for known in SO400M_NAMES):
+        return SiglipConfig()
+    raise ValueError(f"field 'mm_vision_tower' = {hf.get('mm_vision_tower')!r} is not SigLIP "
+                     f"So400m/14@384 and there is no 'vision_config': pass --vision-tower "
+                     f"SIGLIP_DIR (a Hugging Face SigLIP folder) to give the tower's config")
+
+
 @dataclasses.dataclass(frozen=True)
 class MetaMorphConfig:
     """The LLM and vision tower configs plus the authors' config.json fields for the rest.
@@ -90,6 +118,56 @@ class MetaMorphConfig:
                 raise ValueError(f"field {name!r} = {value} is outside the LLM vocabulary "
                                  f"(vocab_size {self.llm.vocab_size})")
 
+    @classmethod
+    def from_hf(cls, hf: dict, vision: SiglipConfig | None = None) -> "MetaMorphConfig":
+        """From the authors' config.json dict (a LlamaConfig with model_type "metamorph_llama"
+        and the mm_* fields); `vision` overrides the tower's config (see _hf_vision_config)."""
+        if hf.get("model_type") != "metamorph_llama":
+            raise ValueError(f"field 'model_type' is {hf.get('model_type')!r}, not 'metamorph_llama'")
+        llm = LlamaConfig.from_hf({**hf, "model_type": "llama"})
+        for field in ("mm_hidden_size", "mm_projector_type", "vision_head_type", "num_image_tokens",
+                      "mm_vision_select_layer"):
+            if field not in hf:
+                raise ValueError(f"missing field {field!r}")
+        for field, allowed, default in _FIXED_FIELDS:
+            if default is None and field not in hf:
+                raise ValueError(f"missing field {field!r}")
+            value = hf.get(field, default)
+            if value not in allowed:
+                raise ValueError(f"field {field!r} = {value!r} is not supported (supported: "
+                                 f"{list(allowed)})")
+        vision = _hf_vision_config(hf, vision).replace(
+            visual_token_layer=hf["mm_vision_select_layer"],
+            num_visual_tokens=hf["num_image_tokens"],
+            normalize_visual_tokens=bool(hf.get("normalize_vision", False)))
+        # The image markers are the last two rows unless the file says otherwise (LLaMA-3's
+        # tokenizer has exactly 128256 tokens, so they land at 128256 and 128257).
+        return cls(
+            llm=llm, vision=vision, mm_projector_type=hf["mm_projector_type"],
+            vision_head_type=hf["vision_head_type"], num_image_tokens=hf["num_image_tokens"],
+            normalize_vision=bool(hf.get("normalize_vision", False)),
+            vision_coef=float(hf.get("vision_coef", 1.0)), mm_hidden_size=hf["mm_hidden_size"],
+            image_start_id=hf.get("image_start_id", llm.vocab_size - 2),
+            image_end_id=hf.get("image_end_id", llm.vocab_size - 1))
+
+    def to_hf(self) -> dict:
+        """A config.json the authors' code reads (and transformers' LlamaForCausalLM loads)."""
+        out = self.llm.to_hf()
+        out.update({
+            "architectures": ["MetaMorphLlamaForCausalLM"], "model_type": "metamorph_llama",
+            "mm_hidden_size": self.mm_hidden_size, "mm_projector_type": self.mm_projector_type,
+            "mm_vision_select_layer": self.vision.visual_token_layer,
+            "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",
+            "mm_use_im_start_end": True, "vision_head_type": self.vision_head_type,
+            "image_token_reduction": "interpolation", "num_image_tokens": self.num_image_tokens,
+            "freeze_vision": True, "normalize_vision": self.normalize_vision, "apply_softmax": False,
+            "vision_coef": self.vision_coef, "image_start_id": self.image_start_id,
+            "image_end_id": self.image_end_id,
+            # Not the authors' field: the tower's architecture, so to-flax reads it back.
+            "vision_config": self.vision.to_hf(),
+        })
+        return out
+
     def replace(self, **changes) -> "MetaMorphConfig":
         return dataclasses.replace(self, **changes)
 
@@ -125,11 +203,13 @@ class TwoLayerMLP(nn.Module):
     kernel_init: Any = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    platform: str | None = None  # see LlamaConfig.platform
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         in_axis, mid_axis, out_axis = self.axis_names
-        dense = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                     platform=self.platform)
         lead = ("batch",) + (None,) * (x.ndim - 3) + ("length",) if x.ndim >= 3 else ("batch",)
         hidden = layers.MultiAxisDense((self.hidden_size,), (in_axis, mid_axis),
                                        name="linear_0", **dense)(x)
@@ -152,14 +232,16 @@ def projector_module(config: MetaMorphConfig, **kwargs) -> TwoLayerMLP:
     # Vision width named "embed" as in the tower (fsdp-sharded), hidden named "mlp".
     return TwoLayerMLP(d, d, ("embed", "mlp", "embed"), kernel_init=PROJECTOR_INIT,
                        dtype=layers.to_dtype(config.llm.dtype),
-                       param_dtype=layers.to_dtype(config.llm.param_dtype), **kwargs)
+                       param_dtype=layers.to_dtype(config.llm.param_dtype),
+                       platform=config.llm.platform, **kwargs)
 
 
 def vision_head_module(config: MetaMorphConfig, **kwargs) -> TwoLayerMLP:
     return TwoLayerMLP(config.llm.hidden_size, config.vision.hidden_size,
                        ("embed", "mlp", "embed"), kernel_init=HEAD_INIT,
                        dtype=layers.to_dtype(config.llm.dtype),
-                       param_dtype=layers.to_dtype(config.llm.param_dtype), **kwargs)
+                       param_dtype=layers.to_dtype(config.llm.param_dtype),
+                       platform=config.llm.platform, **kwargs)
 
 
 def gather_tokens(table: Array, index: Array) -> Array:

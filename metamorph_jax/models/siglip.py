@@ -78,6 +78,8 @@ class SiglipConfig:
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots | dots_no_batch | everything (layers.py)
     attention_impl: str | None = None  # None | xla | cudnn | reference (layers.py)
+    # Devices the model is compiled for (LlamaConfig.platform); None: jax.default_backend().
+    platform: str | None = None
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -122,7 +124,9 @@ class SiglipConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["platform"]  # where it runs, not what it is
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SiglipConfig":
@@ -215,16 +219,7 @@ def _partitioned(init, names: tuple[str | None, ...]):
 
 
 def _layer_norm(config: SiglipConfig, name: str) -> nn.LayerNorm:
-    # Statistics in fp32 (dtype=float32), two-pass variance as torch computes it.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=jnp.float32,
-        param_dtype=layers.to_dtype(config.param_dtype),
-        use_fast_variance=False,
-        scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-        bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-        name=name,
-    )
+    return layers.layer_norm(config.layer_norm_eps, name, layers.to_dtype(config.param_dtype))
 
 
 def resize_position_embedding(table: jnp.ndarray, new_grid: tuple[int, int]) -> jnp.ndarray:
@@ -307,16 +302,19 @@ class SiglipAttention(nn.Module):
 
         def project(name):
             return layers.MultiAxisDense((cfg.num_attention_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                                  dtype=dtype, param_dtype=param_dtype, name=name)(hidden)
+                                  dtype=dtype, param_dtype=param_dtype, platform=cfg.platform,
+                                  name=name)(hidden)
 
         axes = ("batch", "length", "heads", "head_dim")
         query = nn.with_logical_constraint(project("q_proj"), axes)
         key = nn.with_logical_constraint(project("k_proj"), axes)
         value = nn.with_logical_constraint(project("v_proj"), axes)
-        attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
+        attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl,
+                                                platform=cfg.platform)
         attended = nn.with_logical_constraint(attended, axes)
         return layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
-                              dtype=dtype, param_dtype=param_dtype, name="out_proj")(attended)
+                              dtype=dtype, param_dtype=param_dtype, platform=cfg.platform,
+                              name="out_proj")(attended)
 
 
 class SiglipMLP(nn.Module):
@@ -425,9 +423,11 @@ class _PackedMultiheadAttention(nn.Module):
         query = jnp.einsum("btc,chd->bthd", queries, kernel[:, 0]) + bias[0]
         key = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 1]) + bias[1]
         value = jnp.einsum("bsc,chd->bshd", memory, kernel[:, 2]) + bias[2]
-        attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl)
+        attended = layers.dot_product_attention(query, key, value, implementation=cfg.attention_impl,
+                                                platform=cfg.platform)
         return layers.MultiAxisDense((cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
-                              dtype=dtype, param_dtype=param_dtype, name="out_proj")(attended)
+                              dtype=dtype, param_dtype=param_dtype, platform=cfg.platform,
+                              name="out_proj")(attended)
 
 
 class SiglipAttentionPoolingHead(nn.Module):

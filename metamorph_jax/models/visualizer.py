@@ -17,7 +17,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from metamorph_jax.models.diffusion_blocks import TOKEN_AXES, dense, layer_norm
+from metamorph_jax.models.diffusion_blocks import TOKEN_AXES, dense
+from metamorph_jax.models.layers import layer_norm
 from metamorph_jax.models.unet import UNet2DConditionModel, UNetConfig
 from metamorph_jax.models.vae import AutoencoderKL, VAEConfig
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from metamorph_jax.models.visual_tokens import l2_normalize
+
 Array = jax.Array
 
 
@@ -57,11 +59,6 @@ def _selected_nll_sum_bwd(residuals, grad):
 _selected_nll_sum.defvjp(_selected_nll_sum_fwd, _selected_nll_sum_bwd)
 
 
-def _l2_normalize(x: Array, eps: float) -> Array:
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
 def masked_cosine_loss(pred: Array, target: Array, mask: Array,
                        eps: float = 1e-8) -> tuple[Array, Array]:
     """Sum of (1 - cos(pred, target)) over the positions where mask is set.
@@ -71,8 +68,8 @@ def masked_cosine_loss(pred: Array, target: Array, mask: Array,
     constants) is normalised as well, which is a no-op for unit vectors and makes the value
     a true cosine. Computed in fp32. Returns (loss_sum, count); an all-zero mask gives (0, 0).
     """
-    pred = _l2_normalize(pred.astype(jnp.float32), eps)
-    target = _l2_normalize(jax.lax.stop_gradient(target).astype(jnp.float32), eps)
+    pred = l2_normalize(pred, eps=eps)  # fp32
+    target = l2_normalize(jax.lax.stop_gradient(target), eps=eps)
     cosine = jnp.sum(pred * target, axis=-1)
     selected = mask.astype(bool)
     loss_sum = jnp.sum(jnp.where(selected, 1.0 - cosine, 0.0))

@@ -246,7 +246,6 @@ class VPiTObjective(Objective):
     def load_parts(self, trainable_shardings, frozen_shardings):
         from metamorph_jax.models import metamorph
         from metamorph_jax.models.siglip import SiglipConfig
-        from metamorph_jax.training.state import merge
         if self.model_dir is not None:
             params = pretrained.load_params(self.model_dir, dtype=np.float32)
         else:

@@ -31,8 +31,10 @@ def log_warmup_linear_decay(peak_lr: float, warmup_steps: int, decay_end_step: i
 
     lr(s) = peak_lr * log(1 + s) / log(1 + warmup_steps) for s < warmup_steps (0 at step 0,
     fast early growth), then a straight line from peak_lr at warmup_steps to end_lr at
-    decay_end_step, constant after. The MetaMorph decoder uses peak 1.1e-5, warm-up 2000,
-    decay to 0 by step 14000 (paper) or 1e-5 / 4000 / 16000 (code).
+    decay_end_step, constant after. The update with optimizer count s uses lr(s), as the
+    authors' torch LambdaLR does (its first update uses the multiplier at step 0). The
+    MetaMorph decoder uses peak 1e-5, warm-up 4000, decay to 0 at step 16000 (authors'
+    code, configs/decoder_sd15.py) or 1.1e-5 / 2000 / 14000 (paper's text).
     """
     if warmup_steps < 0 or decay_end_step < warmup_steps:
         raise ValueError(f"schedule: need 0 <= warmup_steps ({warmup_steps}) <= decay_end_step "

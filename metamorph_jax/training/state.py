@@ -106,5 +106,5 @@ def init_state(trainable: Any, frozen: Any, optimizer: optax.GradientTransformat
     create = jax.jit(lambda t, f, r: TrainState.create(t, f, optimizer, r),
                      in_shardings=(shardings.trainable, shardings.frozen, shardings.rng),
                      out_shardings=shardings, donate_argnums=(0, 1))
-    with mesh:
+    with jax.set_mesh(mesh):
         return create(trainable, frozen, rng)

@@ -144,9 +144,15 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shardings: TrainState
                      donate_argnums=(0,))
 
     def run(state: TrainState, batch: dict):
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activate(mesh, rules):
             return jitted(state, batch)
+
+    def lower(state: Any, batch: dict):
+        """jax's Lowered for (abstract) state and batch, traced exactly as `run` traces."""
+        with sharding.activate(mesh, rules):
+            return jitted.lower(state, batch)
     run.jitted = jitted
+    run.lower = lower
     return run
 
 
@@ -157,6 +163,6 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, state_shardings: TrainState, 
                      out_shardings=sharding.replicated(mesh))
 
     def run(state: TrainState, batch: dict):
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activate(mesh, rules):
             return jitted(state, batch)
     return run

@@ -53,6 +53,7 @@ def abstract_boxed_params(model: nn.Module) -> Any:
 
 def param_shardings(model: nn.Module, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> Any:
+    sharding.check_platform(model.config.platform, mesh)
     return sharding.logical_shardings(abstract_boxed_params(model), mesh, rules)
 
 
@@ -75,7 +76,7 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, params_shardings: Any,
     def run(params: Any, batch: dict) -> tuple[Array, Array]:
         batch = text_batch(batch)
         _check_batch_divides(mesh, rules, batch["tokens"].shape[0])
-        with mesh, nn.logical_axis_rules(rules):
+        with sharding.activate(mesh, rules):
             return jitted(params, batch)
     return run
 

@@ -1,11 +1,12 @@
 """Rendering and VPiT masks against hand-written expectations on a tiny word tokenizer."""
 import json
+import re
 
 import numpy as np
 import pytest
 
 from metamorph_jax.data import conversation as conv
-from metamorph_jax.data.testing import build_tiny_tokenizer
+from metamorph_jax.data.testing import LLAMA3_CHAT_TEMPLATE, build_tiny_tokenizer
 
 V = 3  # visual tokens per image in these tests
 
@@ -185,3 +186,117 @@ def test_render_errors(tok):
         render(tok, base, max_images=1)
     with pytest.raises(conv.RecordError, match="no_trained_tokens"):
         render(tok, {"conversations": [{"from": "human", "value": "hello"}]})
+
+
+# --- piecewise tokenization vs the whole string, on a real byte-level BPE -----------------
+
+# LLaMA-3's pre-tokenizer split (its tokenizer.json), then byte-level bytes-to-units.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>", conv.IMAGE_START, conv.IMAGE_END]
+BPE_CORPUS = [
+    "Hello world. What is the colour of the shape?\n\nThe shape is a red circle.",
+    "Describe the image here.\nThere are two shapes:\n\n - a blue square\n - a green triangle",
+    "  Leading spaces, trailing spaces  \n\n\nand blank lines.\n \n\tTabs too.",
+    "I will think about it visually. Generate an image of a yellow circle, please!",
+    "Numbers 123 4567 and words: isn't it? we'll see, they're here.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(BPE_CORPUS, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=BPE_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|eot_id|>")
+    tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    ids = conv.add_image_tokens(tokenizer)
+    # merges across newlines exist, so a split newline run tokenizes differently
+    assert len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) == 1
+    return tokenizer, ids
+
+
+BPE_CONVERSATIONS = {
+    "text_only": [("user", "What is the colour of the shape?"),
+                  ("assistant", "The shape is a red circle.")],
+    "prompt_image": [("user", "<image>\nDescribe the image here."),
+                     ("assistant", "There are two shapes: a blue square and a green triangle.")],
+    "response_images": [("user", "Generate an image of a yellow circle, please!"),
+                        ("assistant", "Here: <image> and another<image>.")],
+    "multi_turn": [("system", "I will think about it visually."),
+                   ("user", "Hello world<image>"), ("assistant", "<image> There are two shapes"),
+                   ("user", "isn't it 123?"), ("assistant", "  we'll see  ")],
+    "leading_spaces": [("user", "   Leading spaces"), ("assistant", " trailing spaces  ")],
+    "inner_newlines": [("user", "Describe:\n\n - a blue square\n - a green triangle\n"),
+                       ("assistant", "Tabs\ttoo.\n \nand blank lines.\n\n")],
+    # content that starts with a newline (or spaces then a newline) after the header's
+    "leading_newline": [("user", "\nHello world."), ("assistant", "\n\nThe shape is red.")],
+    "leading_space_newline": [("user", "  \n Hello"), ("assistant", " \n\tTabs too.")],
+}
+
+
+def _conversation(turns):
+    text = "".join(t for _, t in turns)
+    paths = tuple(f"/img{i}.png" for i in range(text.count(conv.IMAGE_PLACEHOLDER)))
+    return conv.Conversation("c", tuple(conv.Turn(r, t) for r, t in turns), paths)
+
+
+def _text_ids(tokenizer, rendered):
+    """The rendered tokens without the visual positions (left: <image_start><image_end>)."""
+    return [int(t) for t, i in zip(rendered["tokens"], rendered["image_index"]) if i < 0]
+
+
+def _whole_string(conversation, template, tokenizer):
+    pieces = conv.template_pieces(conversation.turns, template, tokenizer)
+    return "".join(p[1] if p[0] == "text" else conv.IMAGE_START + conv.IMAGE_END for p in pieces)
+
+
+def _encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("template", conv.TEMPLATES)
+@pytest.mark.parametrize("name", sorted(BPE_CONVERSATIONS))
+def test_piecewise_ids_are_the_whole_string_ids_but_at_header_ends(bpe, template, name):
+    """The documented difference (conversation.py, "Tokenization"): the rendered ids are
+    the ids of the whole rendered string cut after each header's newline(s), each part
+    tokenized whole; they equal the uncut string's ids unless a turn's content starts with
+    whitespace holding a newline (possible with the untrimmed "llama3" template only)."""
+    tokenizer, ids = bpe
+    conversation = _conversation(BPE_CONVERSATIONS[name])
+    rendered = conv.render(conversation, tokenizer, ids, template=template, num_image_tokens=2)
+    piecewise = _text_ids(tokenizer, rendered)
+    text = _whole_string(conversation, template, tokenizer)
+    assert tokenizer.decode(piecewise) == text
+    # The string cut only at header ends, each segment tokenized whole.
+    header_end = r"(<\|end_header_id\|>\n)" if template == "llama3" else r"(<\|end_header_id\|>\n\n)"
+    parts = re.split(header_end, text)
+    segments = ["".join(parts[i:i + 2]) for i in range(0, len(parts), 2)]
+    assert "".join(segments) == text
+    assert piecewise == [i for segment in segments for i in _encode(tokenizer, segment)]
+    whole = _encode(tokenizer, text)
+    contents = [t.text.strip() if template != "llama3" else t.text for t in conversation.turns]
+    may_differ = template == "llama3" and any(
+        "\n" in c[:len(c) - len(c.lstrip())] for c in contents)
+    if not may_differ:
+        assert piecewise == whole
+    if name == "leading_newline" and template == "llama3":
+        # The whole string merges the header's "\n" with the content's into one "\n\n"
+        # pre-token (one BPE token here); render keeps them apart.
+        newline, double = _encode(tokenizer, "\n"), _encode(tokenizer, "\n\n")
+        assert piecewise != whole
+        assert _sublist(piecewise, newline + newline) and _sublist(whole, double)
+
+
+def _sublist(ids, part):
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))

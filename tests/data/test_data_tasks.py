@@ -1,6 +1,7 @@
 """Builders of the six VPiT data kinds, their record files and the command line."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +102,62 @@ def test_visual_thinking_crop(tmp_path):
         tasks.zoom_crop(tmp_path / "scene.png", [0, 0, 50, 10], tmp_path / "bad.png")
 
 
+def _load_through_pipeline(record_file, image_root=None):
+    """Every record of a file through the pipeline's SampleMaker (parse, render, load)."""
+    from metamorph_jax.data.pipeline import DataConfig, SampleMaker
+    tokenizer = build_tiny_tokenizer()
+    make = SampleMaker(tokenizer, conv.add_image_tokens(tokenizer),
+                       DataConfig(seq_len=256, num_image_tokens=2, image_size=8, image_dtype="uint8"))
+    source = sources.open_source(str(record_file), image_root)
+    return [make(source[i]) for i in range(len(source))]
+
+
+@pytest.mark.parametrize("with_root", [True, False], ids=["image_root", "no_root"])
+def test_relative_crop_dir_resolves_from_anywhere(tmp_path, monkeypatch, with_root):
+    """Crops written under a relative --crop-dir load when the records are read from
+    another working directory (against the image root, or the record file's folder)."""
+    data, work, elsewhere = tmp_path / "data", tmp_path / "work", tmp_path / "elsewhere"
+    for folder in (data, work, elsewhere):
+        folder.mkdir()
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[8:, :8] = (200, 10, 10)  # red bottom-left quadrant
+    Image.fromarray(pixels).save(data / "scene.png")
+    # without --image-root, input image paths are relative to the working directory
+    image = "scene.png" if with_root else str(data / "scene.png")
+    write_jsonl(data / "boxes.jsonl", [{"image": image, "box": [0, 8, 8, 16],
+                                        "question": "what colour ?", "answer": "red"}])
+    monkeypatch.chdir(work)
+    root = ["--image-root", "../data"] if with_root else []
+    tasks.main(["visual_thinking", "--input", "../data/boxes.jsonl", "--output", "../data/vt.jsonl",
+                "--crop-dir", "crops"] + root)
+    assert (work / "crops" / "vt00000000.png").exists()
+    monkeypatch.chdir(elsewhere)
+    samples = _load_through_pipeline(data / "vt.jsonl", str(data) if with_root else None)
+    assert len(samples) == 1 and "bad" not in samples[0], samples[0]
+    scene, crop = samples[0]["images"]
+    np.testing.assert_array_equal(scene, np.asarray(Image.open(data / "scene.png").resize((8, 8), 3)))
+    assert np.all(crop == (200, 10, 10))
+
+
+def test_relative_video_paths_resolve_from_anywhere(tmp_path, monkeypatch):
+    """Frames of a relative clip folder, and frames sampled from a video file into a
+    relative --frames-dir, load when the records are read from another directory."""
+    from metamorph_jax.data.testing import write_test_video
+    data, work, elsewhere = tmp_path / "data", tmp_path / "work", tmp_path / "elsewhere"
+    (work / "clips" / "c1").mkdir(parents=True)
+    data.mkdir(), elsewhere.mkdir()
+    for ms in range(0, 3001, 1000):
+        Image.new("RGB", (8, 8), (ms // 20, 0, 0)).save(work / "clips" / "c1" / f"{ms:06d}ms.png")
+    write_test_video(work / "clips" / "c2.mp4",
+                     [np.full((8, 8, 3), 25 * i, np.uint8) for i in range(8)], fps=4)
+    monkeypatch.chdir(work)
+    tasks.main(["video", "--input", "clips", "--output", "../data/f.jsonl", "--frames-dir", "frames",
+                "--video-kinds", "forward"])
+    monkeypatch.chdir(elsewhere)
+    samples = _load_through_pipeline(data / "f.jsonl")
+    assert len(samples) == 2 and not any("bad" in s for s in samples), samples
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as handle:
         for row in rows:
@@ -157,3 +214,25 @@ def test_video_files_become_frame_records(tmp_path):
     written = sorted(os.listdir(tmp_path / "frames" / "c2"))
     assert written == ["000000ms.png", "001000ms.png", "002000ms.png"]
     assert records[0]["images"][0] == str(tmp_path / "frames" / "c2" / "000000ms.png")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".array_record"])
+def test_builder_reads_every_source_format(tmp_path, suffix):
+    """The builder reads its input through sources.open_source, the one place a file's
+    format is decided, so a JSON list or an ArrayRecord file works as well as JSONL."""
+    rows = [{"image": "a.png", "caption": "a red circle"}, {"image": "b.png", "caption": "two shapes"}]
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    else:
+        tasks.write_records(rows, path)
+    records = list(tasks.build("text_to_image", str(path)))
+    assert [r["images"] for r in records] == [["a.png"], ["b.png"]]
+    where = {".jsonl": ":2", ".json": ":[1]", ".array_record": "#1"}[suffix]
+    bad = tmp_path / f"bad{suffix}"
+    if suffix == ".json":
+        bad.write_text(json.dumps([rows[0], ["not", "an", "object"]]))
+    else:
+        tasks.write_records([rows[0], ["not", "an", "object"]], bad)
+    with pytest.raises(conv.RecordError, match=f"bad{suffix}{re.escape(where)}: malformed_json"):
+        list(tasks.build("text_to_image", str(bad)))

@@ -1,0 +1,209 @@
+"""What generate.py does with a MetaMorph checkpoint: find the model and visualiser folders,
+decode prompts (one, a JSONL batch, or an interactive chat), render the generated images and
+write the results.
+
+A command-line module: nothing in the library imports it.
+
+Per prompt, OUT holds:
+    result.json         {"text", "tokens", "images", "finish_reason"}: the reply text with
+                        "[image N: PATH]" where image N was generated; the new token ids
+                        (-1 at each generated visual position, see vpit_generate); the PNG
+                        paths in order
+    image_N.png         the rendered images (unless rendering is off)
+    visual_tokens.npy   [images, V, C] float32: the generated visual tokens
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence, TextIO
+
+import numpy as np
+
+from metamorph_jax import config_io, pretrained
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import images as images_lib
+from metamorph_jax.inference import checkpoints
+from metamorph_jax.inference import vpit_generate as vg
+from metamorph_jax.inference.render import ImageRenderer, RenderConfig
+
+
+@dataclasses.dataclass
+class Session:
+    generator: vg.VPiTGenerator
+    tokenizer: object
+    template: str
+    renderer: ImageRenderer | None
+    model_dir: Path
+    visualizer_dir: Path | None
+
+
+def end_tokens(config_ids: Sequence[int], tokenizer) -> list[int]:
+    ids = set(int(t) for t in config_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def load_session(checkpoint: str | Path, visualizer: str | Path | None = None, *,
+                 render: bool = True, render_config: RenderConfig = RenderConfig(),
+                 template: str | None = None, dtype: str = "float32") -> Session:
+    """The generator (and renderer) for --checkpoint / --visualizer. Without a visualiser
+    folder, rendering must be turned off explicitly (render=False)."""
+    model_dir, visualizer_dir = checkpoints.resolve(checkpoint, visualizer)
+    model, params, _ = checkpoints.load_metamorph(model_dir, dtype=dtype)
+    tokenizer = pretrained.load_tokenizer(model_dir)
+    pretrained.check_vocab(model.config.llm.vocab_size, tokenizer, model_dir, model_dir)
+    vocab = tokenizer.get_vocab()
+    for name, expected in ((conv.IMAGE_START, model.config.image_start_id),
+                           (conv.IMAGE_END, model.config.image_end_id)):
+        if vocab.get(name) != expected:
+            raise ValueError(f"{model_dir}: the tokenizer has {name} = {vocab.get(name)}, the "
+                             f"model config's id is {expected}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    generator = vg.VPiTGenerator(model, params,
+                                 end_tokens(model.config.llm.eos_token_ids, tokenizer), pad)
+    renderer = None
+    if render:
+        if visualizer_dir is None:
+            raise FileNotFoundError(
+                f"no visualizer folder for {model_dir} (none given with --visualizer, none "
+                f"beside it, none in its work directory); pass --visualizer DIR, or "
+                f"--no-render to keep the generated images as visual tokens only")
+        vis_model, vis_params, schedule = checkpoints.load_visualizer(visualizer_dir)
+        renderer = ImageRenderer(vis_model, vis_params, schedule, render_config)
+        want = (model.config.num_image_tokens, model.config.mm_hidden_size)
+        if renderer.token_shape != want:
+            raise ValueError(f"{visualizer_dir}: the visualizer takes visual tokens "
+                             f"{list(renderer.token_shape)} (num_tokens, token_dim), {model_dir} "
+                             f"makes {list(want)}")
+    return Session(generator, tokenizer, template or pretrained.chat_template(model_dir),
+                   renderer, model_dir, visualizer_dir)
+
+
+def with_placeholders(text: str, image_count: int) -> str:
+    """The prompt text with one `<image>` per image: as written, or all at its start (the
+    LLaVA convention) when the text has none."""
+    found = text.count(conv.IMAGE_PLACEHOLDER)
+    if found == image_count:
+        return text
+    if found == 0:
+        return conv.IMAGE_PLACEHOLDER * image_count + "\n" + text
+    raise ValueError(f"the prompt has {found} {conv.IMAGE_PLACEHOLDER} placeholders for "
+                     f"{image_count} images")
+
+
+def load_prompt_images(session: Session, paths: Sequence[str | Path]) -> list[np.ndarray]:
+    size = session.generator.config.vision.image_size
+    return [images_lib.load_image(path, size) for path in paths]
+
+
+def write_result(out_dir: Path, session: Session, generation: vg.Generation,
+                 first_image: int = 0) -> dict:
+    """Writes result.json, the PNGs and visual_tokens.npy of one reply; returns the
+    result dict. Images are numbered from `first_image` (a chat numbers them across turns)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = len(generation.visual_tokens)
+    paths = [out_dir / f"image_{first_image + n}.png" for n in range(count)]
+    if session.renderer is not None and count:
+        session.renderer.save(generation.visual_tokens, paths)
+    written = [str(p) for p in paths] if session.renderer is not None else []
+
+    def image_text(n: int) -> str:
+        where = written[n] if written else "not rendered"
+        return f" [image {first_image + n}: {where}] "
+    text = vg.reply_text(generation, session.tokenizer, session.generator.config,
+                         image_text).strip()
+    result = {"text": text, "tokens": [int(t) for t in generation.tokens], "images": written,
+              "finish_reason": generation.finish_reason}
+    np.save(out_dir / "visual_tokens.npy", generation.visual_tokens.astype(np.float32))
+    config_io.write_json(out_dir / "result.json", result)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    text: str
+    images: tuple = ()   # paths
+
+
+def read_prompts_file(path: str | Path) -> list[PromptSpec]:
+    """A JSONL file of {"prompt": str, "images": [paths]} (images optional; relative paths
+    are relative to the file's folder)."""
+    path = Path(path)
+    specs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not JSON ({error})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{where}: field 'prompt' must be a string")
+        images = record.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise ValueError(f"{where}: field 'images' must be a list of paths")
+        specs.append(PromptSpec(record["prompt"], tuple(
+            p if Path(p).is_absolute() else str(path.parent / p) for p in images)))
+    if not specs:
+        raise ValueError(f"{path}: no prompts")
+    return specs
+
+
+def run_prompts(session: Session, specs: Sequence[PromptSpec], out_dir: str | Path,
+                sampling: vg.VPiTSampling, stream: TextIO | None = None) -> list[dict]:
+    """Decodes the prompts as one batch. One prompt writes into out_dir; several into
+    out_dir/prompt_0000, out_dir/prompt_0001, ..."""
+    out_dir, stream = Path(out_dir), stream or sys.stdout
+    config = session.generator.config
+    prompts = []
+    for spec in specs:
+        images = load_prompt_images(session, spec.images)
+        turns = [conv.Turn("user", with_placeholders(spec.text, len(images)))]
+        prompts.append(vg.prompt_from_turns(turns, images, session.tokenizer, session.template,
+                                            config, session.generator.pad_token_id))
+    generations = session.generator.generate(prompts, sampling)
+    results = []
+    for number, generation in enumerate(generations):
+        target = out_dir if len(specs) == 1 else out_dir / f"prompt_{number:04d}"
+        result = write_result(target, session, generation)
+        print(result["text"], file=stream)
+        results.append(result)
+    return results
+
+
+def chat(session: Session, lines: Iterable[str], out_dir: str | Path,
+         sampling: vg.VPiTSampling, first_images: Sequence[str] = (),
+         stream: TextIO | None = None) -> list[dict]:
+    """An interactive session over `lines` (stdin): each line is a user turn; a line
+    `/image PATH` attaches an image to the next turn; `/quit` ends. Generated images stay
+    in the context. Writes out_dir/turn_K/ per reply (images numbered across the session)
+    and out_dir/chat.json."""
+    out_dir, stream = Path(out_dir), stream or sys.stdout
+    conversation = vg.ChatSession(session.generator, session.tokenizer, session.template)
+    pending = list(first_images)
+    results, image_count = [], 0
+    print("chat: type a message; '/image PATH' attaches an image; '/quit' ends", file=stream)
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line.startswith("/image "):
+            pending.append(line[len("/image "):].strip())
+            continue
+        images = load_prompt_images(session, pending)
+        generation = conversation.ask(with_placeholders(line, len(images)), images, sampling)
+        result = write_result(out_dir / f"turn_{len(results)}", session, generation, image_count)
+        image_count += len(generation.visual_tokens)
+        result = {"user": line, "user_images": pending, **result}
+        pending = []
+        results.append(result)
+        print(f"assistant: {result['text']}", file=stream)
+        config_io.write_json(out_dir / "chat.json", results)
+    return results
