@@ -82,11 +82,6 @@ STAGE_FIELDS = {
 DONE_FILE = "DONE"
 
 
-def runner_rules(rules):
-    import flax.linen as nn
-    return nn.logical_axis_rules(rules)
-
-
 class NonFiniteLossError(FloatingPointError):
     """A non-finite loss (the message names the stage, step and the batch's record ids)."""
 
@@ -297,8 +292,7 @@ class Stage:
         batch = self.abstract_batch()
         self.compile(batch)
         state = state_lib.with_shardings(self.abstract, self.shardings)
-        with self.mesh, runner_rules(self.rules):
-            return self.train_step.jitted.lower(state, batch)
+        return self.train_step.lower(state, batch)
 
     def compile(self, stacked: dict):
         specs = {key: len(value.shape) for key, value in stacked.items()}
