@@ -27,11 +27,13 @@ def main(argv=None) -> int:
     for result in results:
         if not result.ran:
             print(f"stage {result.name}: already done ({result.final_dir})")
-        elif result.losses:
-            print(f"stage {result.name}: {result.steps} steps, loss {result.losses[0]:.4f} -> "
-                  f"{result.losses[-1]:.4f}; model folder {result.final_dir}")
-        else:
-            print(f"stage {result.name}: {result.steps} steps; model folder {result.final_dir}")
+            continue
+        resumed = ("" if result.resumed_from is None
+                   else f" resumed at step {result.resumed_from},")
+        losses = (f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+                  if result.losses else "")
+        print(f"stage {result.name}:{resumed} {result.steps} steps{losses}; model folder "
+              f"{result.final_dir}")
     return 0
 
 

@@ -228,32 +228,81 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_records_or_is_skipped(tiny
 
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_run, tmp_path):
-    """train.py killed (SIGKILL) at a random step, then run again with the same command,
-    ends with exactly (bit for bit) the loss sequence of the uninterrupted in-process run."""
+    """train.py killed (SIGKILL) at a random step after a stage's first checkpoint, then run
+    again with the same command, resumes from that checkpoint and ends with exactly (bit for
+    bit) the loss sequence of the uninterrupted in-process run."""
     config, _, assets, reference = tiny_run
     expected = train_losses(read_metrics(reference))
+    chooser = random.Random()
+    stage = chooser.choice(list(config.order))
+    every = config.checkpoint_every
+    kill_step = chooser.randint(every + 1, config.stages[stage].steps - 1)
     work = tmp_path / "run"
     command = [sys.executable, str(REPO / "train.py"), "--config", f"{TINY}:{assets}",
                "--workdir", str(work)]
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")  # as conftest sets it
-    kill_after = random.Random().randint(2, len(expected) - 2)
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    metrics = work / "metrics.jsonl"
+    metrics, first_checkpoint = work / "metrics.jsonl", work / stage / "checkpoints" / str(every)
+
+    def reached() -> bool:
+        if not (metrics.exists() and first_checkpoint.exists()):   # renamed when complete
+            return False
+        lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.endswith("}")]
+        return any(l["stage"] == stage and l["step"] >= kill_step for l in lines)
+
     try:
-        while process.poll() is None:
-            if metrics.exists() and len(train_losses(
-                    [json.loads(l) for l in metrics.read_text().splitlines()
-                     if l.endswith("}")])) >= kill_after:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
+        while process.poll() is None and not reached():
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
         process.wait(timeout=600)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_after}"
+    assert process.returncode == -signal.SIGKILL, f"the run ended before {stage} {kill_step}"
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert train_losses(read_metrics(work)) == expected, f"killed after {kill_after} steps"
+    resumed = [line for line in finished.stdout.splitlines() if "resumed at step" in line]
+    assert len(resumed) == 1 and resumed[0].startswith(f"stage {stage}:"), finished.stdout
+    assert train_losses(read_metrics(work)) == expected, f"killed at {stage} {kill_step}"
+
+def _stage(config, name, work, mesh):
+    return runner.Stage(config, list(config.order).index(name), name, work / "adapter" / "final",
+                        mesh, runner.MetricsLog(work, False))
+
+
+@pytest.mark.slow
+def test_the_train_step_lowers_from_abstract_shapes_alone(tiny_run):
+    """What a compile-only plan needs: the step traced from the config, no params, no data;
+    its batch shapes are the pipeline's."""
+    config, _, _, work = tiny_run
+    for name in config.order:
+        stage = _stage(config, name, work, runner.sharding.make_mesh(**config.mesh.to_dict()))
+        lowered = stage.lower()
+        assert "stablehlo" in lowered.as_text() or "mhlo" in lowered.as_text()
+        real = steps_lib.stack_micro_batches([next(stage.objective.batches(stage.stage.data))],
+                                             stage.objective.batch_keys)
+        assert {k: (v.shape, v.dtype) for k, v in stage.abstract_batch().items()} == \
+            {k: (v.shape, v.dtype) for k, v in real.items()}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_onto_another_mesh(tiny_run):
+    config, _, _, work = tiny_run
+    checkpoints = StageCheckpoints(work / "instruct" / "checkpoints", 2)
+    step = checkpoints.latest_step()
+    restored = []
+    for mesh in (runner.sharding.make_mesh(**config.mesh.to_dict()),
+                 runner.sharding.make_mesh(data=2, fsdp=2, tensor=2)):
+        stage = _stage(config, "instruct", work, mesh)
+        target = state_lib.with_shardings(stage.abstract, stage.shardings)
+        state, _ = checkpoints.restore(step, target, stage.objective.batches(stage.stage.data))
+        q = state.trainable["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]
+        assert q.sharding.mesh.shape == mesh.shape
+        restored.append({jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
+                         jax.tree_util.tree_leaves_with_path(jax.device_get(state))})
+    assert restored[0].keys() == restored[1].keys()
+    for path, value in restored[0].items():
+        np.testing.assert_array_equal(restored[1][path], value, err_msg=path)
+    checkpoints.close()

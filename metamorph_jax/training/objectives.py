@@ -127,6 +127,11 @@ class Objective:
     def check_batch(self, batch: dict) -> None:
         pass
 
+    def batch_shapes(self, data, rows: int) -> dict:
+        """{key: (shape, dtype)} of one micro-batch of `rows` rows as the step reads it,
+        from the data config alone (so a step can be compiled without data or params)."""
+        raise NotImplementedError
+
     def tokens_in(self, batch: dict) -> int:
         return int(np.count_nonzero(batch["segment_ids"]))
 
@@ -287,6 +292,15 @@ class VPiTObjective(Objective):
                                    f"the vision tower's is {self.config.vision.image_size}")
         return pipeline.make_iterator(sources, self.tokenizer, self.ids, config)
 
+    def batch_shapes(self, data, rows):
+        _, config = data_from_config(data, f"{self.where}: data")
+        shapes = {key: ((rows, config.seq_len), np.int32) for key in self.batch_keys
+                  if key != "images"}
+        size = config.image_size
+        shapes["images"] = ((rows, config.max_images_per_row, size, size, 3),
+                            np.dtype(config.image_dtype))
+        return shapes
+
     def normalizers(self, batch):
         return {"text_tokens": jnp.sum(batch["text_mask"] > 0, dtype=jnp.float32),
                 "vision_tokens": jnp.sum(batch["vision_mask"] > 0, dtype=jnp.float32)}
@@ -376,6 +390,10 @@ class TextObjective(Objective):
     def check_batch(self, batch):
         from metamorph_jax.data.text_records import check_text_only
         check_text_only(batch)
+
+    def batch_shapes(self, data, rows):
+        _, config = data_from_config(data, f"{self.where}: data")
+        return {key: ((rows, config.seq_len), np.int32) for key in self.batch_keys}
 
     def normalizers(self, batch):
         return {"text_tokens": jnp.sum(batch["text_mask"] > 0, dtype=jnp.float32)}
@@ -512,6 +530,11 @@ class DecoderObjective(Objective):
 
     def tokens_in(self, batch):
         return int(batch["images"].shape[0]) * self.model_config.num_tokens
+
+    def batch_shapes(self, data, rows):
+        _, config = data_from_config(data, f"{self.where}: data")
+        size = config.image_size
+        return {"images": ((rows, size, size, 3), np.float32)}
 
     def normalizers(self, batch):
         return {"micro_batches": jnp.asarray(batch["images"].shape[0], jnp.float32)}

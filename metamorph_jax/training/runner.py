@@ -276,8 +276,26 @@ class Stage:
                 "config": config_json(self.config)}
 
     # -- steps
+    def abstract_batch(self) -> dict:
+        """The global stacked batch the train step takes, as ShapeDtypeStructs with their
+        shardings: [grad_accum_steps, data.batch_size x processes, ...]."""
+        rows = int(self.stage.data.batch_size) * jax.process_count()
+        return {key: jax.ShapeDtypeStruct(
+                    (self.accum,) + shape, dtype,
+                    sharding=steps_lib.batch_sharding(self.mesh, self.rules, len(shape) + 1))
+                for key, (shape, dtype) in self.objective.batch_shapes(self.stage.data,
+                                                                       rows).items()}
+
+    def lower(self):
+        """The train step lowered from abstract shapes alone (no parameters, no data): what
+        a compile-only plan for a topology needs (`.compile()` it)."""
+        batch = self.abstract_batch()
+        self.compile(batch)
+        state = state_lib.with_shardings(self.abstract, self.shardings)
+        return self.train_step.lower(state, batch)
+
     def compile(self, stacked: dict):
-        specs = {key: value.ndim for key, value in stacked.items()}
+        specs = {key: len(value.shape) for key, value in stacked.items()}
         skip = bool(self.config.get("skip_nonfinite", False))
         train = steps_lib.make_train_step(self.objective, self.optimizer, self.schedule, skip)
         self.train_step = steps_lib.jit_train_step(train, self.mesh, self.shardings, self.rules,
