@@ -1,15 +1,48 @@
-"""Train: run a config's stages in order (VPiT adapter / instruct, decoder, LLM text).
+"""Train: run a config's stages in order (VPiT adapter / instruct, decoder, LLM text), then
+the config's final evaluation (if it has `final_eval`).
 
+  python train.py                    # configs/shapes.py into runs/shapes
   python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
 
-`--workdir` defaults to the config's work_dir. Re-running the same command with the same
-work directory resumes from the latest complete checkpoint (finished stages are skipped).
+`--config` defaults to configs/shapes.py (the Shapes recipe with its held-out evaluation,
+which writes WORK_DIR/final_metrics.json and samples.png), `--workdir` to the config's
+work_dir. Re-running the same command with the same work directory resumes from the
+latest complete checkpoint (finished stages are skipped; the evaluation runs again).
 What a run does and writes: metamorph_jax/training/runner.py; the config schema:
 configs/tiny.py.
 """
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes.py"
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        return argv
+    return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
+
+
+def final_evaluation(config, results) -> dict:
+    """evaluation/shapes_eval.py on the finished work directory; prints the numbers."""
+    from metamorph_jax.evaluation import shapes_eval
+    fields = config.final_eval.to_dict()
+    world = fields.pop("world")
+    stage_seconds = {r.name: {"seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1)}
+                     for r in results if r.ran}
+    metrics = shapes_eval.evaluate_shapes(
+        config.work_dir, world, shapes_eval.ShapesEvalConfig.from_config(fields),
+        stage_seconds=stage_seconds)
+    for name in ("vqa_accuracy", "visual_token_cosine", "generation_oracle_accuracy"):
+        chance = metrics[shapes_eval.CHANCE_FIELDS[name]]
+        print(f"{name}: {metrics[name]:.3f} (chance {chance:.3f})")
+    print(f"seconds: {json.dumps(metrics['stage_seconds'])}; evaluation "
+          f"{json.dumps({k: round(v, 1) for k, v in metrics['eval_seconds'].items()})}")
+    print(f"wrote {Path(config.work_dir) / 'final_metrics.json'} and {metrics['samples']}")
+    return metrics
 
 
 def main(argv=None) -> int:
@@ -17,7 +50,7 @@ def main(argv=None) -> int:
 
     from metamorph_jax.training import runner
     from metamorph_jax.training.objectives import StageConfigError
-    argv = list(sys.argv if argv is None else argv)
+    argv = with_default_config(list(sys.argv if argv is None else argv))
     try:
         config = runner.parse_flags(argv)
         results = runner.run(config)
@@ -32,8 +65,10 @@ def main(argv=None) -> int:
                    else f" resumed at step {result.resumed_from},")
         losses = (f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
                   if result.losses else "")
-        print(f"stage {result.name}:{resumed} {result.steps} steps{losses}; model folder "
-              f"{result.final_dir}")
+        print(f"stage {result.name}:{resumed} {result.steps} steps{losses}, "
+              f"{result.seconds:.0f} s; model folder {result.final_dir}")
+    if config.get("final_eval"):
+        final_evaluation(config, results)
     return 0
 
 

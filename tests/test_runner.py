@@ -306,3 +306,28 @@ def test_a_checkpoint_restores_onto_another_mesh(tiny_run):
     for path, value in restored[0].items():
         np.testing.assert_array_equal(restored[1][path], value, err_msg=path)
     checkpoints.close()
+
+
+@pytest.mark.slow
+def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(tiny_run, capsys):
+    """train.py on the finished tiny work directory: the stages are skipped, the final
+    evaluation (configs/tiny.py's final_eval) writes final_metrics.json and samples.png."""
+    import train
+    from PIL import Image
+    from metamorph_jax.evaluation import shapes_eval
+    config, _, assets, work = tiny_run
+    assert train.main(["train.py", "--config", f"{TINY}:{assets}", "--workdir", str(work)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((work / "final_metrics.json").read_text())
+    for name, chance in shapes_eval.CHANCE_FIELDS.items():
+        assert -1.0 <= metrics[chance] <= 1.0 and -1.0 <= metrics[name] <= 1.0
+        assert f"{name}: {metrics[name]:.3f} (chance {metrics[chance]:.3f})" in printed
+    assert metrics["counts"]["questions"] == config.final_eval.max_questions
+    assert metrics["counts"]["text_to_image_prompts"] == config.final_eval.max_prompts
+    assert metrics["generation_oracle_chance"] == 1 / (6 * 3 * 9)
+    assert set(metrics["eval_seconds"]) == {"vqa", "visual_tokens", "render_and_oracle"}
+    with Image.open(work / "samples.png") as image:
+        # one row per sample: 14 px of heading, then rows of the 4x image and 6 px padding
+        side = 4 * config.assets.image_size
+        assert image.size[1] == 14 + 6 + config.final_eval.samples * (side + 6)
+    assert metrics["samples"] == str(work / "samples.png")

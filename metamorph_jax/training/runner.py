@@ -60,6 +60,8 @@ RUN_FIELDS = {
     "eval_batches": "batches per evaluation",
     "skip_nonfinite": "skip (and count) updates with a non-finite loss instead of stopping",
     "assets": "inputs to make when absent (tiny.ensure_assets), or empty",
+    "final_eval": "train.py evaluates the result after the stages "
+                  "(evaluation/shapes_eval.py: world + ShapesEvalConfig fields), or empty",
 }
 STAGE_FIELDS = {
     "kind": "adapter | instruct | decoder | text",
@@ -223,6 +225,8 @@ class StageResult:
     skipped: int = 0
     resumed_from: int | None = None
     ran: bool = True
+    seconds: float = 0.0   # wall-clock of the stage in this run (compiles included)
+    cpu_seconds: float = 0.0   # CPU time of this process during the stage (all threads)
 
 
 class Stage:
@@ -448,7 +452,11 @@ def run(config) -> list[StageResult]:
                 logger.info("stage %s is done (%s); skipping it", name, final_dir)
                 results.append(StageResult(name, final_dir, ran=False))
             else:
-                results.append(Stage(config, index, name, previous, mesh, metrics).run())
+                wall, cpu = time.time(), time.process_time()
+                result = Stage(config, index, name, previous, mesh, metrics).run()
+                result.seconds = time.time() - wall
+                result.cpu_seconds = time.process_time() - cpu
+                results.append(result)
             previous = final_dir
     finally:
         metrics.close()
