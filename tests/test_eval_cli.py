@@ -214,6 +214,7 @@ def vpit_records(root):
     return rows
 
 
+@pytest.mark.slow
 def test_vpit_records_loss_is_packing_independent(folders, tmp_path):
     """The packed file's sums equal the sums of each record scored alone: records packed
     into one row do not see each other, and the vision cosine covers response images."""
