@@ -8,9 +8,10 @@ building prompts, extracting and scoring answers, writing predictions).
 The benchmark is a generic JSONL made from a small Shapes world's held-out (validation)
 image_qa records (data/shapes.py write_world, 16x16 images); the model is the tests'
 tiny random MetaMorph folder (tests/vpit_helpers.save_tiny_folders: 2-layer LLaMA of
-width 32, 2-layer SigLIP, 4 visual tokens per image). Each batch size is first run once
-on one batch into a scratch folder so that compilation is not timed; the timed run is
-runner.evaluate over all samples with the VPiT answerer (eval.py's path, one process).
+width 32, 2-layer SigLIP, 4 visual tokens per image). Each batch size is first run over
+all samples into a scratch folder, so that every (batch, prompt width) bucket is compiled
+before timing; the timed run is runner.evaluate over all samples with the VPiT answerer
+(eval.py's path, one process) into a fresh folder.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def main(argv=None) -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             warm = VPiTAnswerer(loaded.generator, loaded.tokenizer, loaded.template, sampling)
             runner.evaluate({"jsonl": data}, root / f"warm{batch}", generate=warm,
-                            batch_size=batch, limit=batch)
+                            batch_size=batch)
             answerer = VPiTAnswerer(loaded.generator, loaded.tokenizer, loaded.template, sampling)
             start = time.perf_counter()
             runner.evaluate({"jsonl": data}, root / f"run{batch}", generate=answerer,
