@@ -1,11 +1,33 @@
-"""Mean response-token loss and perplexity of a model folder over text-only records.
+"""Evaluation of a MetaMorph checkpoint on benchmarks and text-to-image generation, scoring
+of existing predictions, and the loss modes.
+
+Benchmarks (greedy answers of the VPiT generator, batched; resumable):
+
+  python eval.py --checkpoint DIR --benchmarks mmbench=MMBench_DEV_EN.tsv,textvqa=TextVQA_VAL.tsv
+      [--generation prompts=CAPTIONS.jsonl,references=DIR,inception=pt_inception.pth,clip=DIR]
+      [--out DIR] [--batch-size B] [--limit N] [--max-new-tokens N] [--visualizer DIR]
+      [--sampler pndm|ddim] [--diffusion-steps N] [--guidance-scale G] [--dtype float32]
+
+  DIR is a "metamorph" model folder or a training work directory. OUT gets results.json,
+  predictions/<benchmark>.jsonl (id, prompt, raw_answer, extracted, score; a rerun answers
+  only the samples not yet there) and, with --generation, generated/<id>.png (one image
+  per caption, rendered by the visualiser) scored by FID against the reference folder
+  (pytorch-fid's Inception weights file) and CLIP score (a local CLIPModel folder).
+  Benchmark names: metamorph_jax/evaluation/benchmarks.py. With neither --benchmarks nor
+  --generation, DIR (a work directory) is evaluated on its Shapes world.
+
+  python eval.py --predictions OUT/predictions --benchmarks NAME=PATH[,...] [--out DIR]
+      [--allow-missing]                        (score existing predictions, no model)
+
+Losses (--out is then a JSON file):
 
   python eval.py --llm DIR [--tokenizer DIR] --data FILE.jsonl [--data MORE.jsonl]
-      [--template NAME] [--seq-len N] [--batch-size B] [--mesh DATA,FSDP,TENSOR]
-      [--dtype float32] [--out results.json]
-
-Prints one line per file and the total, and writes everything (with bad-record counts)
-to --out. Details: metamorph_jax/evaluation/text_loss.py.
+      [--template NAME] [--seq-len N] [--batch-size B] [--mesh DATA,FSDP,TENSOR] [--out F.json]
+      (mean response-token loss and perplexity of an LLM folder over text records;
+       metamorph_jax/evaluation/text_loss.py)
+  python eval.py --checkpoint DIR --data FILE.jsonl [...] [--out F.json]
+      (VPiT records: text loss, perplexity and the vision cosine of response images;
+       metamorph_jax/evaluation/vpit_loss_eval.py)
 """
 from __future__ import annotations
 
@@ -19,37 +41,113 @@ from metamorph_jax.data.conversation import TEMPLATES
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", required=True, help="model folder (converted, or train.py's final/)")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json / tokenizer_config.json "
-                                             "(default: the model folder)")
-    parser.add_argument("--data", required=True, action="append",
-                        help="conversation records (JSONL, JSON, ArrayRecord); repeat for several files")
-    parser.add_argument("--template", choices=TEMPLATES,
-                        help="chat template (default: the one saved in the model folder)")
-    parser.add_argument("--seq-len", type=int, default=2048,
-                        help="packed row length; longer records are counted as too_long")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="rows per batch; must divide over the mesh's data x fsdp devices")
-    parser.add_argument("--mesh", default="-1,1,1", help="DATA,FSDP,TENSOR sizes (-1: the rest)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="metamorph model folder or training work directory")
+    source.add_argument("--llm", help="LLM model folder (text loss with --data)")
+    source.add_argument("--predictions", help="folder of <benchmark>.jsonl to score, no model")
+    parser.add_argument("--benchmarks", help="NAME=PATH[,NAME=PATH...]")
+    parser.add_argument("--generation", help="prompts=FILE[,references=DIR,inception=FILE][,clip=DIR]")
+    parser.add_argument("--out", help="output folder (benchmarks; default eval_out) or JSON "
+                                      "file (--data)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="only the first N samples / captions of each file")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="--predictions: score samples without a prediction as wrong")
+    parser.add_argument("--visualizer", help="visualizer folder (default: found from --checkpoint)")
+    parser.add_argument("--sampler", default="pndm", choices=["pndm", "ddim"])
+    parser.add_argument("--diffusion-steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0, help="rendering noise seed")
+    parser.add_argument("--data", action="append", help="records for the loss modes (repeatable)")
+    parser.add_argument("--tokenizer", help="--llm: tokenizer folder (default: the model folder)")
+    parser.add_argument("--template", choices=TEMPLATES, help="--data: chat template override")
+    parser.add_argument("--seq-len", type=int, default=2048, help="--data: packed row length")
+    parser.add_argument("--mesh", default="-1,1,1", help="--llm: DATA,FSDP,TENSOR sizes")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    try:
-        mesh_shape = tuple(int(x) for x in args.mesh.split(","))
-        assert len(mesh_shape) == 3
-    except (ValueError, AssertionError):
-        parser.error(f"--mesh {args.mesh!r}: give three integers DATA,FSDP,TENSOR")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size and --limit must be at least 1")
 
-    from metamorph_jax.evaluation.text_loss import evaluate
-    results = evaluate(args.llm, args.tokenizer, args.data, template=args.template,
-                       seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
-                       mesh_shape=mesh_shape)
-    for path, entry in results["files"].items():
-        print(f"{path}: loss {entry['mean_loss']:.6f}  perplexity {entry['perplexity']:.4f}  "
-              f"({entry['tokens']} tokens, {entry['records']} records, "
-              f"{sum(b['count'] for b in entry['bad_records'].values())} unusable)")
-    print(f"mean loss {results['mean_loss']:.6f}  perplexity {results['perplexity']:.4f}  "
-          f"({results['tokens']} response tokens)")
+    if args.data or args.llm:
+        return loss_mode(args, parser)
+    if args.benchmarks is None and args.predictions:
+        parser.error("--predictions needs --benchmarks")
+    from metamorph_jax.evaluation import eval_cli
+    try:
+        files = eval_cli.parse_benchmarks(args.benchmarks) if args.benchmarks else {}
+        generation = eval_cli.parse_generation(args.generation) if args.generation else None
+    except ValueError as error:
+        parser.error(str(error))
+    out = args.out or "eval_out"
+    if args.predictions:
+        if generation:
+            parser.error("--generation needs --checkpoint")
+        from metamorph_jax.evaluation import runner
+        summary = runner.evaluate(files, out, predictions_dir=args.predictions,
+                                  allow_missing=args.allow_missing, limit=args.limit)
+        eval_cli.print_summary(summary)
+        return 0
+    if not files and not generation:
+        eval_cli.evaluate_shapes_world(args.checkpoint, out)
+        return 0
+
+    from metamorph_jax.inference.render import RenderConfig
+    loaded = eval_cli.load(args.checkpoint, render=generation is not None,
+                           render_config=RenderConfig(args.sampler, args.diffusion_steps,
+                                                      args.guidance_scale, args.seed),
+                           visualizer=args.visualizer, dtype=args.dtype)
+    summary = {"benchmarks": {}}
+    if files:
+        summary = eval_cli.answer_benchmarks(loaded, files, out, batch_size=args.batch_size,
+                                             limit=args.limit, max_new_tokens=args.max_new_tokens)
+    if generation:
+        import jax
+        if jax.process_count() > 1:
+            raise NotImplementedError("--generation runs in one process")
+        summary["generation"] = eval_cli.generate_and_score(loaded, generation, out,
+                                                            batch_size=args.batch_size,
+                                                            limit=args.limit)
+        eval_cli.write_results(out, summary)
+    if summary is not None:   # None on processes other than the first
+        eval_cli.print_summary(summary)
+    return 0
+
+
+def loss_mode(args, parser) -> int:
+    if not args.data:
+        parser.error("--llm needs --data")
+    if args.benchmarks or args.generation:
+        parser.error("--data (a loss) does not combine with --benchmarks / --generation")
+    if args.llm:
+        try:
+            mesh_shape = tuple(int(x) for x in args.mesh.split(","))
+            assert len(mesh_shape) == 3
+        except (ValueError, AssertionError):
+            parser.error(f"--mesh {args.mesh!r}: give three integers DATA,FSDP,TENSOR")
+        from metamorph_jax.evaluation.text_loss import evaluate
+        results = evaluate(args.llm, args.tokenizer, args.data, template=args.template,
+                           seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
+                           mesh_shape=mesh_shape)
+        for path, entry in results["files"].items():
+            print(f"{path}: loss {entry['mean_loss']:.6f}  perplexity {entry['perplexity']:.4f}  "
+                  f"({entry['tokens']} tokens, {entry['records']} records, "
+                  f"{sum(b['count'] for b in entry['bad_records'].values())} unusable)")
+        print(f"mean loss {results['mean_loss']:.6f}  perplexity {results['perplexity']:.4f}  "
+              f"({results['tokens']} response tokens)")
+    else:
+        if args.tokenizer:
+            parser.error("--tokenizer is for --llm (a checkpoint folder holds its tokenizer)")
+        from metamorph_jax.evaluation.vpit_loss_eval import evaluate
+        results = evaluate(args.checkpoint, args.data, template=args.template,
+                           seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype)
+        for path, entry in [*results["files"].items(), ("total", results)]:
+            cosine = entry["vision_cosine"]
+            print(f"{path}: text loss {entry['text_loss']:.6f}  perplexity "
+                  f"{entry['perplexity']:.4f}  vision cosine "
+                  f"{'-' if cosine is None else f'{cosine:.6f}'}  ({entry['text_tokens']} text, "
+                  f"{entry['vision_tokens']} visual tokens, {entry['records']} records, "
+                  f"{sum(b['count'] for b in entry['bad_records'].values())} unusable)")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -20,7 +20,7 @@ FORBIDDEN = {
 }
 # Command-line modules: nothing in the library imports them.
 CLI_MODULES = ("metamorph_jax.inference.text_cli", "metamorph_jax.inference.vpit_cli",
-               "metamorph_jax.evaluation.score_cli",
+               "metamorph_jax.evaluation.score_cli", "metamorph_jax.evaluation.eval_cli",
                "convert.__main__")
 
 

@@ -70,3 +70,17 @@ def summarize(per_benchmark: dict) -> dict:
     scores = [entry["score"] for entry in per_benchmark.values()]
     return {"benchmarks": per_benchmark,
             "average": sum(scores) / len(scores) if scores else float("nan")}
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The summary as printed lines: each benchmark's score (per category below it) and
+    the average."""
+    lines = []
+    for name, entry in summary["benchmarks"].items():
+        extra = f"  pairs {entry['pair_score']:.2f}" if "pair_score" in entry else ""
+        lines.append(f"{name}: {entry['score']:.2f}{extra}  (n={entry['n']}, unparsed "
+                     f"{entry['unparsed']}, missing {entry['missing_predictions']}, skipped "
+                     f"{entry['skipped']})")
+        lines += [f"    {category}: {score:.2f}" for category, score in entry["categories"].items()]
+    lines.append(f"average over {len(summary['benchmarks'])} benchmarks: {summary['average']:.2f}")
+    return lines

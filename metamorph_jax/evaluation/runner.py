@@ -62,12 +62,17 @@ def make_request(benchmark: str, sample: Sample, fps: float = 1.0,
 
 def run_benchmark(benchmark: str, samples: list[Sample], generate: GenerateFn, out_dir, *,
                   batch_size: int = 8, skipped: dict | None = None, video_fps: float = 1.0,
-                  max_video_frames: int | None = None, progress: bool = False) -> dict:
+                  max_video_frames: int | None = None, progress: bool = False,
+                  write: bool = True) -> dict | None:
     """Answer every sample not yet in OUT/predictions/<benchmark>.jsonl, writing each line as
-    its batch finishes, then score the whole file."""
+    its batch finishes, then score the whole file.
+
+    write=False (every process but the first of a multi-process run): the same samples are
+    answered (`generate` gathers the answers across processes) but nothing is written and
+    None is returned; OUT must be the same shared folder for every process."""
     path = predictions_path(out_dir, benchmark)
-    todo = []
-    with PredictionsWriter(path) as writer:
+    done = read_predictions(path)[0] if not write else None
+    with (PredictionsWriter(path) if write else _NoWriter(done)) as writer:
         todo = [s for s in samples if not writer.done(s.id)]
         batches = range(0, len(todo), batch_size)
         if progress:
@@ -84,7 +89,28 @@ def run_benchmark(benchmark: str, samples: list[Sample], generate: GenerateFn, o
                 extracted, score = scoring.score_sample(rule, request.sample, raw)
                 writer.write({"id": request.id, "prompt": request.prompt, "raw_answer": str(raw),
                               "extracted": extracted, "score": score})
+    if not write:
+        return None
     return score_predictions(benchmark, samples, path, skipped=skipped)
+
+
+class _NoWriter:
+    """The resume bookkeeping of a PredictionsWriter without the file."""
+
+    def __init__(self, records: dict):
+        self.records = dict(records)
+
+    def done(self, sample_id: str) -> bool:
+        return sample_id in self.records
+
+    def write(self, record: dict) -> None:
+        self.records[record["id"]] = record
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: dict | None = None,
@@ -114,25 +140,34 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
 
 
 def evaluate(files: dict, out_dir, *, generate: GenerateFn | None = None, predictions_dir=None,
-             allow_missing: bool = False, **run_kwargs) -> dict:
+             allow_missing: bool = False, limit: int | None = None, write: bool = True,
+             **run_kwargs) -> dict | None:
     """{benchmark: data path} -> summary of every benchmark and their average, written to
     OUT/results.json. With `generate`, answers are produced (resuming OUT/predictions);
-    with `predictions_dir` instead, its <benchmark>.jsonl files are scored as they are."""
+    with `predictions_dir` instead, its <benchmark>.jsonl files are scored as they are.
+    limit: only the first N samples of each benchmark (in file order) are answered and
+    scored. write=False: see run_benchmark (returns None, writes nothing)."""
     if (generate is None) == (predictions_dir is None):
         raise ValueError("give either generate (run a model) or predictions_dir (score existing)")
     per_benchmark = {}
     for benchmark, path in files.items():
         samples, skipped = benchmarks.read(benchmark, path)
+        if limit is not None:
+            samples = samples[:limit]
         if generate is not None:
             per_benchmark[benchmark] = run_benchmark(benchmark, samples, generate, out_dir,
-                                                     skipped=skipped, **run_kwargs)
+                                                     skipped=skipped, write=write, **run_kwargs)
         else:
             source = Path(predictions_dir) / f"{benchmark}.jsonl"
             if not source.exists():
                 raise FileNotFoundError(f"no predictions file {source} for benchmark {benchmark}")
             per_benchmark[benchmark] = score_predictions(benchmark, samples, source, skipped=skipped,
                                                          allow_missing=allow_missing)
+    if not write:
+        return None
     summary = results.summarize(per_benchmark)
+    if limit is not None:
+        summary["limit"] = limit
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(out_dir) / "results.json", "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metamorph_jax.evaluation import benchmarks, runner
+from metamorph_jax.evaluation import benchmarks, results, runner
 
 
 def parse_benches(values: list[str], parser) -> dict:
@@ -42,13 +42,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     summary = runner.evaluate(parse_benches(args.bench, parser), args.out,
                               predictions_dir=args.predictions, allow_missing=args.allow_missing)
-    for name, entry in summary["benchmarks"].items():
-        extra = f"  pairs {entry['pair_score']:.2f}" if "pair_score" in entry else ""
-        print(f"{name}: {entry['score']:.2f}{extra}  (n={entry['n']}, unparsed {entry['unparsed']}, "
-              f"missing {entry['missing_predictions']}, skipped {entry['skipped']})")
-        for category, score in entry["categories"].items():
-            print(f"    {category}: {score:.2f}")
-    print(f"average over {len(summary['benchmarks'])} benchmarks: {summary['average']:.2f}")
+    for line in results.summary_lines(summary):
+        print(line)
     return 0
 
 

@@ -1,0 +1,140 @@
+"""Benchmark answers and caption images from the VPiT generator: the `generate` function
+runner.evaluate takes, split across processes, and text-to-image generation.
+
+Processes: a batch of requests is split by sample index (process p answers rows p, p + P,
+...), each process decodes its rows as one generator batch on its own default device, and
+the answers are all-gathered so every process returns the whole batch in order (only
+process 0 writes files; see runner.run_benchmark's `write`). Within a process the
+generator runs on one device: a prompt batch is not split over a process's devices.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import images as images_lib
+from metamorph_jax.evaluation.samples import decode_image
+from metamorph_jax.inference import vpit_generate as vg
+
+# The first text-to-image wording the training records use (data/tasks.py PROMPTS).
+CAPTION_PROMPT = "Generate an image of {caption}"
+
+
+def process_rows(count: int, index: int, processes: int) -> list[int]:
+    """The rows of a batch of `count` that process `index` of `processes` answers."""
+    return list(range(index, count, processes))
+
+
+def gather_texts(local: Sequence[str], count: int, index: int, processes: int) -> list[str]:
+    """Every process's answers (process p holds rows process_rows(count, p, processes))
+    -> all `count` answers in row order, on every process."""
+    if processes == 1:
+        return list(local)
+    from jax.experimental import multihost_utils
+
+    encoded = [text.encode("utf-8") for text in local]
+    width = int(multihost_utils.process_allgather(
+        np.asarray(max((len(e) for e in encoded), default=0), np.int32)).max())
+    share = -(-count // processes)
+    table = np.zeros((share, width + 4), np.uint8)  # 4 bytes of length, then the text
+    for row, data in enumerate(encoded):
+        table[row, :4] = np.frombuffer(np.uint32(len(data)).tobytes(), np.uint8)
+        table[row, 4:4 + len(data)] = np.frombuffer(data, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(table))  # [P, share, width + 4]
+    out = [""] * count
+    for process in range(processes):
+        for slot, row in enumerate(process_rows(count, process, processes)):
+            entry = gathered[process, slot]
+            length = int(np.frombuffer(entry[:4].tobytes(), np.uint32)[0])
+            out[row] = entry[4:4 + length].tobytes().decode("utf-8")
+    return out
+
+
+class VPiTAnswerer:
+    """generate(requests) -> raw answer texts, for runner.evaluate. Each request is one
+    user turn (its `<image>` placeholders filled with its images, resized and normalised
+    for the tower), rendered with the model folder's chat template."""
+
+    def __init__(self, generator: vg.VPiTGenerator, tokenizer, template: str,
+                 sampling: vg.VPiTSampling, process_index: int = 0, process_count: int = 1):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.template = template
+        self.sampling = sampling
+        self.process_index, self.process_count = process_index, process_count
+        self.decode_seconds = 0.0   # time inside the generator (the benchmark reads it)
+
+    def prompt(self, request) -> vg.VPiTPrompt:
+        size = self.generator.config.vision.image_size
+        pixels = [images_lib.preprocess(decode_image(image, f"{request.sample.where}, image {n}"),
+                                        size) for n, image in enumerate(request.images)]
+        return vg.prompt_from_turns([conv.Turn("user", request.prompt)], pixels, self.tokenizer,
+                                    self.template, self.generator.config,
+                                    self.generator.pad_token_id)
+
+    def __call__(self, requests: Sequence) -> list[str]:
+        import time
+
+        rows = process_rows(len(requests), self.process_index, self.process_count)
+        local = []
+        if rows:
+            prompts = [self.prompt(requests[row]) for row in rows]
+            start = time.perf_counter()
+            generations = self.generator.generate(prompts, self.sampling)
+            self.decode_seconds += time.perf_counter() - start
+            local = [vg.reply_text(g, self.tokenizer, self.generator.config).strip()
+                     for g in generations]
+        return gather_texts(local, len(requests), self.process_index, self.process_count)
+
+
+def caption_prompt(caption: str, generator: vg.VPiTGenerator, tokenizer, template: str,
+                   wording: str = CAPTION_PROMPT) -> vg.VPiTPrompt:
+    """The user turn asking for an image of `caption`, with `<image_start>` appended after
+    the assistant header so the reply is an image (the generator continues a prompt that
+    ends on `<image_start>` with that image's visual tokens)."""
+    prompt = vg.prompt_from_turns([conv.Turn("user", wording.format(caption=caption.rstrip(".")))],
+                                  [], tokenizer, template, generator.config,
+                                  generator.pad_token_id)
+    return vg.VPiTPrompt(np.append(prompt.tokens, np.int32(generator.config.image_start_id)),
+                         np.append(prompt.image_index, np.int32(-1)), ())
+
+
+def generate_caption_images(generator: vg.VPiTGenerator, renderer, tokenizer, template: str,
+                            captions: Sequence[tuple[str, str]], out_dir, *,
+                            batch_size: int = 8, progress: bool = False) -> list[Path]:
+    """One image per (id, caption), rendered to OUT_DIR/<id>.png (the id with characters
+    other than letters, digits, '-', '_' and '.' replaced by '_'); images already there are
+    kept, so a rerun resumes. Greedy decoding. Returns the paths in caption order and
+    writes OUT_DIR/captions.json ({file name: caption})."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{_safe_name(key)}.png" for key, _ in captions]
+    if len(set(paths)) != len(paths):
+        raise ValueError("two caption ids map to the same file name")
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    sampling = vg.VPiTSampling(max_new_tokens=2, max_new_images=1)
+    batches = range(0, len(todo), batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="generation", unit="batch")
+    for start in batches:
+        rows = todo[start:start + batch_size]
+        prompts = [caption_prompt(captions[i][1], generator, tokenizer, template) for i in rows]
+        generations = generator.generate(prompts, sampling)
+        for row, generation in zip(rows, generations):
+            if len(generation.visual_tokens) != 1:
+                raise RuntimeError(f"caption {captions[row][0]!r}: the generator returned "
+                                   f"{len(generation.visual_tokens)} images, expected 1")
+        tokens = np.concatenate([g.visual_tokens for g in generations])
+        renderer.save(tokens, [paths[i] for i in rows])
+    (out_dir / "captions.json").write_text(json.dumps(
+        {p.name: caption for p, (_, caption) in zip(paths, captions)}, indent=1))
+    return paths
+
+
+def _safe_name(key: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(key))

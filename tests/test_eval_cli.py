@@ -1,0 +1,289 @@
+"""eval.py --checkpoint end to end on a tiny MetaMorph folder: benchmark answers from the
+VPiT generator (results.json, predictions files, resuming after an interrupted run,
+scoring existing predictions), --generation (FID and CLIP score of generated images), the
+VPiT-records loss with the vision cosine, and the process split of a batch."""
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import images as images_lib
+from metamorph_jax.evaluation import benchmarks, fid, prompts, runner, scoring, vpit_answers
+from metamorph_jax.evaluation.predictions import read_predictions
+from metamorph_jax.inference import vpit_generate as vg
+from tests.test_eval_benchmarks import mmbench_file
+from tests.vpit_helpers import IMAGE_SIZE, save_tiny_folders
+
+eval_cli = importlib.import_module("eval")
+FAST_RENDER = ["--sampler", "ddim", "--diffusion-steps", "2", "--guidance-scale", "2.0"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return save_tiny_folders(tmp_path_factory.mktemp("models"))
+
+
+def write_png(path, seed, size=IMAGE_SIZE):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), np.uint8)).save(path)
+    return path
+
+
+def generic_jsonl(root):
+    rows = [{"id": f"q{i}", "image": f"img/{i}.png", "question": "what colour is the circle ?",
+             "choices": ["red", "blue"], "answer": "A", "category": "colour"} for i in range(3)]
+    rows += [{"id": f"s{i}", "image": f"img/{i}.png", "question": "how many shapes",
+              "answer": "two"} for i in range(3, 5)]
+    for i in range(5):
+        write_png(root / "img" / f"{i}.png", i)
+    path = root / "shapes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class CountingGenerate:
+    """Wraps VPiTGenerator.generate to count the prompts decoded."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        original = vg.VPiTGenerator.generate
+
+        def counted(generator, prompts_, sampling=vg.VPiTSampling()):
+            self.rows += len(prompts_)
+            return original(generator, prompts_, sampling)
+        monkeypatch.setattr(vg.VPiTGenerator, "generate", counted)
+
+
+@pytest.mark.slow
+def test_benchmarks_resume_and_score_existing_predictions(folders, tmp_path, monkeypatch, capsys):
+    model_dir, _ = folders
+    files = {"jsonl": generic_jsonl(tmp_path), "mmbench": mmbench_file(tmp_path)}
+    spec = ",".join(f"{name}={path}" for name, path in files.items())
+    out = tmp_path / "out"
+    counter = CountingGenerate(monkeypatch)
+    # An interrupted run: only the first 2 samples of each benchmark.
+    assert eval_cli.main(["--checkpoint", str(model_dir), "--benchmarks", spec, "--out", str(out),
+                          "--limit", "2", "--batch-size", "2", "--max-new-tokens", "4"]) == 0
+    assert counter.rows == 4
+    partial = {name: read_predictions(out / "predictions" / f"{name}.jsonl")[0] for name in files}
+    assert [list(p) for p in partial.values()] == [["q0", "q1"], ["1", "1000001"]]
+    # The rerun answers only the rest (3 + 2) and keeps the finished lines as they were.
+    counter.rows = 0
+    assert eval_cli.main(["--checkpoint", str(model_dir), "--benchmarks", spec, "--out", str(out),
+                          "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    assert counter.rows == 5
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["benchmarks"]) == set(files) and "limit" not in summary
+    assert summary["benchmarks"]["jsonl"]["n"] == 5 and summary["benchmarks"]["mmbench"]["n"] == 4
+    printed = capsys.readouterr().out
+    assert f"average over 2 benchmarks: {summary['average']:.2f}" in printed
+
+    # Each line: the prompt as the benchmark words it, the greedy reply of the model to that
+    # prompt alone (batch 1, built here from the image file), and its extraction and score.
+    samples = {s.id: s for s in benchmarks.read("jsonl", files["jsonl"])[0]}
+    records = read_predictions(out / "predictions" / "jsonl.jsonl")[0]
+    assert list(records) == ["q0", "q1", "q2", "s3", "s4"]
+    assert {k: records[k] for k in partial["jsonl"]} == partial["jsonl"]
+    from metamorph_jax.evaluation.eval_cli import load
+    loaded = load(model_dir, render=False)
+    for sample_id, record in records.items():
+        sample = samples[sample_id]
+        text, _ = prompts.build_prompt("jsonl", sample)
+        assert record["prompt"] == text
+        pixels = [images_lib.load_image(path, IMAGE_SIZE) for path in sample.images]
+        prompt = vg.prompt_from_turns([conv.Turn("user", text)], pixels, loaded.tokenizer,
+                                      "llama3", loaded.generator.config)
+        alone = loaded.generator.generate([prompt], vg.VPiTSampling(max_new_tokens=4,
+                                                                    max_new_images=0))[0]
+        assert record["raw_answer"] == vg.reply_text(alone, loaded.tokenizer,
+                                                     loaded.generator.config).strip()
+        rule = scoring.rule_for("jsonl", sample)
+        assert [record["extracted"], record["score"]] == list(
+            scoring.score_sample(rule, sample, record["raw_answer"]))
+
+    # --predictions scores the same files without a model.
+    rescored = tmp_path / "rescored"
+    assert eval_cli.main(["--predictions", str(out / "predictions"), "--benchmarks", spec,
+                          "--out", str(rescored)]) == 0
+    assert json.loads((rescored / "results.json").read_text()) == summary
+
+
+def test_no_benchmark_flags_is_the_shapes_hook(folders, tmp_path):
+    model_dir, _ = folders
+    with pytest.raises(NotImplementedError, match="Shapes evaluation needs"):
+        eval_cli.main(["--checkpoint", str(model_dir), "--out", str(tmp_path)])
+
+
+def test_bad_flags(folders, capsys):
+    model_dir, _ = folders
+    for flags in (["--benchmarks", "nope=x.tsv"], ["--benchmarks", "jsonl"],
+                  ["--generation", "references=d"]):
+        with pytest.raises(SystemExit):
+            eval_cli.main(["--checkpoint", str(model_dir), *flags])
+    assert "unknown name 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generation_fid_and_clip(folders, tmp_path):
+    from tests.test_clip_score import tiny_clip  # noqa: F401  (the folder is built below)
+    from tests.test_fid import random_torch_inception
+
+    model_dir, _ = folders
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"id": "a", "caption": "a red circle"}) + "\n"
+                        + json.dumps({"id": "b", "caption": "a blue square"}) + "\n")
+    references = tmp_path / "refs"
+    for i in range(3):
+        write_png(references / f"{i}.png", 10 + i, size=8)
+    inception = tmp_path / "pt_inception.pth"
+    torch.save(random_torch_inception().state_dict(), inception)
+    clip_dir = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "out"
+    spec = f"prompts={captions},references={references},inception={inception},clip={clip_dir}"
+    assert eval_cli.main(["--checkpoint", str(model_dir), "--generation", spec, "--out", str(out),
+                          *FAST_RENDER]) == 0
+    generation = json.loads((out / "results.json").read_text())["generation"]
+    paths = [out / "generated" / "a.png", out / "generated" / "b.png"]
+    for path in paths:
+        assert np.asarray(Image.open(path)).shape == (8, 8, 3)
+    # The numbers are fid.py's and clip_score.py's on the files written.
+    params = fid.load_weights(inception)
+    expected = fid.fid(params, sorted(str(p) for p in references.iterdir()), [str(p) for p in paths])
+    assert generation["fid"] == pytest.approx(expected, rel=1e-9) and generation["fid_references"] == 3
+    from metamorph_jax.evaluation import clip_score
+    model, processor = clip_score.load_clip(str(clip_dir))
+    clip_expected = clip_score.clip_score(model, processor, [str(p) for p in paths],
+                                          ["a red circle", "a blue square"])
+    assert generation["clip_score"] == pytest.approx(clip_expected["score"], rel=1e-9)
+    assert generation["n"] == 2 and np.isfinite(generation["fid"])
+
+
+def build_tiny_clip(folder):
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
+                              CLIPTokenizer)
+
+    folder.mkdir(parents=True)
+    vocab = {}
+    for suffix in ("", "</w>"):
+        for char in "abcdefghijklmnopqrstuvwxyz":
+            vocab[char + suffix] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                         eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_caption_prompts_always_generate_one_image(folders):
+    from metamorph_jax.evaluation.eval_cli import load
+    loaded = load(folders[0], render=False)
+    prompt = vpit_answers.caption_prompt("a red circle", loaded.generator, loaded.tokenizer, "llama3")
+    assert prompt.tokens[-1] == loaded.generator.config.image_start_id
+    generation = loaded.generator.generate([prompt], vg.VPiTSampling(max_new_tokens=2))[0]
+    assert generation.visual_tokens.shape[0] == 1
+
+
+def vpit_records(root):
+    rows = []
+    for i in range(3):
+        write_png(root / f"r{i}.png", 20 + i)
+        rows.append({"id": f"t2i{i}", "image": f"r{i}.png", "conversations": [
+            {"from": "human", "value": "draw a red circle"}, {"from": "gpt", "value": "here <image>"}]})
+        rows.append({"id": f"qa{i}", "image": f"r{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]})
+    return rows
+
+
+@pytest.mark.slow
+def test_vpit_records_loss_is_packing_independent(folders, tmp_path):
+    """The packed file's sums equal the sums of each record scored alone: records packed
+    into one row do not see each other, and the vision cosine covers response images."""
+    model_dir, _ = folders
+    rows = vpit_records(tmp_path)
+    together = tmp_path / "all.jsonl"
+    together.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alone = []
+    for i, row in enumerate(rows):
+        alone.append(tmp_path / f"one{i}.jsonl")
+        alone[-1].write_text(json.dumps(row) + "\n")
+    out = tmp_path / "loss.json"
+    assert eval_cli.main(["--checkpoint", str(model_dir), "--data", str(together), "--seq-len", "256",
+                          "--batch-size", "1", "--out", str(out)]) == 0
+    packed = json.loads(out.read_text())
+    assert packed["records"] == len(rows) and packed["bad_records"] == {}
+    from metamorph_jax.evaluation.vpit_loss_eval import evaluate
+    single = evaluate(model_dir, [str(p) for p in alone], seq_len=64, batch_size=1, progress=False)
+    for key in ("text_tokens", "vision_tokens"):
+        assert packed[key] == single[key]
+    assert packed["vision_tokens"] == 3 * 4 and packed["text_tokens"] > 0  # 3 response images
+    assert packed["text_loss"] == pytest.approx(single["text_loss"], rel=1e-5)
+    assert packed["vision_cosine"] == pytest.approx(single["vision_cosine"], rel=1e-5, abs=1e-6)
+    # Only question answering: no response image, no vision cosine.
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"].startswith("qa")))
+    assert evaluate(model_dir, [str(qa)], seq_len=256, batch_size=1, progress=False)[
+        "vision_cosine"] is None
+
+
+def test_process_split_and_gather(monkeypatch):
+    """Four simulated processes answer their rows of a batch of 7; the all-gather puts
+    every answer back in row order on every process."""
+    from jax.experimental import multihost_utils
+
+    processes, count = 4, 7
+    assert sorted(r for p in range(processes)
+                  for r in vpit_answers.process_rows(count, p, processes)) == list(range(count))
+    barrier = threading.Barrier(processes)
+    slots, calls = {}, threading.local()
+
+    def fake_allgather(value):  # each thread is process int(name[1:])
+        me = int(threading.current_thread().name[1:])
+        calls.n = getattr(calls, "n", 0) + 1
+        slots[(calls.n, me)] = np.asarray(value)
+        barrier.wait()
+        gathered = np.stack([slots[(calls.n, p)] for p in range(processes)])
+        barrier.wait()
+        return gathered
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
+    texts = [f"answer {row} é" * (row + 1) for row in range(count)]
+    results = {}
+
+    def run(p):
+        local = [texts[r] for r in vpit_answers.process_rows(count, p, processes)]
+        results[p] = vpit_answers.gather_texts(local, count, p, processes)
+
+    threads = [threading.Thread(target=run, args=(p,), name=f"p{p}") for p in range(processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(results[p] == texts for p in range(processes))
+
+
+def test_only_the_first_process_writes(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "q", "answer": "x"}) + "\n")
+    assert runner.evaluate({"jsonl": path}, tmp_path / "out", generate=lambda b: ["x"] * len(b),
+                           write=False) is None
+    assert not (tmp_path / "out").exists()
