@@ -115,10 +115,18 @@ def test_benchmarks_resume_and_score_existing_predictions(folders, tmp_path, mon
     assert json.loads((rescored / "results.json").read_text()) == summary
 
 
-def test_no_benchmark_flags_is_the_shapes_hook(folders, tmp_path):
+def test_no_benchmark_flags_evaluate_a_work_directory_s_shapes_world(folders, tmp_path):
+    """Without --benchmarks eval.py scores a train.py work directory's Shapes world (its
+    config.json's final_eval; the evaluation itself is tested through train.py in
+    test_runner.py); a model folder, or a run without a world, is one clear error."""
     model_dir, _ = folders
-    with pytest.raises(NotImplementedError, match="Shapes evaluation needs"):
+    with pytest.raises(FileNotFoundError, match="evaluates the Shapes world of a train.py"):
         eval_cli.main(["--checkpoint", str(model_dir), "--out", str(tmp_path)])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"order": []}))
+    with pytest.raises(ValueError, match="field 'final_eval.world' is missing"):
+        from metamorph_jax.evaluation.eval_cli import evaluate_shapes_world
+        evaluate_shapes_world(tmp_path / "run", tmp_path / "out")
 
 
 def test_bad_flags(folders, capsys):

@@ -148,10 +148,21 @@ def print_summary(summary: dict) -> None:
 
 
 def evaluate_shapes_world(work_dir, out) -> dict:
-    """The no-flag path of eval.py: the Shapes world of a training work directory. This is
-    the hook for metamorph_jax/evaluation/shapes_eval.py (evaluate_shapes(work_dir, ...)),
-    which is not part of this tree yet."""
-    raise NotImplementedError(
-        "Shapes evaluation needs metamorph_jax/evaluation/shapes_eval.py (evaluate_shapes), "
-        "which this version does not have; give --benchmarks NAME=PATH[,...] and/or "
-        f"--generation prompts=FILE,... to evaluate {work_dir}")
+    """The no-flag path of eval.py: the Shapes world of a training work directory, scored
+    by evaluation/shapes_eval.py with the `final_eval` fields of the run's config.json
+    (the world folder and the evaluation settings train.py used)."""
+    from metamorph_jax import config_io
+    from metamorph_jax.evaluation import shapes_eval
+    config_path = Path(work_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: with no --benchmarks, eval.py "
+                                "evaluates the Shapes world of a train.py work directory")
+    fields = dict(config_io.read_json(config_path).get("final_eval") or {})
+    if "world" not in fields:
+        raise ValueError(f"{config_path}: field 'final_eval.world' is missing: this run has no "
+                         "Shapes world to evaluate; give --benchmarks NAME=PATH[,...] and/or "
+                         "--generation prompts=FILE,...")
+    world = fields.pop("world")
+    return shapes_eval.evaluate_shapes(work_dir, world,
+                                       shapes_eval.ShapesEvalConfig.from_config(fields),
+                                       out_dir=out)
