@@ -70,7 +70,7 @@ def test_converted_model_matches_the_torch_reference(folders):
     packing.fill_row(batch, 0, [sample], TOKENS_PER_IMAGE)
     model = metamorph.MetaMorph(config)
     loss, metrics = jax.jit(lambda p, b: vpit_loss.vpit_loss(model, p, b))(
-        params, {k: jnp.asarray(v) for k, v in batch.items()})
+        params, {k: jnp.asarray(v) for k, v in packing.device_fields(batch).items()})
     with torch.no_grad():
         text_sum, text_count, vision_sum, vision_count = folders["reference"].sample_sums(
             sample["tokens"], sample["images"], sample["text_mask"], folders["ids"].image_start_id)

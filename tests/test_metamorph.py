@@ -51,7 +51,7 @@ def packed_batch(samples: dict, rows: list[list[str]]) -> dict:
     batch = packing.empty_batch(len(rows), SEQ_LEN, MAX_IMAGES, IMAGE_SIZE)
     for row, names in enumerate(rows):
         packing.fill_row(batch, row, [samples[n] for n in names], TOKENS_PER_IMAGE)
-    return batch
+    return packing.device_fields(batch)
 
 
 def ours(config, params, batch):

@@ -45,6 +45,14 @@ TOKEN_KEYS = ("tokens", "text_targets", "text_mask", "vision_mask")
 INDEX_KEYS = ("image_index", "vision_target_index")
 
 
+HOST_KEYS = ("record_ids",)   # batch fields that stay on the host (never sent to devices)
+
+
+def device_fields(batch: dict) -> dict:
+    """The batch without its host-only fields (what a jitted step may take)."""
+    return {key: value for key, value in batch.items() if key not in HOST_KEYS}
+
+
 def empty_batch(batch_size: int, seq_len: int, max_images: int, image_size: int,
                 image_dtype: str = "float32") -> dict:
     shape = (batch_size, seq_len)
