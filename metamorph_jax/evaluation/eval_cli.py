@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 from metamorph_jax import pretrained
-from metamorph_jax.data import conversation as conv
 from metamorph_jax.evaluation import benchmarks, results, runner
 
 GENERATION_KEYS = ("prompts", "references", "inception", "clip")
@@ -70,20 +69,9 @@ def load(checkpoint, *, render: bool, render_config=None, visualizer=None,
     from metamorph_jax.inference.render import ImageRenderer, RenderConfig
 
     model_dir, visualizer_dir = checkpoints.resolve(checkpoint, visualizer)
-    model, params, _ = checkpoints.load_metamorph(model_dir, dtype=dtype)
-    tokenizer = pretrained.load_tokenizer(model_dir)
-    pretrained.check_vocab(model.config.llm.vocab_size, tokenizer, model_dir, model_dir)
-    vocab = tokenizer.get_vocab()
-    for name, expected in ((conv.IMAGE_START, model.config.image_start_id),
-                           (conv.IMAGE_END, model.config.image_end_id)):
-        if vocab.get(name) != expected:
-            raise ValueError(f"{model_dir}: the tokenizer has {name} = {vocab.get(name)}, the "
-                             f"model config's id is {expected}")
-    ends = set(int(t) for t in model.config.llm.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        ends.add(int(tokenizer.eos_token_id))
+    model, params, tokenizer, ends = checkpoints.load_metamorph_for_decoding(model_dir, dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = vg.VPiTGenerator(model, params, sorted(ends), pad)
+    generator = vg.VPiTGenerator(model, params, ends, pad)
     renderer = None
     if render:
         if visualizer_dir is None:

@@ -134,3 +134,23 @@ def load_visualizer(visualizer_dir: str | Path):
         raise ValueError(f"{path}: {error}") from None
     params = jax.tree.map(jnp.asarray, pretrained.load_params(visualizer_dir, dtype=np.float32))
     return Visualizer(config), params, schedule
+
+
+def load_metamorph_for_decoding(model_dir: str | Path, dtype: str = "float32"):
+    """(model, params, tokenizer, end token ids) of a "metamorph" folder, with the folder's
+    tokenizer checked against the model: its size, and the ids of the two image markers."""
+    from metamorph_jax.data import conversation as conv
+
+    model, params, _ = load_metamorph(model_dir, dtype=dtype)
+    tokenizer = pretrained.load_tokenizer(model_dir)
+    pretrained.check_vocab(model.config.llm.vocab_size, tokenizer, model_dir, model_dir)
+    vocab = tokenizer.get_vocab()
+    for name, expected in ((conv.IMAGE_START, model.config.image_start_id),
+                           (conv.IMAGE_END, model.config.image_end_id)):
+        if vocab.get(name) != expected:
+            raise ValueError(f"{model_dir}: the tokenizer has {name} = {vocab.get(name)}, the "
+                             f"model config's id is {expected}")
+    ends = {int(t) for t in model.config.llm.eos_token_ids}
+    if tokenizer.eos_token_id is not None:
+        ends.add(int(tokenizer.eos_token_id))
+    return model, params, tokenizer, sorted(ends)

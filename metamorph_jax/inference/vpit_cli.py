@@ -40,31 +40,15 @@ class Session:
     visualizer_dir: Path | None
 
 
-def end_tokens(config_ids: Sequence[int], tokenizer) -> list[int]:
-    ids = set(int(t) for t in config_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
 def load_session(checkpoint: str | Path, visualizer: str | Path | None = None, *,
                  render: bool = True, render_config: RenderConfig = RenderConfig(),
                  template: str | None = None, dtype: str = "float32") -> Session:
     """The generator (and renderer) for --checkpoint / --visualizer. Without a visualiser
     folder, rendering must be turned off explicitly (render=False)."""
     model_dir, visualizer_dir = checkpoints.resolve(checkpoint, visualizer)
-    model, params, _ = checkpoints.load_metamorph(model_dir, dtype=dtype)
-    tokenizer = pretrained.load_tokenizer(model_dir)
-    pretrained.check_vocab(model.config.llm.vocab_size, tokenizer, model_dir, model_dir)
-    vocab = tokenizer.get_vocab()
-    for name, expected in ((conv.IMAGE_START, model.config.image_start_id),
-                           (conv.IMAGE_END, model.config.image_end_id)):
-        if vocab.get(name) != expected:
-            raise ValueError(f"{model_dir}: the tokenizer has {name} = {vocab.get(name)}, the "
-                             f"model config's id is {expected}")
+    model, params, tokenizer, ends = checkpoints.load_metamorph_for_decoding(model_dir, dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = vg.VPiTGenerator(model, params,
-                                 end_tokens(model.config.llm.eos_token_ids, tokenizer), pad)
+    generator = vg.VPiTGenerator(model, params, ends, pad)
     renderer = None
     if render:
         if visualizer_dir is None:
