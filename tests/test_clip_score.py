@@ -4,7 +4,6 @@ per call, so batching, padding and truncation in clip_score are checked against 
 caption files."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,36 +12,12 @@ from PIL import Image
 
 from metamorph_jax.evaluation import captions, clip_score
 from metamorph_jax.evaluation.samples import BenchmarkFileError
+from tests.helpers import write_tiny_clip
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTokenizer)
-
-    folder = tmp_path_factory.mktemp("clip")
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for char in "abcdefghijklmnopqrstuvwxyz":
-            vocab[char + suffix] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                         eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
-                         pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = write_tiny_clip(tmp_path_factory.mktemp("clip"))
     return clip_score.load_clip(str(folder))
 
 

@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+
+from tests.helpers import write_tiny_clip
 import torch
 from PIL import Image
 
@@ -140,7 +142,6 @@ def test_bad_flags(folders, capsys):
 
 @pytest.mark.slow
 def test_generation_fid_and_clip(folders, tmp_path):
-    from tests.test_clip_score import tiny_clip  # noqa: F401  (the folder is built below)
     from tests.test_fid import random_torch_inception
 
     model_dir, _ = folders
@@ -152,7 +153,7 @@ def test_generation_fid_and_clip(folders, tmp_path):
         write_png(references / f"{i}.png", 10 + i, size=8)
     inception = tmp_path / "pt_inception.pth"
     torch.save(random_torch_inception().state_dict(), inception)
-    clip_dir = build_tiny_clip(tmp_path / "clip")
+    clip_dir = write_tiny_clip(tmp_path / "clip")
     out = tmp_path / "out"
     spec = f"prompts={captions},references={references},inception={inception},clip={clip_dir}"
     assert eval_cli.main(["--checkpoint", str(model_dir), "--generation", spec, "--out", str(out),
@@ -173,33 +174,6 @@ def test_generation_fid_and_clip(folders, tmp_path):
     assert generation["n"] == 2 and np.isfinite(generation["fid"])
 
 
-def build_tiny_clip(folder):
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
-                              CLIPTokenizer)
-
-    folder.mkdir(parents=True)
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for char in "abcdefghijklmnopqrstuvwxyz":
-            vocab[char + suffix] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                         eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
-                         pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def test_caption_prompts_always_generate_one_image(folders):
