@@ -1,0 +1,123 @@
+"""Joining a multi-process (multi-host) JAX run: one call at the top of each entry point.
+
+    python train.py ... --coordinator HOST:PORT --num-processes N --process-id I
+
+`initialize` calls `jax.distributed.initialize` when the run has more than one process:
+- with an explicit coordinator (the flags, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID; a flag wins over its variable), all three must be known;
+- else on a Cloud TPU host or under SLURM with several tasks, where JAX finds them itself;
+- else (a laptop, one GPU host) nothing happens: one process.
+It must run before anything touches a device. On CPU hosts the collectives are gloo's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import logging
+import os
+from typing import Mapping
+
+logger = logging.getLogger("metamorph_jax.distributed")
+
+ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+       "process_id": "JAX_PROCESS_ID"}
+FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
+         "process_id": "--process-id"}
+
+
+class DistributedConfigError(ValueError):
+    """Incomplete or inconsistent multi-process settings (the message names the flag or
+    variable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What jax.distributed.initialize is called with; None fields are found by JAX from
+    the cluster (Cloud TPU, SLURM)."""
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    detected: str = "flags"   # "flags" (or variables), "tpu" or "slurm"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The three multi-process flags, for argparse entry points."""
+    group = parser.add_argument_group("multi-process runs (default: found on Cloud TPU and "
+                                      "SLURM, else one process)")
+    group.add_argument(FLAGS["coordinator"], default=None, metavar="HOST:PORT",
+                       help=f"process 0's address (or ${ENV['coordinator']})")
+    group.add_argument(FLAGS["num_processes"], type=int, default=None, metavar="N",
+                       help=f"processes in the run (or ${ENV['num_processes']})")
+    group.add_argument(FLAGS["process_id"], type=int, default=None, metavar="I",
+                       help=f"this process, 0..N-1 (or ${ENV['process_id']})")
+
+
+def _int(value, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _on_tpu_host() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def settings(coordinator: str | None = None, num_processes: int | None = None,
+             process_id: int | None = None,
+             environ: Mapping[str, str] | None = None,
+             tpu_host: bool | None = None) -> Settings | None:
+    """The settings of this process's run, or None for a single-process run."""
+    environ = os.environ if environ is None else environ
+    given = {"coordinator": coordinator, "num_processes": num_processes,
+             "process_id": process_id}
+    values = {}
+    for field, value in given.items():
+        if value is None:
+            value = environ.get(ENV[field]) or None
+            name = ENV[field]
+        else:
+            name = FLAGS[field]
+        values[field] = value if field == "coordinator" else _int(value, name)
+    if any(v is not None for v in values.values()):
+        missing = [f"{FLAGS[f]} (or ${ENV[f]})" for f, v in values.items() if v is None]
+        if missing:
+            raise DistributedConfigError(
+                f"a multi-process run needs all of --coordinator, --num-processes and "
+                f"--process-id; missing: {', '.join(missing)}")
+        count, index = values["num_processes"], values["process_id"]
+        if count < 1 or not 0 <= index < count:
+            raise DistributedConfigError(
+                f"--process-id must be in 0..{count - 1} for --num-processes {count}, "
+                f"got {index}")
+        if ":" not in values["coordinator"]:
+            raise DistributedConfigError(
+                f"--coordinator must be HOST:PORT, got {values['coordinator']!r}")
+        return None if count == 1 else Settings(detected="flags", **values)
+    if _int(environ.get("SLURM_NTASKS"), "$SLURM_NTASKS") not in (None, 1) \
+            and "SLURM_JOB_ID" in environ:
+        return Settings(detected="slurm")
+    if _on_tpu_host() if tpu_host is None else tpu_host:
+        return Settings(detected="tpu")
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> Settings | None:
+    """Join the run (see the module docstring); returns what it used, None for one process."""
+    chosen = settings(coordinator, num_processes, process_id)
+    if chosen is None:
+        return None
+    import jax
+    if chosen.detected == "flags" and not _on_tpu_host():
+        # CPU processes (tests, CPU clusters) talk over gloo; GPUs and TPUs ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=chosen.coordinator,
+                               num_processes=chosen.num_processes,
+                               process_id=chosen.process_id)
+    logger.info("process %d of %d (%s)", jax.process_index(), jax.process_count(),
+                chosen.detected)
+    return chosen
