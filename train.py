@@ -3,6 +3,11 @@ the config's final evaluation (if it has `final_eval`).
 
   python train.py                    # configs/shapes.py into runs/shapes
   python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
+  python train.py ... --coordinator HOST:PORT --num-processes N --process-id I   # one per host
+
+Multi-process runs join with metamorph_jax/distributed.py before anything touches a device
+(found by JAX on Cloud TPU and SLURM; docs/pods.md is the launch guide); process 0 prints,
+writes the metrics and runs the final evaluation.
 
 `--config` defaults to configs/shapes.py (the Shapes recipe with its held-out evaluation,
 which writes WORK_DIR/final_metrics.json and samples.png), `--workdir` to the config's
@@ -48,15 +53,21 @@ def final_evaluation(config, results) -> dict:
 def main(argv=None) -> int:
     from absl import flags
 
+    from metamorph_jax import distributed
     from metamorph_jax.training import runner
     from metamorph_jax.training.objectives import StageConfigError
     argv = with_default_config(list(sys.argv if argv is None else argv))
     try:
-        config = runner.parse_flags(argv)
+        config, options = runner.parse_command(argv)
+        joined = distributed.initialize(**distributed.from_flags(options))
         results = runner.run(config)
-    except (flags.Error, StageConfigError) as error:
+    except (flags.Error, StageConfigError, distributed.DistributedConfigError) as error:
         print(f"{argv[0]}: {error}", file=sys.stderr)
         return 2
+    if joined is not None:
+        import jax
+        if jax.process_index() != 0:   # process 0 reports and evaluates
+            return 0
     for result in results:
         if not result.ran:
             print(f"stage {result.name}: already done ({result.final_dir})")

@@ -12,7 +12,8 @@ SigLIP tower. Every field can be overridden on the command line
 The schema (one for every stage; runner.RUN_FIELDS and runner.STAGE_FIELDS):
 
     work_dir, seed, mesh{data, fsdp, tensor}, order, checkpoint_every, keep,
-    async_checkpoints, log_every, eval_every, eval_batches, skip_nonfinite, assets
+    async_checkpoints, log_every, eval_every, eval_batches, skip_nonfinite, data_shards,
+    assets
     stages.<name>: kind, steps, init{...}, data{sources{name: {path, weight, image_root}},
         DataConfig fields}, eval_data{same}, optim{lr, schedule, warmup, end_ratio,
         decay_end_step, weight_decay, b1, b2, eps, grad_clip}, grad_accum_steps, dtype,
@@ -118,6 +119,7 @@ def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 8
     config.eval_batches = 1
     config.skip_nonfinite = False
+    config.data_shards = 0   # one per process; fixed, the batches do not depend on the processes
     config.assets = ml_collections.ConfigDict(dict(
         kind="tiny_shapes", root=root, image_size=IMAGE_SIZE, train=48, validation=16, test=0,
         clips=8, seed=0))

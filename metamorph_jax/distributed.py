@@ -8,6 +8,12 @@
 - else on a Cloud TPU host or under SLURM with several tasks, where JAX finds them itself;
 - else (a laptop, one GPU host) nothing happens: one process.
 It must run before anything touches a device. On CPU hosts the collectives are gloo's.
+
+A process whose peer dies does not wait forever: JAX's coordination service (on process 0)
+marks a process dead after `heartbeat_timeout` seconds without a heartbeat (JAX's default
+is 100) and stops every other process with an error naming the dead task; a peer blocked
+in a collective sees its connection drop. Either way the run exits non-zero, and running
+the same command again on every host resumes from the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -51,6 +57,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"processes in the run (or ${ENV['num_processes']})")
     group.add_argument(FLAGS["process_id"], type=int, default=None, metavar="I",
                        help=f"this process, 0..N-1 (or ${ENV['process_id']})")
+
+
+def define_flags(registry) -> None:
+    """The same flags in an absl FlagValues (train.py's registry, runner.parse_command),
+    plus --heartbeat-timeout."""
+    from absl import flags
+    flags.DEFINE_string(FLAGS["coordinator"][2:], None,
+                        f"HOST:PORT of process 0 (or ${ENV['coordinator']}); default: found "
+                        "on Cloud TPU and SLURM, else one process", flag_values=registry)
+    flags.DEFINE_integer(FLAGS["num_processes"][2:], None,
+                         f"processes in the run (or ${ENV['num_processes']})",
+                         flag_values=registry)
+    flags.DEFINE_integer(FLAGS["process_id"][2:], None,
+                         f"this process, 0..N-1 (or ${ENV['process_id']})", flag_values=registry)
+    flags.DEFINE_integer("heartbeat-timeout", None,
+                         "seconds without a heartbeat after which a process counts as dead and "
+                         "the run stops (default: JAX's, 100)", flag_values=registry)
+
+
+def from_flags(registry) -> dict:
+    """define_flags' values as initialize's keyword arguments."""
+    return {"coordinator": registry["coordinator"].value,
+            "num_processes": registry["num-processes"].value,
+            "process_id": registry["process-id"].value,
+            "heartbeat_timeout": registry["heartbeat-timeout"].value}
 
 
 def _int(value, name: str) -> int | None:
@@ -106,18 +137,26 @@ def settings(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> Settings | None:
-    """Join the run (see the module docstring); returns what it used, None for one process."""
+               process_id: int | None = None,
+               heartbeat_timeout: int | None = None) -> Settings | None:
+    """Join the run (see the module docstring); returns what it used, None for one process.
+    heartbeat_timeout: seconds (None: JAX's default)."""
     chosen = settings(coordinator, num_processes, process_id)
     if chosen is None:
         return None
+    timeouts = {}
+    if heartbeat_timeout is not None:
+        if heartbeat_timeout < 1:
+            raise DistributedConfigError(
+                f"--heartbeat-timeout must be at least 1 second, got {heartbeat_timeout}")
+        timeouts["heartbeat_timeout_seconds"] = int(heartbeat_timeout)
     import jax
     if chosen.detected == "flags" and not _on_tpu_host():
         # CPU processes (tests, CPU clusters) talk over gloo; GPUs and TPUs ignore this.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=chosen.coordinator,
                                num_processes=chosen.num_processes,
-                               process_id=chosen.process_id)
+                               process_id=chosen.process_id, **timeouts)
     logger.info("process %d of %d (%s)", jax.process_index(), jax.process_count(),
                 chosen.detected)
     return chosen

@@ -27,13 +27,17 @@ DEFAULT_CHAT_TEMPLATE = "llama3"
 
 def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
                     hf_config: dict | None = None, chat_template: str | None = None) -> None:
-    """Writes params (a nested dict of numpy or jax arrays) and the config to out_dir."""
+    """Writes params (a nested dict of numpy or jax arrays) and the config to out_dir.
+
+    In a multi-process run every process calls it with the same tree: jax.Arrays sharded
+    over the processes are written shard by shard by their owners, numpy arrays by process
+    0, which alone writes model_config.json."""
     import orbax.checkpoint as ocp
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / PARAMS_DIR).exists():
         raise FileExistsError(f"{out_dir / PARAMS_DIR} already exists; choose an empty folder")
-    params = jax.tree.map(np.asarray, params)
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
     # Orbax deep-copies host arrays before writing by default (so callers may mutate them
     # during an async save); this save is synchronous, and skipping the copy keeps peak
     # memory at one model, which is what lets an 8B bf16 model convert in 24 GB.
@@ -47,7 +51,8 @@ def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
     saved = {"model": model, "config": config, "hf_config": hf_config}
     if chat_template is not None:
         saved["chat_template"] = chat_template
-    config_io.write_json(out_dir / CONFIG_FILE, saved)
+    if jax.process_index() == 0:
+        config_io.write_json(out_dir / CONFIG_FILE, saved)
 
 
 def read_model_config(model_dir: str | Path) -> dict:

@@ -16,7 +16,9 @@ Kinds (a stage's `kind` field):
 An objective is built from a stage's config without touching parameters (`boxed_parts`
 gives the abstract trees the shardings and the --plan compile need); `load_parts` reads or
 initialises the parameters, `export` writes the stage's result as a model folder (tokenizer
-and chat template inside) that the next stage starts from.
+and chat template inside) that the next stage starts from. Every process calls `export`:
+the parameters are saved by all processes together (each writes its shards); process 0
+writes the tokenizer.
 
 Losses come as sums over a micro-batch divided by normalisers of the whole (accumulated)
 batch, `normalizers(batch)` being computed from the stacked micro-batches' masks, so that
@@ -85,7 +87,19 @@ def _safe_mean(total: Array, count: Array) -> Array:
 
 
 def _host(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+    """Host numpy copies of a tree. Arrays sharded over several processes are gathered
+    (a collective: every process must call it), so each process gets the whole tree."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(fetch, tree)
+
+
+def _save_tokenizer(tokenizer, out_dir: Path) -> None:
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(str(out_dir))
 
 
 def place(params: Any, shardings: Any) -> Any:
@@ -318,13 +332,14 @@ class VPiTObjective(Objective):
         return vpit_loss_mean(sums, self.config.vision_coef)
 
     def export(self, out_dir, trainable, frozen):
-        params = _host(jax.jit(self.model_params)(trainable, frozen))
+        # sharded global arrays: every process writes its shards of the folder
+        params = jax.jit(self.model_params)(trainable, frozen)
         config = self.config.replace(
             llm=self.config.llm.replace(dtype="float32", remat_policy="none"),
             vision=self.config.vision.replace(dtype="float32"))
         pretrained.save_pretrained(out_dir, "metamorph", config.to_dict(), params,
                                    chat_template=self.template)
-        self.tokenizer.save_pretrained(str(out_dir))
+        _save_tokenizer(self.tokenizer, out_dir)
 
 
 class AdapterObjective(VPiTObjective):
@@ -415,7 +430,7 @@ class TextObjective(Objective):
         pretrained.save_pretrained(out_dir, "llama", self.saved["config"], params,
                                    hf_config=self.saved.get("hf_config"),
                                    chat_template=self.template)
-        self.tokenizer.save_pretrained(str(out_dir))
+        _save_tokenizer(self.tokenizer, out_dir)
 
 
 # --- decoder ----------------------------------------------------------------------------------
@@ -565,7 +580,7 @@ class DecoderObjective(Objective):
         return loss, {"loss": loss}
 
     def export(self, out_dir, trainable, frozen):
-        params = _host({**trainable, **{k: v for k, v in frozen.items() if k != "siglip"}})
+        params = {**trainable, **{k: v for k, v in frozen.items() if k != "siglip"}}
         pretrained.save_pretrained(out_dir, "visualizer",
                                    {"model": self.model_fields, "noise": dict(self.stage.noise),
                                     "vision_dir": str(self.vision_dir)}, params)

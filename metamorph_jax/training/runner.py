@@ -20,6 +20,15 @@ continues with exactly the losses an uninterrupted run has (bit-identical on CPU
 metrics.jsonl lines past the restored step are dropped first, so the file reads like one
 uninterrupted run.
 
+Multi-process runs (train.py --coordinator ..., or found on Cloud TPU / SLURM): every
+process runs this same code. Process 0 makes the assets (the others wait at a barrier),
+writes config.json, metrics.jsonl, TensorBoard events and the DONE files; all processes
+save and restore the Orbax checkpoints together (the grain iterator state is one file
+per process) and take part in the export (each writes its shards of the parameters).
+Each process reads its data shards (`data_shards`, default one per process) and
+contributes their rows to the global batch, so the global batch is data.batch_size x
+data_shards rows.
+
 A non-finite loss stops the run with NonFiniteLossError naming the stage, the step and the
 record ids of the batch; with `skip_nonfinite` the update is skipped and counted instead
 (`skipped`, `skipped_total` in the metrics).
@@ -43,6 +52,7 @@ from metamorph_jax.training import objectives, optim, steps as steps_lib
 from metamorph_jax.training import state as state_lib
 from metamorph_jax.training.checkpoint import StageCheckpoints
 from metamorph_jax.training.objectives import StageConfigError
+from metamorph_jax.training.shards import ShardedBatches, all_processes, barrier, process_shards
 
 logger = logging.getLogger("metamorph_jax.training")
 
@@ -59,6 +69,9 @@ RUN_FIELDS = {
     "eval_every": "steps between held-out evaluations (0: none)",
     "eval_batches": "batches per evaluation",
     "skip_nonfinite": "skip (and count) updates with a non-finite loss instead of stopping",
+    "data_shards": "the data is read as this many shards of data.batch_size rows each, split "
+                   "evenly over the processes (0: one per process); fixed, it makes the "
+                   "batches the same on any number of processes",
     "assets": "inputs to make when absent (tiny.ensure_assets), or empty",
     "final_eval": "train.py evaluates the result after the stages "
                   "(evaluation/shapes_eval.py: world + ShapesEvalConfig fields), or empty",
@@ -99,6 +112,9 @@ def check_config(config) -> None:
     unknown = sorted(keys - set(RUN_FIELDS))
     if unknown:
         raise StageConfigError(f"unknown config field(s) {unknown}; known: {sorted(RUN_FIELDS)}")
+    if int(config.get("data_shards", 0) or 0) < 0:
+        raise StageConfigError(f"config field 'data_shards' must be 0 or more, got "
+                               f"{config.get('data_shards')}")
     for field in ("checkpoint_every", "keep", "log_every"):
         if int(config.get(field, 1)) < 1:
             raise StageConfigError(f"config field {field!r} must be at least 1, got "
@@ -257,6 +273,14 @@ class Stage:
         self.shardings = state_lib.state_shardings(boxed, mesh, self.rules)
         self.abstract = state_lib.unboxed(boxed)
         self.sources = _source_paths(self.stage.data)
+        try:
+            self.shards, self.shard_count = process_shards(int(config.get("data_shards", 0) or 0))
+        except ValueError as error:
+            raise StageConfigError(str(error)) from None
+
+    def batches(self, data):
+        """This process's shards of `data` as one iterator of its rows of the global batch."""
+        return ShardedBatches(self.objective, data, self.shards, self.shard_count)
 
     # -- state
     def init_or_restore(self, checkpoints: StageCheckpoints, batches):
@@ -282,8 +306,8 @@ class Stage:
     # -- steps
     def abstract_batch(self) -> dict:
         """The global stacked batch the train step takes, as ShapeDtypeStructs with their
-        shardings: [grad_accum_steps, data.batch_size x processes, ...]."""
-        rows = int(self.stage.data.batch_size) * jax.process_count()
+        shardings: [grad_accum_steps, data.batch_size x data shards, ...]."""
+        rows = int(self.stage.data.batch_size) * self.shard_count
         return {key: jax.ShapeDtypeStruct(
                     (self.accum,) + shape, dtype,
                     sharding=steps_lib.batch_sharding(self.mesh, self.rules, len(shape) + 1))
@@ -311,12 +335,13 @@ class Stage:
         eval_data = self.stage.get("eval_data")
         if not eval_data or not eval_data.get("sources"):
             return None
-        batches = self.objective.batches(eval_data)
+        batches = self.batches(eval_data)
         totals = None
         for _ in range(int(self.config.get("eval_batches", 1))):
-            try:
-                batch = next(batches)
-            except StopIteration:
+            batch = next(batches, None)
+            # finite data: a process whose shards ran out stops them all (else its peers
+            # would wait in the step for it)
+            if not all_processes(batch is not None):
                 break
             stacked = steps_lib.stack_micro_batches([batch], self.objective.batch_keys)
             sums = jax.device_get(self.eval_step(
@@ -335,7 +360,8 @@ class Stage:
         result = StageResult(self.name, self.final_dir)
         checkpoints = StageCheckpoints(self.dir / "checkpoints", int(self.config.get("keep", 2)),
                                        bool(self.config.get("async_checkpoints", True)))
-        batches = self.objective.batches(self.stage.data)
+        batches = self.batches(self.stage.data)
+        finite = self.stage.data.get("num_epochs") is not None
         state, restored = self.init_or_restore(checkpoints, batches)
         result.resumed_from = restored
         step = int(jax.device_get(state.step))
@@ -380,13 +406,15 @@ class Stage:
             while step < self.steps:
                 micro = []
                 for _ in range(self.accum):
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
+                    batch = next(batches, None)
+                    if batch is None:
                         break
                     self.objective.check_batch(batch)
                     micro.append(batch)
-                if len(micro) < self.accum:
+                # Finite data may end on one process first: all agree before the step (a
+                # small collective, only then, as it waits for the previous step).
+                have = len(micro) == self.accum
+                if not (all_processes(have) if finite else have):
                     logger.warning("stage %s: the data ran out after %d steps", self.name, step)
                     break
                 stacked = steps_lib.stack_micro_batches(micro, self.objective.batch_keys)
@@ -420,10 +448,14 @@ class Stage:
         return result
 
     def export(self, state) -> None:
+        """Every process takes part (each writes its shards of the parameters); process 0
+        writes the rest and, last, the DONE file."""
+        if self.is_main and self.final_dir.exists():   # an export cut short: write it again
+            shutil.rmtree(self.final_dir)
+        barrier(f"{self.name}: export start")
+        self.objective.export(self.final_dir, state.trainable, state.frozen)
+        barrier(f"{self.name}: export end")
         if self.is_main:
-            if self.final_dir.exists():   # an export cut short by a kill: write it again
-                shutil.rmtree(self.final_dir)
-            self.objective.export(self.final_dir, state.trainable, state.frozen)
             (self.final_dir / DONE_FILE).write_text(json.dumps({"stage": self.name}) + "\n")
 
 
@@ -438,6 +470,7 @@ def run(config) -> list[StageResult]:
         from metamorph_jax import tiny
         if is_main:
             tiny.ensure_assets(config.assets)
+        barrier("assets")   # the other processes read what process 0 made
     if is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -467,10 +500,18 @@ def parse_flags(argv: Sequence[str]):
     """`argv` (program name first) -> the ConfigDict of `--config FILE` with every
     `--config.a.b=value` override applied and `--workdir` (if given) as work_dir. Unknown
     fields are an error. Uses its own flag registry, so it can be called more than once."""
+    return parse_command(argv)[0]
+
+
+def parse_command(argv: Sequence[str]):
+    """(config as parse_flags gives it, the absl registry with train.py's other flags:
+    the multi-process ones, distributed.define_flags)."""
     from absl import flags
     from ml_collections import config_flags
 
+    from metamorph_jax import distributed
     registry = flags.FlagValues()
+    distributed.define_flags(registry)
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()",
                                     flag_values=registry, lock_config=True,
                                     sys_argv=list(argv))  # overrides are found in argv, not sys.argv
@@ -490,4 +531,4 @@ def parse_flags(argv: Sequence[str]):
     if registry.workdir:
         with config.unlocked():
             config.work_dir = registry.workdir
-    return config
+    return config, registry
