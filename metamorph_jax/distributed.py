@@ -93,6 +93,16 @@ def _int(value, name: str) -> int | None:
         raise DistributedConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
+def slurm_node_devices(environ: Mapping[str, str] | None = None) -> list[int] | None:
+    """Under SLURM with one task per node, every GPU of the node (0..SLURM_GPUS_ON_NODE-1):
+    JAX would otherwise give a SLURM task the one GPU of its local rank. None elsewhere."""
+    environ = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in environ or environ.get("SLURM_NTASKS_PER_NODE") != "1":
+        return None
+    gpus = _int(environ.get("SLURM_GPUS_ON_NODE"), "$SLURM_GPUS_ON_NODE")
+    return list(range(gpus)) if gpus else None
+
+
 def _on_tpu_host() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
@@ -154,6 +164,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if chosen.detected == "flags" and not _on_tpu_host():
         # CPU processes (tests, CPU clusters) talk over gloo; GPUs and TPUs ignore this.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    devices = slurm_node_devices()
+    if devices is not None:
+        timeouts["local_device_ids"] = devices
     jax.distributed.initialize(coordinator_address=chosen.coordinator,
                                num_processes=chosen.num_processes,
                                process_id=chosen.process_id, **timeouts)

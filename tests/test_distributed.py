@@ -41,3 +41,22 @@ def test_clusters_that_jax_detects_itself():
     assert distributed.settings(environ=slurm, tpu_host=False) == Settings(detected="slurm")
     assert distributed.settings(environ={**slurm, "SLURM_NTASKS": "1"}, tpu_host=False) is None
     assert distributed.settings(environ={}, tpu_host=True) == Settings(detected="tpu")
+
+
+def test_one_task_per_slurm_node_gets_every_gpu_of_the_node():
+    node = {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}
+    assert distributed.slurm_node_devices(node) == list(range(8))
+    # one task per GPU: JAX's own choice (the task's local rank) stands
+    assert distributed.slurm_node_devices(dict(node, SLURM_NTASKS_PER_NODE="8")) is None
+    assert distributed.slurm_node_devices({"SLURM_GPUS_ON_NODE": "8"}) is None
+
+
+def test_train_py_flags_reach_initialize():
+    from metamorph_jax.training import runner
+    _, options = runner.parse_command(
+        ["train.py", "--config", "configs/tiny.py", "--coordinator", "h:5", "--num-processes",
+         "2", "--process-id=1", "--heartbeat-timeout", "10"])
+    assert distributed.from_flags(options) == dict(coordinator="h:5", num_processes=2,
+                                                   process_id=1, heartbeat_timeout=10)
+    with pytest.raises(DistributedConfigError, match="--heartbeat-timeout"):
+        distributed.initialize("h:5", 2, 1, heartbeat_timeout=0)
