@@ -7,7 +7,8 @@ the config's final evaluation (if it has `final_eval`).
 
 Multi-process runs join with metamorph_jax/distributed.py before anything touches a device
 (found by JAX on Cloud TPU and SLURM; docs/pods.md is the launch guide); process 0 prints,
-writes the metrics and runs the final evaluation.
+writes the metrics; the final evaluation runs in single-process runs only (eval.py
+--checkpoint WORK_DIR scores the same).
 
 `--config` defaults to configs/shapes.py (the Shapes recipe with its held-out evaluation,
 which writes WORK_DIR/final_metrics.json and samples.png), `--workdir` to the config's
@@ -59,15 +60,15 @@ def main(argv=None) -> int:
     argv = with_default_config(list(sys.argv if argv is None else argv))
     try:
         config, options = runner.parse_command(argv)
-        joined = distributed.initialize(**distributed.from_flags(options))
+        distributed.initialize(**distributed.from_flags(options))
         results = runner.run(config)
     except (flags.Error, StageConfigError, distributed.DistributedConfigError) as error:
         print(f"{argv[0]}: {error}", file=sys.stderr)
         return 2
-    if joined is not None:
-        import jax
-        if jax.process_index() != 0:   # process 0 reports and evaluates
-            return 0
+    import jax
+    several = jax.process_count() > 1
+    if jax.process_index() != 0:   # process 0 reports
+        return 0
     for result in results:
         if not result.ran:
             print(f"stage {result.name}: already done ({result.final_dir})")
@@ -78,7 +79,11 @@ def main(argv=None) -> int:
                   if result.losses else "")
         print(f"stage {result.name}:{resumed} {result.steps} steps{losses}, "
               f"{result.seconds:.0f} s; model folder {result.final_dir}")
-    if config.get("final_eval"):
+    if config.get("final_eval") and several:
+        # Process 0 alone would outlive its peers' shutdown wait; eval.py scores the same.
+        print(f"final evaluation: not run in a multi-process run; score the result with "
+              f"python eval.py --checkpoint {config.work_dir}")
+    elif config.get("final_eval"):
         final_evaluation(config, results)
     return 0
 
