@@ -111,3 +111,19 @@ def test_a_save_killed_half_way_is_never_restored(tmp_path):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="'keep'"):
         StageCheckpoints(tmp_path, keep=0)
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_naming_it(tmp_path):
+    """Saved by 2 processes (their data files, as grain names them), restored by 1."""
+    checkpoints = StageCheckpoints(tmp_path / "ckpt", keep=2)
+    checkpoints.save(1, small_state(1), CountingIterator(1), {"stage": "s", "step": 1})
+    checkpoints.wait()
+    data = tmp_path / "ckpt" / "1" / "data"
+    [mine] = data.glob("process_*-of-*.json")
+    assert mine.name == "process_0-of-1.json"
+    for index in (0, 1):
+        shutil.copy(mine, data / f"process_{index}-of-2.json")
+    mine.unlink()
+    with pytest.raises(ValueError, match=r"ckpt/1: saved by 2 process\(es\), this run has 1"):
+        checkpoints.restore(1, abstract(small_state(0)), CountingIterator())
+    checkpoints.close()

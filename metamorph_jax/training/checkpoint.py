@@ -69,8 +69,21 @@ class StageCheckpoints:
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator.get_state())),
             meta=ocp.args.JsonSave(meta)), force=True)
 
+    def check_processes(self, step: int) -> None:
+        """A ValueError unless this run has as many processes as the one that saved `step`
+        (the data state is one file per process; the arrays restore onto any mesh)."""
+        import jax
+        saved = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        counts = {int(path.stem.rsplit("-of-", 1)[1]) for path in saved}
+        if counts and counts != {jax.process_count()}:
+            raise ValueError(
+                f"{self.directory / str(step)}: saved by {sorted(counts)[0]} process(es), "
+                f"this run has {jax.process_count()}; resume with the same number of "
+                "processes (the data iterator state is per process)")
+
     def restore(self, step: int, abstract_state: Any, iterator) -> tuple[Any, dict]:
         """(state placed as `abstract_state`'s shardings say, meta); sets `iterator`'s state."""
+        self.check_processes(step)
         snapshot = _IteratorSnapshot()
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
