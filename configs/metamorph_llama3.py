@@ -3,7 +3,7 @@ VPiT stage 1 (adapter), VPiT stage 2 (instruct) and the SD 1.5 decoder, for LLaM
 70B, on a TPU v5p pod or on 8xH100 nodes. configs/metamorph_llama3_8b.py and
 metamorph_llama3_70b.py call `recipe`; the topology is the config argument:
 
-    python train.py --config configs/metamorph_llama3_8b.py:v5p-256 --workdir gs://...
+    python train.py --config configs/metamorph_llama3_8b.py:v5p-256 --workdir /gcs/BUCKET/...  (a mounted bucket)
     python train.py --config configs/metamorph_llama3_70b.py:h100x8:16 --workdir /runs/...
 
 Topologies: "v5p-N" (N TensorCores: N/2 chips, 4 chips and one process per host) and

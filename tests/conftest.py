@@ -18,6 +18,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Parity tests compare against fp32 PyTorch; keep XLA's CPU dots at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """configs/tiny.py's inputs (tiny.ensure_assets: the Shapes world, tokenizer, tiny LLaMA
+    and SigLIP), made once for every test module that runs the tiny config."""
+    from pathlib import Path
+
+    from metamorph_jax import tiny
+    from metamorph_jax.training import runner
+    root = tmp_path_factory.mktemp("tiny_assets") / "assets"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    tiny.ensure_assets(runner.parse_flags(["train.py", "--config", f"{config}:{root}"]).assets)
+    return root

@@ -70,3 +70,12 @@ def test_a_bad_field_is_named(tmp_path):
         config.stages.adapter.lrate = 1.0
     with pytest.raises(StageConfigError, match=r"stage 'adapter': unknown field\(s\) \['lrate'\]"):
         runner.check_config(config)
+
+
+def test_a_bucket_url_work_dir_and_negative_data_shards_are_named():
+    config = load("tiny.py", "--config.work_dir=gs://bucket/run")
+    with pytest.raises(StageConfigError, match="'work_dir' = 'gs://bucket/run'.*mount the bucket"):
+        runner.check_config(config)
+    config = load("tiny.py", "--config.data_shards=-1")
+    with pytest.raises(StageConfigError, match="'data_shards' must be 0 or more, got -1"):
+        runner.check_config(config)

@@ -112,6 +112,11 @@ def check_config(config) -> None:
     unknown = sorted(keys - set(RUN_FIELDS))
     if unknown:
         raise StageConfigError(f"unknown config field(s) {unknown}; known: {sorted(RUN_FIELDS)}")
+    if "://" in str(config.work_dir):
+        raise StageConfigError(
+            f"config field 'work_dir' = {config.work_dir!r}: the runner writes metrics, "
+            "tokenizers and DONE files through the file system; mount the bucket (e.g. "
+            "gcsfuse) and give the mounted path")
     if int(config.get("data_shards", 0) or 0) < 0:
         raise StageConfigError(f"config field 'data_shards' must be 0 or more, got "
                                f"{config.get('data_shards')}")
