@@ -44,6 +44,14 @@ VERSION = 1
 INDEX_FILE = "index.json"
 SETTINGS_FILE = "encode.json"
 DTYPES = ("bfloat16", "float16", "float32")
+# SiglipConfig fields that say how the tower runs, not what it computes: not compared.
+TOWER_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                        "platform")
+
+
+def tower_fields(config: dict) -> dict:
+    """A tower config dict without its runtime fields (what a store records and checks)."""
+    return {k: v for k, v in config.items() if k not in TOWER_RUNTIME_FIELDS}
 
 
 class TokenStoreError(ValueError):
@@ -87,6 +95,7 @@ def prepare(store: str | Path, settings: dict) -> Path:
     settings); remove parts that were cut off. Returns the folder."""
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(settings))   # as it reads back (tuples -> lists)
     path = store / SETTINGS_FILE
     if path.exists():
         before = _read_json(path)
@@ -246,6 +255,18 @@ class TokenStore:
             if want is not None and int(want) != have:
                 raise TokenStoreError(f"{prefix}{self.index_path} field {field} is {have}, "
                                       f"expected {want}")
+
+    def check_tower(self, tower_config: dict, where: str = "") -> None:
+        """Refuse a store written by a tower of another configuration."""
+        prefix = f"{where}: " if where else ""
+        stored, given = self.index.get("tower", {}), tower_fields(tower_config)
+        for field in sorted(set(stored) | set(given)):
+            # JSON turns tuples into lists; compare as JSON does.
+            if json.loads(json.dumps(stored.get(field))) != json.loads(json.dumps(given.get(field))):
+                raise TokenStoreError(
+                    f"{prefix}{self.index_path} field 'tower.{field}' is {stored.get(field)!r}, "
+                    f"the model's vision tower has {given.get(field)!r}: the tokens were "
+                    "made by another tower")
 
     def __getstate__(self):
         state = dict(self.__dict__)

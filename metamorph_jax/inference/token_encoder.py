@@ -85,9 +85,7 @@ def load_tower(checkpoint: str | Path, compute_dtype: str = "float32"):
 
 def store_settings(tower, checkpoint, dtype: str) -> dict:
     config = tower.config
-    tower_config = {k: v for k, v in config.to_dict().items()
-                    if k not in ("dtype", "param_dtype", "scan_layers", "remat_policy",
-                                 "attention_impl")}
+    tower_config = token_store.tower_fields(config.to_dict())
     return {"format": token_store.FORMAT, "version": token_store.VERSION, "dtype": dtype,
             "shape": [config.num_visual_tokens, config.hidden_size],
             "image_size": config.image_size, "tower": tower_config,
