@@ -129,7 +129,7 @@ def tower_tokens(world, paths) -> np.ndarray:
 def test_stored_tokens_are_the_towers_tokens_of_the_pipelines_pixels(world, stores):
     f32 = token_store.TokenStore(stores["float32"])
     bf16 = token_store.TokenStore(stores["bfloat16"])
-    assert len(f32) == len(bf16) == len(world["keys"])     # the shared image once
+    assert f32.keys() == bf16.keys() == world["keys"]     # the shared image once
     assert f32.shape == bf16.shape == (TOKENS_PER_IMAGE, VISION_WIDTH)
     assert len(f32.index["parts"]) == 3                  # 10 images, parts of 4
     worst = 0.0
@@ -286,3 +286,34 @@ def test_a_store_of_another_tower_or_size_is_refused(world, stores, tmp_path):
                        match=r"broken.jsonl:1: field 'images\[1\]': .*gone.png: file does not exist"):
         token_encoder.encode(world["siglip"], [str(broken)], tmp_path / "b.array_record",
                              image_root=str(world["root"]), progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_encode_their_shares_into_one_store(world, stores, tmp_path):
+    """Two local processes x 2 CPU devices (distributed.initialize over gloo): each writes
+    its own parts, process 0 indexes them all; the tokens equal the one-process store's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    output = tmp_path / "two.array_record"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "metamorph_jax.data.encode", "--checkpoint",
+               str(world["siglip"]), "--input", str(world["records"]), "--output", str(output),
+               "--dtype", "float32", "--batch-size", "1", "--part-size", "2", "--no-progress",
+               "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    runs = [subprocess.Popen(command + ["--process-id", str(i)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+    logs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    store, single = token_store.TokenStore(output), token_store.TokenStore(stores["float32"])
+    assert {name.split("-")[1] for name in store.index["parts"]} == {"00000", "00001"}
+    assert store.keys() == world["keys"]
+    for key in world["keys"]:
+        np.testing.assert_allclose(store[key], single[key], rtol=0, atol=F32_TOLERANCE)

@@ -231,6 +231,9 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self._positions)
 
+    def keys(self) -> list[str]:
+        return sorted(self._positions)
+
     def __contains__(self, key: str) -> bool:
         return key in self._positions
 
