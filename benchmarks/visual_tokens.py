@@ -127,7 +127,7 @@ def tiny_instruct_step(world: Path, sources, steps: int, rounds: int) -> dict:
     from metamorph_jax.data import pipeline as P
     from metamorph_jax.data.testing import build_tiny_tokenizer
     from metamorph_jax.inference import token_encoder
-    from metamorph_jax.models import metamorph, siglip
+    from metamorph_jax.models import metamorph
     from metamorph_jax.training.vpit_loss import vpit_loss
 
     tokenizer = build_tiny_tokenizer(tiny._shapes_words(world))
