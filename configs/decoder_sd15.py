@@ -12,6 +12,7 @@ step 16000, cfg_prob 0.8); the paper's (1.1e-5, 2000, 14000, 0.7) are kept as `p
 fields of the stage's `reference` for comparison runs.
 """
 import ml_collections
+from ml_collections import config_dict
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
@@ -39,7 +40,7 @@ def decoder_stage(steps: int = 16000) -> ml_collections.ConfigDict:
     stage.data = ml_collections.ConfigDict(dict(
         sources=ml_collections.ConfigDict(dict(images=dict(path="", weight=1.0))),
         image_size=512, batch_size=2112, seed=0, num_epochs=None, worker_count=8,
-        image_dtype="float32", strict=False))
+        image_dtype="float32", strict=False, visual_tokens=config_dict.placeholder(str)))
     stage.eval_data = ml_collections.ConfigDict(dict(sources={}))
     stage.optim = ml_collections.ConfigDict(dict(
         lr=1e-5, schedule="log_warmup_linear_decay", warmup=4000, decay_end_step=16000,

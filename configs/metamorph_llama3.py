@@ -20,6 +20,7 @@ import importlib.util
 from pathlib import Path
 
 import ml_collections
+from ml_collections import config_dict
 
 # Rows of 4096 tokens (decoder: 512px images) one device holds per micro-batch with bf16
 # compute and full remat. Estimates from the parameter/activation sizes, not measured.
@@ -77,7 +78,9 @@ def vpit_data(sources: dict, batch_size: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         sources=ml_collections.ConfigDict(sources), seq_len=4096, batch_size=batch_size,
         num_image_tokens=64, image_size=384, image_dtype="uint8", max_images_per_row=16,
-        template="llama3", seed=0, num_epochs=1, worker_count=16, strict=False))
+        template="llama3", seed=0, num_epochs=1, worker_count=16, strict=False,
+        # a token store (python -m metamorph_jax.data.encode) to read instead of pixels
+        visual_tokens=config_dict.placeholder(str)))
 
 
 def vpit_stage(kind: str, size: str, topology: dict, mesh: dict, sources: dict,

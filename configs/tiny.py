@@ -49,6 +49,7 @@ def shapes_data(root: str, split: str, kinds, batch_size: int = 8,
     data.num_epochs = config_dict.placeholder(int) if num_epochs is None else num_epochs
     data.worker_count = 0
     data.strict = False
+    data.visual_tokens = config_dict.placeholder(str)   # a token store instead of pixels
     return data
 
 

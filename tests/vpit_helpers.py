@@ -21,6 +21,14 @@ def tiny_vpit(seed: int = 0, scale: float = 3.0):
     """(tokenizer, config, params): a 2-layer LLaMA, a 2-layer SigLIP tower with a 4x4
     patch grid reduced to 2x2 = 4 visual tokens. The LLM's weights are scaled up so that
     greedy continuations vary and argmax margins stay far above fp32 noise."""
+    tokenizer, config = tiny_vpit_config()
+    params = nn.unbox(metamorph.init_params(config, jax.random.key(seed)))
+    params["llm"] = jax.tree.map(lambda p: p * scale, params["llm"])
+    return tokenizer, config, params
+
+
+def tiny_vpit_config():
+    """(tokenizer, config) of tiny_vpit."""
     tokenizer = build_tiny_tokenizer()
     ids = conv.add_image_tokens(tokenizer)
     llm = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -34,9 +42,7 @@ def tiny_vpit(seed: int = 0, scale: float = 3.0):
     config = metamorph.MetaMorphConfig(llm=llm, vision=vision, num_image_tokens=TOKENS_PER_IMAGE,
                                        image_start_id=ids.image_start_id,
                                        image_end_id=ids.image_end_id)
-    params = nn.unbox(metamorph.init_params(config, jax.random.key(seed)))
-    params["llm"] = jax.tree.map(lambda p: p * scale, params["llm"])
-    return tokenizer, config, params
+    return tokenizer, config
 
 
 def force_image_start_at(config, text_steps) -> callable:

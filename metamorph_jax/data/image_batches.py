@@ -9,7 +9,9 @@ get_state/set_state make it resumable.
 
 A batch: {"images": float32 [B, S, S, 3] in [-1, 1] (S = image_size, SigLIP's
 normalisation, which is also the decoder's pixel range), "record_ids": object [B]
-(host only: "id (file:line)")}.
+(host only: "id (file:line)")}. With DataConfig.visual_tokens (a token store) it also
+holds "tokens" [B, V, C]: the stored tokens of those images, which condition the decoder
+in place of running the tower (an image without stored tokens is an error naming it).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
 from metamorph_jax.data import pipeline
+from metamorph_jax.data import token_store
 
 
 class NoImageError(ValueError):
@@ -30,8 +33,26 @@ class NoImageError(ValueError):
 class FirstImage:
     """Record element -> {"image", "record_id"}; pickles (runs in grain workers)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, visual_tokens: str | None = None):
         self.image_size = image_size
+        self.visual_tokens = visual_tokens
+        self._store = None   # opened on first use, in the process that reads
+
+    def __getstate__(self):
+        return dict(self.__dict__, _store=None)
+
+    def stored_tokens(self, element: dict, record) -> np.ndarray:
+        if self._store is None:
+            self._store = token_store.TokenStore(self.visual_tokens)
+        where = element["where"]
+        key, path, field = token_store.record_keys(record.image_paths[:1], element["raw"],
+                                                   element["image_root"], where)[0]
+        if key not in self._store:
+            raise token_store.TokenStoreError(
+                f"{where}: field {field!r}: image {key!r} ({path}) has no tokens in "
+                f"{self._store.path}; encode this record file into the store "
+                "(python -m metamorph_jax.data.encode)")
+        return self._store[key]
 
     def __call__(self, element: dict) -> dict:
         where = element["where"]
@@ -54,19 +75,31 @@ class FirstImage:
         except images_lib.ImageError as error:
             raise NoImageError(f"{where}: {error}") from None
         record_id = f"{record.id} ({where})" if record.id != where else where
-        return {"image": pixels.astype(np.float32), "record_id": record_id}
+        out = {"image": pixels.astype(np.float32), "record_id": record_id}
+        if self.visual_tokens:
+            out["tokens"] = self.stored_tokens(element, record)
+        return out
 
 
 def _stack(elements: Sequence[dict]) -> dict:
     ids = np.empty(len(elements), object)
     ids[:] = [element["record_id"] for element in elements]
-    return {"images": np.stack([element["image"] for element in elements]), "record_ids": ids}
+    batch = {"images": np.stack([element["image"] for element in elements]), "record_ids": ids}
+    if "tokens" in elements[0]:
+        batch["tokens"] = np.stack([element["tokens"] for element in elements])
+    return batch
 
 
 def image_batches(sources: Sequence[pipeline.Source], config: pipeline.DataConfig):
     """A resumable iterator of image batches (see the module docstring); `batch_size` rows
     per process, the last incomplete batch dropped."""
-    dataset = pipeline.record_dataset(sources, config).map(FirstImage(config.image_size))
+    if config.visual_tokens:
+        # The tokens are of the tower's input size, which may differ from the decoder's
+        # image_size (SD 1.5: 512 vs 384); the objective checks it against the tower.
+        token_store.TokenStore(config.visual_tokens).check(
+            num_tokens=config.num_image_tokens, where="data config field 'visual_tokens'")
+    dataset = pipeline.record_dataset(sources, config).map(
+        FirstImage(config.image_size, config.visual_tokens))
     dataset = dataset.batch(config.batch_size, drop_remainder=True, batch_fn=_stack)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)))

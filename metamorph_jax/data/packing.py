@@ -15,6 +15,8 @@ vision_target_index    int32 [B,T]     flat index (n * V + k) of that target tok
                                        always image_index[t + 1]
 images                 float32 [B,N,H,W,3]  the row's images in order (zeros where unused);
                                        uint8 (resized, not normalised) with image_dtype="uint8"
+                                       with DataConfig.visual_tokens, instead:
+visual_tokens          [B,N,V,C]       the images' stored tokens (the store's dtype)
 image_valid            int32 [B,N]     1 for the images a row uses
 record_ids             object [B]      host only: per row, a tuple of the packed samples'
                                        record ids ("id (file:line)"); never sent to devices
@@ -53,14 +55,26 @@ def device_fields(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key not in HOST_KEYS}
 
 
+def image_field(batch_or_sample: dict) -> str:
+    """Where a batch or sample keeps its images: "visual_tokens" (precomputed) or "images"."""
+    return "visual_tokens" if "visual_tokens" in batch_or_sample else "images"
+
+
 def empty_batch(batch_size: int, seq_len: int, max_images: int, image_size: int,
-                image_dtype: str = "float32") -> dict:
+                image_dtype: str = "float32", token_shape: tuple | None = None,
+                token_dtype=None) -> dict:
+    """All-padding batch; with `token_shape` (V, C) it holds `visual_tokens` of
+    `token_dtype` in place of `images`."""
     shape = (batch_size, seq_len)
     batch = {key: np.zeros(shape, np.int32) for key in
              ("tokens", "positions", "segment_ids", "text_targets", "text_mask", "vision_mask")}
     batch["image_index"] = np.full(shape, -1, np.int32)
     batch["vision_target_index"] = np.full(shape, -1, np.int32)
-    batch["images"] = np.zeros((batch_size, max_images, image_size, image_size, 3), np.dtype(image_dtype))
+    if token_shape is not None:
+        batch["visual_tokens"] = np.zeros((batch_size, max_images, *token_shape), token_dtype)
+    else:
+        batch["images"] = np.zeros((batch_size, max_images, image_size, image_size, 3),
+                                   np.dtype(image_dtype))
     batch["image_valid"] = np.zeros((batch_size, max_images), np.int32)
     batch["record_ids"] = np.empty(batch_size, object)
     batch["record_ids"][:] = [()] * batch_size
@@ -71,6 +85,7 @@ def fill_row(batch: dict, row: int, samples: list[dict], num_image_tokens: int) 
     """Write `samples` one after another into row `row` of `batch` (in place)."""
     offset = 0
     image_offset = 0
+    field = image_field(batch)
     for segment, sample in enumerate(samples, start=1):
         length = len(sample["tokens"])
         where = slice(offset, offset + length)
@@ -81,9 +96,9 @@ def fill_row(batch: dict, row: int, samples: list[dict], num_image_tokens: int) 
             batch[key][row, where] = np.where(values >= 0, values + image_offset * num_image_tokens, -1)
         batch["positions"][row, where] = np.arange(length, dtype=np.int32)
         batch["segment_ids"][row, where] = segment
-        count = len(sample["images"])
+        count = len(sample[field])
         if count:
-            batch["images"][row, image_offset:image_offset + count] = sample["images"]
+            batch[field][row, image_offset:image_offset + count] = sample[field]
             batch["image_valid"][row, image_offset:image_offset + count] = 1
         offset += length
         image_offset += count
@@ -95,7 +110,8 @@ class PackedBatchDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
                  max_images_per_row: int, num_image_tokens: int, image_size: int,
-                 image_dtype: str = "float32", strict: bool = False, report_every: int = 100):
+                 image_dtype: str = "float32", token_shape: tuple | None = None,
+                 token_dtype=None, strict: bool = False, report_every: int = 100):
         super().__init__(parent)
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -103,6 +119,8 @@ class PackedBatchDataset(grain.IterDataset):
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
         self.image_dtype = image_dtype
+        self.token_shape = token_shape
+        self.token_dtype = token_dtype
         self.strict = strict
         self.report_every = report_every
 
@@ -151,7 +169,7 @@ class PackedBatchIterator(grain.DatasetIterator):
                 if sample is None:
                     self._exhausted = True
                     break
-            length, count = len(sample["tokens"]), len(sample["images"])
+            length, count = len(sample["tokens"]), len(sample[image_field(sample)])
             for row in range(len(rows)):
                 if used_tokens[row] + length <= spec.seq_len and used_images[row] + count <= spec.max_images:
                     break
@@ -170,7 +188,7 @@ class PackedBatchIterator(grain.DatasetIterator):
             self.bad_records.report(final=True)
             raise StopIteration
         batch = empty_batch(spec.batch_size, spec.seq_len, spec.max_images, spec.image_size,
-                            spec.image_dtype)
+                            spec.image_dtype, spec.token_shape, spec.token_dtype)
         for index, samples in enumerate(rows):
             fill_row(batch, index, samples, spec.num_image_tokens)
         self._batches += 1

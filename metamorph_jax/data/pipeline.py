@@ -39,6 +39,7 @@ import numpy as np
 
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
+from metamorph_jax.data import token_store
 from metamorph_jax.data.bad_records import bad_marker
 from metamorph_jax.data.packing import PackedBatchDataset, PackedBatchIterator
 from metamorph_jax.data.sources import open_source
@@ -76,6 +77,8 @@ class DataConfig:
     max_video_frames: int | None = None
     shard_index: int | None = None       # None: jax.process_index()
     shard_count: int | None = None       # None: jax.process_count()
+    visual_tokens: str | None = None     # a token store (data/token_store.py): batches carry
+                                         # its tokens [B, N, V, C] instead of images
 
 
 class SampleMaker:
@@ -88,6 +91,27 @@ class SampleMaker:
         self.tokenizer = tokenizer
         self.ids = ids
         self.config = config
+        self._store = None   # opened on first use, in the process that reads
+
+    def __getstate__(self):
+        return dict(self.__dict__, _store=None)
+
+    def stored_tokens(self, element: dict, conversation) -> np.ndarray:
+        """The record's images as stored tokens [n, V, C]; an image without tokens is an
+        error naming the record and the image (never dropped)."""
+        if self._store is None:
+            self._store = token_store.TokenStore(self.config.visual_tokens)
+        store, where = self._store, element["where"]
+        found = []
+        for key, path, field in token_store.record_keys(
+                conversation.image_paths, element["raw"], element["image_root"], where):
+            if key not in store:
+                raise token_store.TokenStoreError(
+                    f"{where}: field {field!r}: image {key!r} ({path}) has no tokens in "
+                    f"{store.path}; encode this record file into the store "
+                    "(python -m metamorph_jax.data.encode)")
+            found.append(store[key])
+        return (np.stack(found) if found else np.zeros((0,) + store.shape, store.dtype))
 
     def __call__(self, element: dict) -> dict:
         config = self.config
@@ -102,6 +126,11 @@ class SampleMaker:
                                  max_length=config.seq_len, max_images=config.max_images_per_row)
         except conv.RecordError as error:
             return bad_marker(error.reason, error.where, error.message)
+        record_id = f"{conversation.id} ({where})" if conversation.id != where else where
+        if config.visual_tokens:
+            sample["record_id"] = record_id
+            sample["visual_tokens"] = self.stored_tokens(element, conversation)
+            return sample
         pixels = []
         for path in conversation.image_paths:
             try:
@@ -118,7 +147,7 @@ class SampleMaker:
                 return bad_marker("missing_image" if missing else "corrupt_image", where, str(error))
         size = config.image_size
         # Host-side provenance, carried through packing into the batch's `record_ids`.
-        sample["record_id"] = f"{conversation.id} ({where})" if conversation.id != where else where
+        sample["record_id"] = record_id
         sample["images"] = (np.stack(pixels) if pixels
                             else np.zeros((0, size, size, 3), np.dtype(config.image_dtype)))
         return sample
@@ -178,6 +207,12 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
         raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
     if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
+    token_shape = token_dtype = None
+    if config.visual_tokens:
+        store = token_store.TokenStore(config.visual_tokens)
+        store.check(image_size=config.image_size, num_tokens=config.num_image_tokens,
+                    where="data config field 'visual_tokens'")
+        token_shape, token_dtype = store.shape, store.dtype
     dataset = record_dataset(sources, config)
     if record_check is not None:
         dataset = dataset.map(record_check)
@@ -192,6 +227,7 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
                               max_images_per_row=config.max_images_per_row,
                               num_image_tokens=config.num_image_tokens,
                               image_size=config.image_size, image_dtype=config.image_dtype,
+                              token_shape=token_shape, token_dtype=token_dtype,
                               strict=config.strict,
                               report_every=config.report_every)
 

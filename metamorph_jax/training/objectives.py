@@ -75,6 +75,38 @@ def source_names(data) -> list[str]:
     return list(sources) if isinstance(sources, dict) else [f"source{i}" for i in range(len(sources))]
 
 
+def token_store_of(stage, where: str):
+    """The stage's precomputed-token store (data.visual_tokens), or None; eval_data must
+    agree (the step is compiled for one batch layout)."""
+    from metamorph_jax.data import token_store
+    path = stage.data.get("visual_tokens") or None
+    eval_data = stage.get("eval_data")
+    if eval_data and eval_data.get("sources"):
+        if bool(eval_data.get("visual_tokens")) != bool(path):
+            raise StageConfigError(
+                f"{where}: field 'eval_data.visual_tokens' is "
+                f"{eval_data.get('visual_tokens')!r} but 'data.visual_tokens' is {path!r}; "
+                "both give precomputed tokens or neither does")
+    if path is None:
+        return None
+    try:
+        return token_store.TokenStore(path)
+    except token_store.TokenStoreError as error:
+        raise StageConfigError(f"{where}: field 'data.visual_tokens': {error}") from None
+
+
+def check_token_store(store, vision_config, where: str) -> None:
+    """A store must come from the stage's tower: image size, token count, width, config."""
+    from metamorph_jax.data import token_store
+    try:
+        store.check(image_size=vision_config.image_size,
+                    num_tokens=vision_config.num_visual_tokens, width=vision_config.hidden_size,
+                    where=f"{where}: field 'data.visual_tokens'")
+        store.check_tower(vision_config.to_dict(), where=f"{where}: field 'data.visual_tokens'")
+    except token_store.TokenStoreError as error:
+        raise StageConfigError(str(error)) from None
+
+
 def _folder(path: str | Path, where: str) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -236,6 +268,12 @@ class VPiTObjective(Objective):
                 f"uses {want[0]}, {want[1]} (its LLM's vocabulary plus two); use the "
                 "tokenizer the LLM was made with")
         self.template = stage.data.get("template", "llama3")
+        # Precomputed tokens (data.visual_tokens) replace the images in every batch.
+        self.token_store = token_store_of(stage, self.where)
+        if self.token_store is not None:
+            check_token_store(self.token_store, self.config.vision, self.where)
+            self.batch_keys = tuple("visual_tokens" if key == "images" else key
+                                    for key in VPiTObjective.batch_keys)
 
     def is_trainable(self, path: tuple[str, ...]) -> bool:
         if self.kind == "adapter":
@@ -309,7 +347,11 @@ class VPiTObjective(Objective):
     def batch_shapes(self, data, rows):
         _, config = data_from_config(data, f"{self.where}: data")
         shapes = {key: ((rows, config.seq_len), np.int32) for key in self.batch_keys
-                  if key != "images"}
+                  if key not in ("images", "visual_tokens")}
+        if self.token_store is not None:
+            shapes["visual_tokens"] = ((rows, config.max_images_per_row,
+                                        *self.token_store.shape), self.token_store.dtype)
+            return shapes
         size = config.image_size
         shapes["images"] = ((rows, config.max_images_per_row, size, size, 3),
                             np.dtype(config.image_dtype))
@@ -478,6 +520,11 @@ class DecoderObjective(Objective):
                 f"tower in {self.vision_dir} gives {self.vision_config.num_visual_tokens}, "
                 f"{self.vision_config.hidden_size}")
         self.tower = SiglipVisionModel(self.vision_config)
+        # Precomputed tokens (data.visual_tokens) condition the UNet in place of the tower.
+        self.token_store = token_store_of(stage, self.where)
+        if self.token_store is not None:
+            check_token_store(self.token_store, self.vision_config, self.where)
+            self.batch_keys = ("images", "tokens")
         self.decoder_dir = self.initial_dir("model_dir")
         if self.decoder_dir is None and stage.init.get("from_previous", False):
             self.decoder_dir = previous_dir
@@ -549,7 +596,10 @@ class DecoderObjective(Objective):
     def batch_shapes(self, data, rows):
         _, config = data_from_config(data, f"{self.where}: data")
         size = config.image_size
-        return {"images": ((rows, size, size, 3), np.float32)}
+        shapes = {"images": ((rows, size, size, 3), np.float32)}
+        if self.token_store is not None:
+            shapes["tokens"] = ((rows, *self.token_store.shape), self.token_store.dtype)
+        return shapes
 
     def normalizers(self, batch):
         return {"micro_batches": jnp.asarray(batch["images"].shape[0], jnp.float32)}
@@ -568,8 +618,8 @@ class DecoderObjective(Objective):
         frozen = {k: v for k, v in params.items() if k not in ("projector", "unet", "siglip")}
         trained = {k: params[k] for k in ("projector", "unet")}
         # Tokens given with the batch (tests, precomputed sets) stand in for the tower's.
-        tokens = (jax.lax.stop_gradient(batch["tokens"]) if "tokens" in batch
-                  else self.visual_tokens(params, batch["images"]))
+        tokens = (jax.lax.stop_gradient(jnp.asarray(batch["tokens"], jnp.float32))
+                  if "tokens" in batch else self.visual_tokens(params, batch["images"]))
         mean, _ = decoder_loss(self.model, trained, frozen,
                                {"images": batch["images"], "tokens": tokens}, rng,
                                jnp.asarray(self.noise.alphas_cumprod()), self.cfg_prob)
