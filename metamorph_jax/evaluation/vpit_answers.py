@@ -109,7 +109,8 @@ def generate_caption_images(generator: vg.VPiTGenerator, renderer, tokenizer, te
                 raise RuntimeError(f"caption {captions[row][0]!r}: the generator returned "
                                    f"{len(generation.visual_tokens)} images, expected 1")
         tokens = np.concatenate([g.visual_tokens for g in generations])
-        renderer.save(tokens, [paths[i] for i in rows])
+        # Caption i's noise is (seed, i): the same image however the list was cut.
+        renderer.save(tokens, [paths[i] for i in rows], noise_ids=rows)
     barrier("caption images written", process_count)
     if process_index == 0:
         (out_dir / "captions.json").write_text(json.dumps(
