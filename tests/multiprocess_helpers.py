@@ -28,8 +28,8 @@ def free_port() -> int:
 def run_processes(module: str, calls: list[list[str]], processes: int, devices: int = 2,
                   timeout: float = 900) -> list[str]:
     """Runs `calls` (argv lists for MODULE.main, in order) in each of `processes` processes
-    (one process: no flags); returns each process's stdout. Fails with a process's stderr
-    when one fails."""
+    (one process: no flags); returns each process's stdout (without gloo's connection
+    lines). Fails with a process's stderr when one fails."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
@@ -52,7 +52,9 @@ def run_processes(module: str, calls: list[list[str]], processes: int, devices: 
             for other in running:
                 other.kill()
             raise
-        outputs.append(out)
+        # gloo reports its connections on stdout (from C++): not the program's output.
+        outputs.append("".join(line for line in out.splitlines(keepends=True)
+                               if not line.startswith("[Gloo]")))
         if process.returncode != 0:
             failures.append(f"process {index} exited {process.returncode}:\n{err[-4000:]}")
     assert not failures, "\n".join(failures)

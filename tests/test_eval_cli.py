@@ -284,10 +284,22 @@ def test_two_processes_write_what_one_process_writes(folders, tmp_path):
     """eval.py as a real two-process run (2 x 2 CPU devices, gloo) against one process
     with 2 devices: benchmark answers (an odd split of each batch), caption images (3
     captions over 2 processes) and the VPiT-records sums (batches split by index) are
-    the same, file for file and number for number."""
+    the same, file for file and number for number; so is the text loss of the LLM alone
+    (--llm --data: one global batch over all 4 devices, each process feeding its rows)."""
+    from metamorph_jax import pretrained
     from tests.multiprocess_helpers import run_processes
 
     model_dir, _ = folders
+    llm_dir = tmp_path / "llm"   # the checkpoint's LLM as a 'llama' folder
+    pretrained.save_pretrained(llm_dir, "llama", pretrained.read_model_config(model_dir)[
+        "config"]["llm"], pretrained.load_params(model_dir)["llm"], chat_template="llama3")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n"
+        for question, answer in [("what colour is the circle ?", "red"), ("hello", "hello world"),
+                                 ("how many shapes", "there are two shapes"),
+                                 ("where is the blue circle ?", "bottom right"),
+                                 ("is there a yellow square ?", "no")] * 2))
     spec = f"jsonl={generic_jsonl(tmp_path)},mmbench={mmbench_file(tmp_path)}"
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(json.dumps({"id": f"c{i}", "caption": text}) + "\n"
@@ -301,7 +313,9 @@ def test_two_processes_write_what_one_process_writes(folders, tmp_path):
                  f"prompts={captions}", "--out", out / "eval", "--batch-size", "3",
                  "--max-new-tokens", "4", *FAST_RENDER],
                 ["--checkpoint", model_dir, "--data", records, "--seq-len", "64",
-                 "--batch-size", "2", "--out", out / "loss.json"]]
+                 "--batch-size", "2", "--out", out / "loss.json"],
+                ["--llm", llm_dir, "--tokenizer", model_dir, "--data", texts, "--seq-len", "32",
+                 "--batch-size", "4", "--out", out / "text_loss.json"]]
 
     one, two = tmp_path / "one", tmp_path / "two"
     run_processes("eval", calls(one), processes=1)
@@ -320,3 +334,9 @@ def test_two_processes_write_what_one_process_writes(folders, tmp_path):
     loss_one = json.loads((one / "loss.json").read_text())
     assert json.loads((two / "loss.json").read_text()) == loss_one   # sums bit for bit
     assert loss_one["records"] == 6 and loss_one["vision_tokens"] == 12
+    text_one = json.loads((one / "text_loss.json").read_text())
+    text_two = json.loads((two / "text_loss.json").read_text())
+    assert text_one["records"] == text_two["records"] == 10
+    assert text_two["tokens"] == text_one["tokens"] > 0
+    # 2 devices against 4: the sums' reduction order differs, nothing else.
+    assert text_two["loss_sum"] == pytest.approx(text_one["loss_sum"], rel=1e-6)

@@ -368,13 +368,14 @@ class VPiTGenerator:
     def _init_cache(self, batch: int, length: int):
         if self.mesh is None:
             return self._apply(self.params, batch, length, method=MetaMorph.init_cache)
+        # Zeros made in place on each device (no host copy, no parameters traced in).
         # Scanned layers stack the layer axis in front of the batch axis.
         spec = (PartitionSpec(None, "rows") if self.config.llm.scan_layers
                 else PartitionSpec("rows"))
-        make = jax.jit(lambda: self._apply(self.params, batch, length,
-                                           method=MetaMorph.init_cache),
-                       out_shardings=NamedSharding(self.mesh, spec))
-        return make()
+        where = NamedSharding(self.mesh, spec)
+        shapes = jax.eval_shape(lambda: self._apply(self.params, batch, length,
+                                                    method=MetaMorph.init_cache))
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=where), shapes)
 
     def cache_length(self, prompt_width: int, sampling: VPiTSampling) -> int:
         budget = sampling.max_new_tokens + sampling.max_new_images * self.config.num_image_tokens
