@@ -99,15 +99,21 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     out = args.out or "eval_out"
+    import jax
     if args.predictions:
         if generation:
             parser.error("--generation needs --checkpoint")
+        if jax.process_index() != 0:   # scoring files needs no model: process 0 alone
+            return 0
         from metamorph_jax.evaluation import runner
         summary = runner.evaluate(files, out, predictions_dir=args.predictions,
                                   allow_missing=args.allow_missing, limit=args.limit)
         eval_cli.print_summary(summary)
         return 0
     if not files and not generation:
+        if jax.process_count() > 1:
+            parser.error("the Shapes-world evaluation (no --benchmarks / --generation) runs "
+                         "in one process")
         eval_cli.evaluate_shapes_world(args.checkpoint, out)
         return 0
 

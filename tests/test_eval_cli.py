@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,7 +286,9 @@ def test_two_processes_write_what_one_process_writes(folders, tmp_path):
     with 2 devices: benchmark answers (an odd split of each batch), caption images (3
     captions over 2 processes) and the VPiT-records sums (batches split by index) are
     the same, file for file and number for number; so is the text loss of the LLM alone
-    (--llm --data: one global batch over all 4 devices, each process feeding its rows)."""
+    (--llm --data: one global batch over all 4 devices, each process feeding its rows), and
+    generate.py --prompts (3 prompts: each process writes its prompts' folders, process 0
+    prints every reply in order). The same processes run all five commands."""
     from metamorph_jax import pretrained
     from tests.multiprocess_helpers import run_processes
 
@@ -308,18 +311,31 @@ def test_two_processes_write_what_one_process_writes(folders, tmp_path):
     records = tmp_path / "records.jsonl"
     records.write_text("".join(json.dumps(r) + "\n" for r in vpit_records(tmp_path)))
 
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
+                               ["hello", "generate an image of a circle", "what is it ?"]))
+
     def calls(out):
-        return [["--checkpoint", model_dir, "--benchmarks", spec, "--generation",
-                 f"prompts={captions}", "--out", out / "eval", "--batch-size", "3",
-                 "--max-new-tokens", "4", *FAST_RENDER],
-                ["--checkpoint", model_dir, "--data", records, "--seq-len", "64",
-                 "--batch-size", "2", "--out", out / "loss.json"],
-                ["--llm", llm_dir, "--tokenizer", model_dir, "--data", texts, "--seq-len", "32",
-                 "--batch-size", "4", "--out", out / "text_loss.json"]]
+        return [("eval", ["--checkpoint", model_dir, "--benchmarks", spec, "--generation",
+                          f"prompts={captions}", "--out", out / "eval", "--batch-size", "3",
+                          "--max-new-tokens", "4", *FAST_RENDER]),
+                ("eval", ["--checkpoint", model_dir, "--data", records, "--seq-len", "64",
+                          "--batch-size", "2", "--out", out / "loss.json"]),
+                ("eval", ["--llm", llm_dir, "--tokenizer", model_dir, "--data", texts,
+                          "--seq-len", "32", "--batch-size", "4", "--out", out / "text_loss.json"]),
+                ("generate", ["--checkpoint", model_dir, "--prompts", prompts,
+                              "--out", out / "generated", "--max-new-tokens", "6", "--no-render"])]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    run_processes("eval", calls(one), processes=1)
-    run_processes("eval", calls(two), processes=2)
+    printed_one = run_processes(calls(one), processes=1)
+    printed_two = run_processes(calls(two), processes=2)
+    assert printed_two == [printed_one[0], ""]   # process 0 prints; the others nothing
+    for n in range(3):
+        folder = Path("generated") / f"prompt_{n:04d}"
+        assert ((two / folder / "result.json").read_text()
+                == (one / folder / "result.json").read_text())
+        np.testing.assert_allclose(np.load(two / folder / "visual_tokens.npy"),
+                                   np.load(one / folder / "visual_tokens.npy"), atol=1e-5)
     assert (json.loads((two / "eval" / "results.json").read_text())
             == json.loads((one / "eval" / "results.json").read_text()))
     for name in ("predictions/jsonl.jsonl", "predictions/mmbench.jsonl",

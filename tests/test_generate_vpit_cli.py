@@ -99,29 +99,3 @@ def test_checkpoint_resolution(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="--no-render"):
         vpit_cli.load_session(work)
 
-
-@pytest.mark.slow
-def test_prompts_split_over_two_processes_write_what_one_process_writes(folders, tmp_path):
-    """generate.py --prompts as a real two-process run (2 x 2 CPU devices): each process
-    writes the folders of its prompts (0 and 2, or 1), process 0 prints every reply in
-    order, and the files equal a one-process run's."""
-    from tests.multiprocess_helpers import run_processes
-
-    model_dir, _ = folders
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
-                               ["hello", "generate an image of a circle", "what is it ?"]))
-
-    def calls(out):
-        return [["--checkpoint", model_dir, "--prompts", prompts, "--out", out,
-                 "--max-new-tokens", "4", "--no-render"]]
-
-    one = run_processes("generate", calls(tmp_path / "one"), processes=1)
-    two = run_processes("generate", calls(tmp_path / "two"), processes=2)
-    assert two[0] == one[0] and two[1] == ""
-    for n in range(3):
-        folder = f"prompt_{n:04d}"
-        assert ((tmp_path / "two" / folder / "result.json").read_text()
-                == (tmp_path / "one" / folder / "result.json").read_text())
-        np.testing.assert_allclose(np.load(tmp_path / "two" / folder / "visual_tokens.npy"),
-                                   np.load(tmp_path / "one" / folder / "visual_tokens.npy"), atol=1e-5)
