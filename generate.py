@@ -7,6 +7,7 @@ MetaMorph (prompts are rendered with the model folder's chat template, as in tra
       [--seed S] [--unforced-image-end] [--visualizer DIR | --no-render]
       [--sampler pndm|ddim] [--diffusion-steps N] [--guidance-scale G]
   python generate.py --checkpoint DIR --prompts FILE.jsonl [--out DIR]   (a batch)
+      [--local-devices N] [--coordinator HOST:PORT --num-processes N --process-id I]
   python generate.py --checkpoint DIR --chat [--out DIR]                 (interactive)
 
 --checkpoint is a "metamorph" model folder (the visualiser then comes from --visualizer, a
@@ -15,7 +16,11 @@ latest finished stage exports of both kinds). The text is printed with "[image N
 where image N was generated; OUT gets result.json ({"text", "tokens" (the new token ids,
 -1 at each generated visual position), "images", "finish_reason"}), image_N.png and
 visual_tokens.npy ([images, 64, C]). With --prompts
-(lines of {"prompt": "...", "images": [paths]}) each prompt writes OUT/prompt_NNNN/.
+(lines of {"prompt": "...", "images": [paths]}) each prompt writes OUT/prompt_NNNN/; the
+batch is split by row over this process's devices (--local-devices N: the first N), and
+over the processes of a multi-process run (prompt k to process k mod P, which alone
+writes OUT/prompt_k; OUT must be one folder every process sees). A run is joined with the
+three flags (or the JAX_* variables), or automatically on Cloud TPU and under SLURM.
 --chat reads turns from stdin ('/image PATH' attaches an image to the next turn, '/quit'
 ends); images the model generated stay in the context of later turns. max-new-tokens counts
 text tokens; each image adds its 64 visual steps (max-new-images per reply).
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from metamorph_jax import distributed
 from metamorph_jax.data.conversation import TEMPLATES
 
 
@@ -69,7 +75,21 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--local-devices", type=int, metavar="N",
+                        help="--prompts: split the batch over the first N of this process's "
+                             "devices (default: all)")
+    distributed.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.local_devices is not None and (args.local_devices < 1 or not args.prompts):
+        parser.error("--local-devices takes a count of at least 1, with --prompts")
+    try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except distributed.DistributedConfigError as error:
+        parser.error(str(error))
+    import jax
+    if jax.process_count() > 1 and not (args.checkpoint and args.prompts):
+        parser.error("a multi-process run takes --checkpoint with --prompts (--prompt, "
+                     "--chat and --llm run in one process)")
 
     if args.llm:
         from metamorph_jax.inference import text_cli
@@ -98,11 +118,19 @@ def main(argv=None) -> int:
                             max_new_images=args.max_new_images, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             force_image_end=not args.unforced_image_end)
+    devices = None   # --prompt / --chat: one device
+    if args.prompts:
+        devices = jax.local_devices()
+        if args.local_devices is not None:
+            if args.local_devices > len(devices):
+                parser.error(f"--local-devices {args.local_devices}: this process has "
+                             f"{len(devices)} devices")
+            devices = devices[:args.local_devices]
     session = vpit_cli.load_session(
         args.checkpoint, args.visualizer, render=not args.no_render,
         render_config=RenderConfig(args.sampler, args.diffusion_steps, args.guidance_scale,
                                    args.seed),
-        template=args.template, dtype=args.dtype)
+        template=args.template, dtype=args.dtype, devices=devices)
     if args.chat:
         vpit_cli.chat(session, sys.stdin, args.out, sampling, args.image)
         return 0
@@ -110,7 +138,8 @@ def main(argv=None) -> int:
         specs = vpit_cli.read_prompts_file(args.prompts)
     else:
         specs = [vpit_cli.PromptSpec(text, tuple(args.image)) for text in args.prompt]
-    vpit_cli.run_prompts(session, specs, args.out, sampling)
+    vpit_cli.run_prompts(session, specs, args.out, sampling,
+                         process_index=jax.process_index(), process_count=jax.process_count())
     return 0
 
 

@@ -12,6 +12,12 @@ width 32, 2-layer SigLIP, 4 visual tokens per image). Each batch size is first r
 all samples into a scratch folder, so that every (batch, prompt width) bucket is compiled
 before timing; the timed run is runner.evaluate over all samples with the VPiT answerer
 (eval.py's path, one process) into a fresh folder.
+
+The last row decodes batch 16 with the rows split over all of the process's local devices
+(VPiTGenerator(devices=jax.local_devices()), eval.py's default) and prints its samples/s
+against the one-device batch-16 row of the same run. On simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8) that ratio measures the cost of the
+partitioned program's plumbing on the same cores, not a speed-up.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ def main(argv=None) -> None:
     from metamorph_jax.evaluation import benchmarks, runner
     from metamorph_jax.evaluation.eval_cli import load
     from metamorph_jax.evaluation.vpit_answers import VPiTAnswerer
-    from metamorph_jax.inference.vpit_generate import VPiTSampling
+    from metamorph_jax.inference.vpit_generate import VPiTGenerator, VPiTSampling
     from tests.vpit_helpers import save_tiny_folders
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,19 +75,30 @@ def main(argv=None) -> None:
               f"{jax.device_count()} {jax.default_backend()} device(s); reading the file: "
               f"{read_s * 1000:.1f} ms")
         print(f"{'batch':>5} {'samples/s':>10} {'total s':>8} {'decode s':>9} {'decode %':>9} "
-              f"{'other s':>8}")
-        for batch in (int(b) for b in args.batches.split(",")):
-            warm = VPiTAnswerer(loaded.generator, loaded.tokenizer, loaded.template, sampling)
-            runner.evaluate({"jsonl": data}, root / f"warm{batch}", generate=warm,
+              f"{'other s':>8}  devices")
+        one = loaded.generator
+        split = VPiTGenerator(one.model, one.params, one.eos_token_ids, one.pad_token_id,
+                              devices=jax.local_devices())
+        rates = {}
+        runs = [(int(b), one, "one") for b in args.batches.split(",")]
+        runs.append((16, split, "all"))
+        for batch, generator, label in runs:
+            warm = VPiTAnswerer(generator, loaded.tokenizer, loaded.template, sampling)
+            runner.evaluate({"jsonl": data}, root / f"warm{batch}_{label}", generate=warm,
                             batch_size=batch)
-            answerer = VPiTAnswerer(loaded.generator, loaded.tokenizer, loaded.template, sampling)
+            answerer = VPiTAnswerer(generator, loaded.tokenizer, loaded.template, sampling)
             start = time.perf_counter()
-            runner.evaluate({"jsonl": data}, root / f"run{batch}", generate=answerer,
+            runner.evaluate({"jsonl": data}, root / f"run{batch}_{label}", generate=answerer,
                             batch_size=batch)
             total = time.perf_counter() - start
             decode = answerer.decode_seconds
+            rates[(batch, label)] = len(samples) / total
             print(f"{batch:>5} {len(samples) / total:>10.2f} {total:>8.2f} {decode:>9.2f} "
-                  f"{100 * decode / total:>8.1f}% {total - decode:>8.2f}")
+                  f"{100 * decode / total:>8.1f}% {total - decode:>8.2f}  "
+                  f"{generator.device_count:>7}")
+        if (16, "one") in rates:
+            print(f"batch 16 over {split.device_count} local devices / one device: "
+                  f"{rates[(16, 'all')] / rates[(16, 'one')]:.2f}x samples/s")
 
 
 if __name__ == "__main__":

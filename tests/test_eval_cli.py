@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,14 @@ def test_bad_flags(folders, capsys):
         with pytest.raises(SystemExit):
             eval_cli.main(["--checkpoint", str(model_dir), *flags])
     assert "unknown name 'nope'" in capsys.readouterr().err
+    # Process and device flags: one clear error each, before any model is loaded.
+    for flags, message in ((["--coordinator", "localhost:1"], "missing: --num-processes"),
+                           (["--local-devices", "0"], "--local-devices must be at least 1"),
+                           (["--local-devices", "99", "--benchmarks", "jsonl=x.jsonl"],
+                            "--local-devices 99: this process has 8 devices")):
+        with pytest.raises(SystemExit):
+            eval_cli.main(["--checkpoint", str(model_dir), *flags])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -269,3 +278,81 @@ def test_only_the_first_process_writes(tmp_path):
     assert runner.evaluate({"jsonl": path}, tmp_path / "out", generate=lambda b: ["x"] * len(b),
                            write=False) is None
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_writes(folders, tmp_path):
+    """eval.py as a real two-process run (2 x 2 CPU devices, gloo) against one process
+    with 2 devices: benchmark answers (an odd split of each batch), caption images (3
+    captions over 2 processes) and the VPiT-records sums (batches split by index) are
+    the same, file for file and number for number; so is the text loss of the LLM alone
+    (--llm --data: one global batch over all 4 devices, each process feeding its rows), and
+    generate.py --prompts (3 prompts: each process writes its prompts' folders, process 0
+    prints every reply in order). The same processes run all five commands."""
+    from metamorph_jax import pretrained
+    from tests.multiprocess_helpers import run_processes
+
+    model_dir, _ = folders
+    llm_dir = tmp_path / "llm"   # the checkpoint's LLM as a 'llama' folder
+    pretrained.save_pretrained(llm_dir, "llama", pretrained.read_model_config(model_dir)[
+        "config"]["llm"], pretrained.load_params(model_dir)["llm"], chat_template="llama3")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n"
+        for question, answer in [("what colour is the circle ?", "red"), ("hello", "hello world"),
+                                 ("how many shapes", "there are two shapes"),
+                                 ("where is the blue circle ?", "bottom right"),
+                                 ("is there a yellow square ?", "no")] * 2))
+    spec = f"jsonl={generic_jsonl(tmp_path)},mmbench={mmbench_file(tmp_path)}"
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"id": f"c{i}", "caption": text}) + "\n"
+                                for i, text in enumerate(["a red circle", "a blue square",
+                                                          "a green triangle"])))
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in vpit_records(tmp_path)))
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
+                               ["hello", "generate an image of a circle", "what is it ?"]))
+
+    def calls(out):
+        return [("eval", ["--checkpoint", model_dir, "--benchmarks", spec, "--generation",
+                          f"prompts={captions}", "--out", out / "eval", "--batch-size", "3",
+                          "--max-new-tokens", "4", *FAST_RENDER]),
+                ("eval", ["--checkpoint", model_dir, "--data", records, "--seq-len", "64",
+                          "--batch-size", "2", "--out", out / "loss.json"]),
+                ("eval", ["--llm", llm_dir, "--tokenizer", model_dir, "--data", texts,
+                          "--seq-len", "32", "--batch-size", "4", "--out", out / "text_loss.json"]),
+                ("generate", ["--checkpoint", model_dir, "--prompts", prompts,
+                              "--out", out / "generated", "--max-new-tokens", "6", "--no-render"])]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    printed_one = run_processes(calls(one), processes=1)
+    printed_two = run_processes(calls(two), processes=2)
+    assert printed_two == [printed_one[0], ""]   # process 0 prints; the others nothing
+    for n in range(3):
+        folder = Path("generated") / f"prompt_{n:04d}"
+        assert ((two / folder / "result.json").read_text()
+                == (one / folder / "result.json").read_text())
+        np.testing.assert_allclose(np.load(two / folder / "visual_tokens.npy"),
+                                   np.load(one / folder / "visual_tokens.npy"), atol=1e-5)
+    assert (json.loads((two / "eval" / "results.json").read_text())
+            == json.loads((one / "eval" / "results.json").read_text()))
+    for name in ("predictions/jsonl.jsonl", "predictions/mmbench.jsonl",
+                 "generated/captions.json"):
+        assert (two / "eval" / name).read_bytes() == (one / "eval" / name).read_bytes(), name
+    # Caption i's noise is (seed, i) whoever renders it; batch shapes may move XLA's float
+    # rounding by one grey level (tests/test_render.py).
+    for name in ("c0.png", "c1.png", "c2.png"):
+        np.testing.assert_allclose(
+            np.asarray(Image.open(two / "eval" / "generated" / name)).astype(int),
+            np.asarray(Image.open(one / "eval" / "generated" / name)).astype(int), atol=1)
+    loss_one = json.loads((one / "loss.json").read_text())
+    assert json.loads((two / "loss.json").read_text()) == loss_one   # sums bit for bit
+    assert loss_one["records"] == 6 and loss_one["vision_tokens"] == 12
+    text_one = json.loads((one / "text_loss.json").read_text())
+    text_two = json.loads((two / "text_loss.json").read_text())
+    assert text_one["records"] == text_two["records"] == 10
+    assert text_two["tokens"] == text_one["tokens"] > 0
+    # 2 devices against 4: the sums' reduction order differs, nothing else.
+    assert text_two["loss_sum"] == pytest.approx(text_one["loss_sum"], rel=1e-6)

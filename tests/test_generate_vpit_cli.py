@@ -98,3 +98,4 @@ def test_checkpoint_resolution(folders, tmp_path):
     (work / "decoder" / "final" / "DONE").unlink()
     with pytest.raises(FileNotFoundError, match="--no-render"):
         vpit_cli.load_session(work)
+

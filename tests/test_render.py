@@ -35,5 +35,8 @@ def test_batches_of_any_cut_give_the_sampler_s_images():
                          schedule, 3, 2.0, "ddim")
     np.testing.assert_allclose(cut[2].astype(int), to_uint8(np.asarray(expected))[0].astype(int),
                                atol=1)
+    # Rendered alone with its index in the list (as caption images are): the same image.
+    alone = ImageRenderer(model, params, schedule, rule).render(tokens[2:3], noise_ids=[2])
+    np.testing.assert_allclose(alone[0].astype(int), cut[2].astype(int), atol=1)
     with pytest.raises(ValueError, match=r"takes \[n, 4, 24\]"):
         ImageRenderer(model, params, schedule, rule).render(tokens[:, :2])

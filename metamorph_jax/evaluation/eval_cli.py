@@ -8,7 +8,10 @@ extracted, score; a rerun answers only the samples not yet there) and generated/
 
 Processes: each process loads the model; the samples of a batch are split by index
 across processes (vpit_answers.VPiTAnswerer), answers are all-gathered and only process 0
-writes OUT, which must be one folder every process sees. A process decodes on one device.
+writes OUT, which must be one folder every process sees. --generation splits the captions
+still to render the same way (each process writes its own PNGs; process 0 scores them).
+A process decodes its rows over its local devices (`local_devices`), the batch split by
+row, the parameters replicated on each.
 """
 from __future__ import annotations
 
@@ -60,10 +63,22 @@ class Loaded:
     model_dir: Path
 
 
+def local_devices(count: int | None = None) -> list:
+    """The first `count` of this process's devices (None: all of them)."""
+    import jax
+    devices = jax.local_devices()
+    if count is None:
+        return devices
+    if not 1 <= count <= len(devices):
+        raise ValueError(f"--local-devices {count}: this process has {len(devices)} devices")
+    return devices[:count]
+
+
 def load(checkpoint, *, render: bool, render_config=None, visualizer=None,
-         dtype: str = "float32") -> Loaded:
+         dtype: str = "float32", devices=None) -> Loaded:
     """The VPiT generator (and, with render, the visualiser's renderer) for --checkpoint
-    (a metamorph model folder or a training work directory)."""
+    (a metamorph model folder or a training work directory). devices: decode with the
+    batch split over them (VPiTGenerator's `devices`); None: the default device."""
     from metamorph_jax.inference import checkpoints
     from metamorph_jax.inference import vpit_generate as vg
     from metamorph_jax.inference.render import ImageRenderer, RenderConfig
@@ -71,7 +86,7 @@ def load(checkpoint, *, render: bool, render_config=None, visualizer=None,
     model_dir, visualizer_dir = checkpoints.resolve(checkpoint, visualizer)
     model, params, tokenizer, ends = checkpoints.load_metamorph_for_decoding(model_dir, dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = vg.VPiTGenerator(model, params, ends, pad)
+    generator = vg.VPiTGenerator(model, params, ends, pad, devices=devices)
     renderer = None
     if render:
         if visualizer_dir is None:
@@ -100,9 +115,13 @@ def answer_benchmarks(loaded: Loaded, files: dict, out, *, batch_size: int = 8,
 
 
 def generate_and_score(loaded: Loaded, spec: dict, out, *, batch_size: int = 8,
-                       limit: int | None = None) -> dict:
+                       limit: int | None = None) -> dict | None:
     """One image per caption of spec["prompts"] into OUT/generated/, then FID against
-    spec["references"] (with spec["inception"]) and CLIP score (spec["clip"])."""
+    spec["references"] (with spec["inception"]) and CLIP score (spec["clip"]). With
+    several processes each renders its share; process 0 scores and returns the scores,
+    the others None."""
+    import jax
+
     from metamorph_jax.evaluation.captions import read_captions
     from metamorph_jax.evaluation.image_scores import score_images
     from metamorph_jax.evaluation.vpit_answers import generate_caption_images
@@ -110,9 +129,14 @@ def generate_and_score(loaded: Loaded, spec: dict, out, *, batch_size: int = 8,
     captions = read_captions(spec["prompts"])
     if limit is not None:
         captions = captions[:limit]
+    main = jax.process_index() == 0
     paths = generate_caption_images(loaded.generator, loaded.renderer, loaded.tokenizer,
                                     loaded.template, captions, Path(out) / "generated",
-                                    batch_size=batch_size, progress=True)
+                                    batch_size=batch_size, progress=main,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    if not main:
+        return None
     scores = score_images(paths, [c for _, c in captions], references=spec.get("references"),
                           inception=spec.get("inception"), clip=spec.get("clip"))
     return dict(scores, prompts=spec["prompts"])

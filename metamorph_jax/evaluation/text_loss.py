@@ -9,7 +9,10 @@ together; perplexity = exp(mean loss). Unusable records (too long for --seq-len,
 malformed, no response) are counted and listed in the results, never dropped silently; a
 record with images stops the run (text stage only).
 
-One process only: with several processes each would see a different number of batches.
+Processes: every process packs the same batches from every record (the packing is
+deterministic) and contributes its own block of each batch's rows (batch_size / P of them)
+to one global batch over the mesh of all processes' devices, so every process runs the
+same number of steps and the sums are those of one process over the same batch.
 """
 from __future__ import annotations
 
@@ -40,8 +43,11 @@ def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path | None, data_paths: 
     """
     from tqdm import tqdm
 
-    if jax.process_count() > 1:
-        raise NotImplementedError("eval.py runs in one process (it may use all its devices)")
+    process, processes = jax.process_index(), jax.process_count()
+    if batch_size % processes:
+        raise ValueError(f"--batch-size {batch_size} does not split over {processes} "
+                         f"processes; give a multiple of {processes}")
+    local_rows = slice(process * batch_size // processes, (process + 1) * batch_size // processes)
     if not data_paths:
         raise ValueError("no data files given")
     for path in data_paths:
@@ -65,11 +71,12 @@ def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path | None, data_paths: 
         batches = text_batches([pipeline.Source(str(path))], tokenizer, data_config)
         loss_sum, tokens, records = 0.0, 0, 0
         with tqdm(total=len(open_source(str(path))), desc=f"eval {Path(path).name}", unit="record",
-                  disable=not progress) as bar:
+                  disable=not progress or process != 0) as bar:
             for batch in batches:
                 check_text_only(batch)
+                rows = {k: v[local_rows] for k, v in text_step.text_batch(batch).items()}
                 batch_sum, batch_count = jax.device_get(
-                    eval_step(params, text_step.global_batch(batch, mesh, rules)))
+                    eval_step(params, text_step.global_batch(rows, mesh, rules)))
                 loss_sum += float(batch_sum)
                 tokens += int(round(float(batch_count)))
                 in_batch = int(batch["segment_ids"].max(axis=1).sum())   # records packed here

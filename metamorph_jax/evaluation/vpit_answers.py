@@ -1,11 +1,12 @@
 """Benchmark answers and caption images from the VPiT generator: the `generate` function
 runner.evaluate takes, split across processes, and text-to-image generation.
 
-Processes: a batch of requests is split by sample index (process p answers rows p, p + P,
-...), each process decodes its rows as one generator batch on its own default device, and
-the answers are all-gathered so every process returns the whole batch in order (only
-process 0 writes files; see runner.run_benchmark's `write`). Within a process the
-generator runs on one device: a prompt batch is not split over a process's devices.
+Processes (inference/processes.py): a batch of requests is split by sample index (process
+p answers rows p, p + P, ...), each process decodes its rows as one generator batch (over
+the devices the generator was given, VPiTGenerator(devices=...)), and the answers are
+all-gathered so every process returns the whole batch in order (only process 0 writes
+files; see runner.run_benchmark's `write`). Caption images are split the same way over
+the captions still to render; each process writes its own files.
 """
 from __future__ import annotations
 
@@ -19,39 +20,10 @@ from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
 from metamorph_jax.evaluation.samples import decode_image
 from metamorph_jax.inference import vpit_generate as vg
+from metamorph_jax.inference.processes import barrier, gather_texts, process_rows
 
 # The first text-to-image wording the training records use (data/tasks.py PROMPTS).
 CAPTION_PROMPT = "Generate an image of {caption}"
-
-
-def process_rows(count: int, index: int, processes: int) -> list[int]:
-    """The rows of a batch of `count` that process `index` of `processes` answers."""
-    return list(range(index, count, processes))
-
-
-def gather_texts(local: Sequence[str], count: int, index: int, processes: int) -> list[str]:
-    """Every process's answers (process p holds rows process_rows(count, p, processes))
-    -> all `count` answers in row order, on every process."""
-    if processes == 1:
-        return list(local)
-    from jax.experimental import multihost_utils
-
-    encoded = [text.encode("utf-8") for text in local]
-    width = int(multihost_utils.process_allgather(
-        np.asarray(max((len(e) for e in encoded), default=0), np.int32)).max())
-    share = -(-count // processes)
-    table = np.zeros((share, width + 4), np.uint8)  # 4 bytes of length, then the text
-    for row, data in enumerate(encoded):
-        table[row, :4] = np.frombuffer(np.uint32(len(data)).tobytes(), np.uint8)
-        table[row, 4:4 + len(data)] = np.frombuffer(data, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(table))  # [P, share, width + 4]
-    out = [""] * count
-    for process in range(processes):
-        for slot, row in enumerate(process_rows(count, process, processes)):
-            entry = gathered[process, slot]
-            length = int(np.frombuffer(entry[:4].tobytes(), np.uint32)[0])
-            out[row] = entry[4:4 + length].tobytes().decode("utf-8")
-    return out
 
 
 class VPiTAnswerer:
@@ -105,17 +77,24 @@ def caption_prompt(caption: str, generator: vg.VPiTGenerator, tokenizer, templat
 
 def generate_caption_images(generator: vg.VPiTGenerator, renderer, tokenizer, template: str,
                             captions: Sequence[tuple[str, str]], out_dir, *,
-                            batch_size: int = 8, progress: bool = False) -> list[Path]:
+                            batch_size: int = 8, progress: bool = False,
+                            process_index: int = 0, process_count: int = 1) -> list[Path]:
     """One image per (id, caption), rendered to OUT_DIR/<id>.png (the id with characters
     other than letters, digits, '-', '_' and '.' replaced by '_'); images already there are
     kept, so a rerun resumes. Greedy decoding. Returns the paths in caption order and
-    writes OUT_DIR/captions.json ({file name: caption})."""
+    writes OUT_DIR/captions.json ({file name: caption}). With several processes each
+    renders its share of the missing images (OUT_DIR must be one folder they all see);
+    the call returns on every process once all images are written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{_safe_name(key)}.png" for key, _ in captions]
     if len(set(paths)) != len(paths):
         raise ValueError("two caption ids map to the same file name")
     todo = [i for i, p in enumerate(paths) if not p.exists()]
+    # Every process lists the folder before any writes to it, so all split the same list;
+    # process p renders todo[p::P], and no two processes write the same file.
+    barrier("caption images listed", process_count)
+    todo = [todo[k] for k in process_rows(len(todo), process_index, process_count)]
     sampling = vg.VPiTSampling(max_new_tokens=2, max_new_images=1)
     batches = range(0, len(todo), batch_size)
     if progress:
@@ -130,9 +109,12 @@ def generate_caption_images(generator: vg.VPiTGenerator, renderer, tokenizer, te
                 raise RuntimeError(f"caption {captions[row][0]!r}: the generator returned "
                                    f"{len(generation.visual_tokens)} images, expected 1")
         tokens = np.concatenate([g.visual_tokens for g in generations])
-        renderer.save(tokens, [paths[i] for i in rows])
-    (out_dir / "captions.json").write_text(json.dumps(
-        {p.name: caption for p, (_, caption) in zip(paths, captions)}, indent=1))
+        # Caption i's noise is (seed, i): the same image however the list was cut.
+        renderer.save(tokens, [paths[i] for i in rows], noise_ids=rows)
+    barrier("caption images written", process_count)
+    if process_index == 0:
+        (out_dir / "captions.json").write_text(json.dumps(
+            {p.name: caption for p, (_, caption) in zip(paths, captions)}, indent=1))
     return paths
 
 

@@ -3,7 +3,13 @@
 training (data/pipeline.py, the model's image size and visual-token count) and scored
 with training/vpit_loss.py. Text loss is the mean over response tokens; the vision
 cosine is the mean cos(predicted, target visual token) over the response images' visual
-positions (absent when no record has a response image). One process, one device.
+positions (absent when no record has a response image).
+
+Devices and processes: each batch is split by row over the given devices (the parameters
+replicated on each). With P processes every process packs the same batches from every
+record (the packing is deterministic), scores batches p, p + P, ... and the per-batch sums
+are all-gathered bit for bit and added in batch order, so the totals are exactly those of
+one process over the same devices per process (inference/processes.py).
 """
 from __future__ import annotations
 
@@ -13,24 +19,30 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metamorph_jax import pretrained
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
+from metamorph_jax.inference.processes import gather_rows
 from metamorph_jax.training.vpit_loss import SUM_KEYS, vpit_loss_sums
 
 
 def evaluate(model_dir, data_paths: Sequence[str], *, template: str | None = None,
              seq_len: int = 2048, batch_size: int = 8, dtype: str = "float32",
-             progress: bool = True) -> dict:
+             progress: bool = True, devices: Sequence | None = None) -> dict:
     """{"text_loss", "perplexity", "vision_cosine", "text_tokens", "vision_tokens",
-    "records", "bad_records", "files": {path: the same per file}}."""
+    "records", "bad_records", "files": {path: the same per file}}, on every process.
+    devices: split each batch over them (their count must divide batch_size); None: the
+    default device."""
     from tqdm import tqdm
 
     from metamorph_jax.inference.checkpoints import load_metamorph
 
-    if jax.process_count() > 1:
-        raise NotImplementedError("eval.py --data runs in one process")
+    process, processes = jax.process_index(), jax.process_count()
+    if devices is not None and batch_size % len(devices):
+        raise ValueError(f"--batch-size {batch_size} does not split over {len(devices)} "
+                         f"devices; give a multiple of {len(devices)} (or --local-devices)")
     if not data_paths:
         raise ValueError("no data files given")
     for path in data_paths:
@@ -50,20 +62,32 @@ def evaluate(model_dir, data_paths: Sequence[str], *, template: str | None = Non
         image_size=config.vision.image_size, template=template, num_epochs=1,
         shard_index=0, shard_count=1)
     step = jax.jit(lambda p, b: vpit_loss_sums(model, p, b))
+    place = lambda batch: batch   # noqa: E731  (default device: the arrays as they are)
+    if devices is not None:
+        mesh = Mesh(np.asarray(list(devices)), ("rows",))
+        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        rows = NamedSharding(mesh, PartitionSpec("rows"))
+        place = lambda batch: jax.device_put(batch, rows)   # noqa: E731
     keys = ("tokens", "positions", "segment_ids", "text_targets", "text_mask", "image_index",
             "vision_mask", "vision_target_index", "images")
     files = {}
     for path in data_paths:
         batches = pipeline.make_iterator([pipeline.Source(str(path))], tokenizer, ids, data_config)
-        totals = {key: 0.0 for key in SUM_KEYS}
-        records = 0
+        mine, count, records = [], 0, 0
         for batch in tqdm(batches, desc=f"eval {Path(path).name}", unit="batch",
                           disable=not progress):
-            sums = jax.device_get(step(params, {k: np.asarray(batch[k]) for k in keys}))
-            for key in SUM_KEYS:
-                totals[key] += float(sums[key])
+            if count % processes == process:   # this process's batches: p, p + P, ...
+                sums = jax.device_get(step(params, place({k: np.asarray(batch[k]) for k in keys})))
+                mine.append([float(sums[key]) for key in SUM_KEYS])
+            count += 1
             records += int(np.asarray(batch["segment_ids"]).max(axis=1).sum())
         batches.bad_records.report(final=True)
+        per_batch = gather_rows(np.asarray(mine, np.float64).reshape(-1, len(SUM_KEYS)),
+                                count, process, processes)
+        totals = {key: 0.0 for key in SUM_KEYS}
+        for values in per_batch:   # batch order, as one process adds them
+            for key, value in zip(SUM_KEYS, values):
+                totals[key] += float(value)
         files[str(path)] = _summary(totals, records, batches.bad_records.as_dict())
     totals = {key: sum(f["sums"][key] for f in files.values()) for key in SUM_KEYS}
     if totals["text_tokens"] == 0 and totals["vision_tokens"] == 0:

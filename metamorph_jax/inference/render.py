@@ -71,18 +71,24 @@ class ImageRenderer:
         return visualize(self.model, params, tokens, noise, self.schedule, rc.num_steps,
                          rc.guidance_scale, rc.sampler)
 
-    def render(self, visual_tokens: np.ndarray) -> np.ndarray:
-        """[n, V, C] -> uint8 [n, H, W, 3]. Image i's noise comes from (seed, i), so an
-        image does not depend on how the batch was cut."""
+    def render(self, visual_tokens: np.ndarray, noise_ids: Sequence[int] | None = None
+               ) -> np.ndarray:
+        """[n, V, C] -> uint8 [n, H, W, 3]. Image i's noise comes from (seed, noise_ids[i])
+        (default: i), so an image does not depend on how the render batch was cut; callers
+        that render a list in pieces (caption images, split across processes) pass each
+        image's index in the whole list."""
         visual_tokens = np.asarray(visual_tokens, np.float32)
         if visual_tokens.ndim != 3 or visual_tokens.shape[1:] != self.token_shape:
             raise ValueError(f"visual tokens of shape {visual_tokens.shape}; this visualiser "
                              f"takes [n, {self.token_shape[0]}, {self.token_shape[1]}]")
         count = len(visual_tokens)
+        noise_ids = range(count) if noise_ids is None else [int(i) for i in noise_ids]
+        if len(noise_ids) != count:
+            raise ValueError(f"{count} images but {len(noise_ids)} noise ids")
         shape = self.model.config.sample_shape
         key = jax.random.key(self.render_config.seed)
         noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape))
-                          for i in range(count)]) if count else np.zeros((0, *shape), np.float32)
+                          for i in noise_ids]) if count else np.zeros((0, *shape), np.float32)
         out = []
         step = self.render_config.max_batch
         for begin in range(0, count, step):
@@ -100,11 +106,13 @@ class ImageRenderer:
             return np.zeros((0, size, size, 3), np.uint8)
         return np.concatenate(out)
 
-    def save(self, visual_tokens: np.ndarray, paths: Sequence[str | Path]) -> list[str]:
-        """Renders and writes one PNG per image; returns the paths written."""
+    def save(self, visual_tokens: np.ndarray, paths: Sequence[str | Path],
+             noise_ids: Sequence[int] | None = None) -> list[str]:
+        """Renders (noise_ids: see render) and writes one PNG per image; returns the paths
+        written."""
         if len(paths) != len(visual_tokens):
             raise ValueError(f"{len(visual_tokens)} images but {len(paths)} paths")
-        pixels = self.render(visual_tokens)
+        pixels = self.render(visual_tokens, noise_ids)
         for image, path in zip(pixels, paths):
             images_lib.save_png(image, path)
         return [str(p) for p in paths]

@@ -11,6 +11,12 @@ Per prompt, OUT holds:
                         paths in order
     image_N.png         the rendered images (unless rendering is off)
     visual_tokens.npy   [images, V, C] float32: the generated visual tokens
+
+Several processes (--prompts): prompt k goes to process k mod P (inference/processes.py),
+which decodes its share as one batch over its local devices and alone writes those
+prompts' folders, OUT/prompt_NNNN/ numbered by the prompt's line in the file, so no two
+processes write the same file; the reply texts are gathered and process 0 prints them in
+order.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
 from metamorph_jax.inference import checkpoints
 from metamorph_jax.inference import vpit_generate as vg
+from metamorph_jax.inference.processes import barrier, gather_texts, process_rows
 from metamorph_jax.inference.render import ImageRenderer, RenderConfig
 
 
@@ -42,13 +49,15 @@ class Session:
 
 def load_session(checkpoint: str | Path, visualizer: str | Path | None = None, *,
                  render: bool = True, render_config: RenderConfig = RenderConfig(),
-                 template: str | None = None, dtype: str = "float32") -> Session:
+                 template: str | None = None, dtype: str = "float32",
+                 devices=None) -> Session:
     """The generator (and renderer) for --checkpoint / --visualizer. Without a visualiser
-    folder, rendering must be turned off explicitly (render=False)."""
+    folder, rendering must be turned off explicitly (render=False). devices: decode with
+    the batch split over them (VPiTGenerator's `devices`); None: the default device."""
     model_dir, visualizer_dir = checkpoints.resolve(checkpoint, visualizer)
     model, params, tokenizer, ends = checkpoints.load_metamorph_for_decoding(model_dir, dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = vg.VPiTGenerator(model, params, ends, pad)
+    generator = vg.VPiTGenerator(model, params, ends, pad, devices=devices)
     renderer = None
     if render:
         if visualizer_dir is None:
@@ -139,24 +148,31 @@ def read_prompts_file(path: str | Path) -> list[PromptSpec]:
 
 
 def run_prompts(session: Session, specs: Sequence[PromptSpec], out_dir: str | Path,
-                sampling: vg.VPiTSampling, stream: TextIO | None = None) -> list[dict]:
+                sampling: vg.VPiTSampling, stream: TextIO | None = None,
+                process_index: int = 0, process_count: int = 1) -> list[dict]:
     """Decodes the prompts as one batch. One prompt writes into out_dir; several into
-    out_dir/prompt_0000, out_dir/prompt_0001, ..."""
+    out_dir/prompt_0000, out_dir/prompt_0001, ... With several processes each decodes
+    and writes its share (prompts k with k mod P == process_index) and returns the results
+    of those; process 0 prints every reply text in order."""
     out_dir, stream = Path(out_dir), stream or sys.stdout
     config = session.generator.config
+    mine = process_rows(len(specs), process_index, process_count)
     prompts = []
-    for spec in specs:
-        images = load_prompt_images(session, spec.images)
-        turns = [conv.Turn("user", with_placeholders(spec.text, len(images)))]
+    for number in mine:
+        images = load_prompt_images(session, specs[number].images)
+        turns = [conv.Turn("user", with_placeholders(specs[number].text, len(images)))]
         prompts.append(vg.prompt_from_turns(turns, images, session.tokenizer, session.template,
                                             config, session.generator.pad_token_id))
-    generations = session.generator.generate(prompts, sampling)
+    generations = session.generator.generate(prompts, sampling) if prompts else []
     results = []
-    for number, generation in enumerate(generations):
+    for number, generation in zip(mine, generations):
         target = out_dir if len(specs) == 1 else out_dir / f"prompt_{number:04d}"
-        result = write_result(target, session, generation)
-        print(result["text"], file=stream)
-        results.append(result)
+        results.append(write_result(target, session, generation))
+    texts = gather_texts([r["text"] for r in results], len(specs), process_index, process_count)
+    if process_index == 0:
+        for text in texts:
+            print(text, file=stream)
+    barrier("prompts written", process_count)
     return results
 
 

@@ -15,11 +15,20 @@ chosen per row with `jnp.where` between the token embedding and the projected vi
 token. Decoding runs DECODE_CHUNK steps per dispatch in a `lax.while_loop`; sampling
 (greedy, temperature, top-k, top-p, seeded) happens inside the jitted step.
 
-Shapes are static: the batch is padded to a power of two, the prompt width and the number
-of prompt images to powers of two, and the cache length is the prompt width plus the
+Shapes are static: the batch is padded to a power of two (with `devices`, to that many
+devices times a power of two rows each), the prompt width and the number of prompt images
+to powers of two, and the cache length is the prompt width plus the
 row budget (max_new_tokens + max_new_images * V) rounded up to CACHE_MULTIPLE, so the
 prefill and the decoding loop compile once per (batch bucket, length bucket) for a given
 sampling rule, never per step or per prompt length.
+
+Devices: by default the batch decodes on the default device. With `devices` (e.g. a
+process's `jax.local_devices()`) the parameters are replicated on a one-axis mesh of them
+and every per-row array (prompt, visual tokens, KV cache, decoding state) is split over it
+by row, so each device decodes its rows; the jitted prefill and loop are the same
+functions, partitioned by XLA from the shardings of their inputs. Rows never interact, so
+the tokens equal one-device decoding (tests/test_vpit_generate_devices.py). The parameters
+are replicated, not sharded: a model too large for one device's memory is not served here.
 
 Where this loop differs from the authors' `greedy_decode` on purpose:
 - It is batched, keeps a KV cache (one new position per step instead of re-running the
@@ -47,6 +56,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.inference.generate import sample_tokens
@@ -165,6 +175,8 @@ class VPiTGenerator:
     text_count [B]) -> logits: applied to every text step's logits before sampling, with
     the number of text tokens each row has produced so far (tests use it to make a model
     emit `<image_start>` where they need it; it is a static part of the compiled step).
+    devices: decode with the batch split by row over these devices (see the module
+    docstring); None: the default device.
     """
 
     DECODE_CHUNK = 16
@@ -173,7 +185,8 @@ class VPiTGenerator:
 
     def __init__(self, model: MetaMorph, params, eos_token_ids: Sequence[int],
                  pad_token_id: int = 0, unroll_layers: bool = True,
-                 fuse_projections: bool | None = None, logits_hook: LogitsHook | None = None):
+                 fuse_projections: bool | None = None, logits_hook: LogitsHook | None = None,
+                 devices: Sequence[jax.Device] | None = None):
         config = model.config
         if config.image_start_id is None or config.image_end_id is None:
             raise ValueError("the MetaMorph config has no image_start_id / image_end_id")
@@ -191,6 +204,13 @@ class VPiTGenerator:
             params = {**params, "llm": llm_params}
         self.model = model
         self.config = model.config
+        self.mesh = None
+        if devices is not None:
+            devices = list(devices)
+            if not devices:
+                raise ValueError("devices is empty")
+            self.mesh = Mesh(np.asarray(devices), ("rows",))
+            params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
         self.params = params
         self.eos_token_ids = np.asarray(sorted(set(int(t) for t in eos_token_ids)), np.int32)
         self.pad_token_id = int(pad_token_id)
@@ -331,6 +351,32 @@ class VPiTGenerator:
                              f"pixels [{size}, {size}, 3] or visual tokens {list(shape)}")
         return self.encode_images(image)
 
+    @property
+    def device_count(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def batch_bucket(self, rows: int) -> int:
+        """The padded batch for `rows` prompts: a power of two rows per device."""
+        return self.device_count * _pow2(-(-rows // self.device_count))
+
+    def _rows(self, tree):
+        """Per-row arrays (leading axis = batch) placed split by row over the devices."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec("rows")))
+
+    def _init_cache(self, batch: int, length: int):
+        if self.mesh is None:
+            return self._apply(self.params, batch, length, method=MetaMorph.init_cache)
+        # Zeros made in place on each device (no host copy, no parameters traced in).
+        # Scanned layers stack the layer axis in front of the batch axis.
+        spec = (PartitionSpec(None, "rows") if self.config.llm.scan_layers
+                else PartitionSpec("rows"))
+        where = NamedSharding(self.mesh, spec)
+        shapes = jax.eval_shape(lambda: self._apply(self.params, batch, length,
+                                                    method=MetaMorph.init_cache))
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=where), shapes)
+
     def cache_length(self, prompt_width: int, sampling: VPiTSampling) -> int:
         budget = sampling.max_new_tokens + sampling.max_new_images * self.config.num_image_tokens
         return _round_up(prompt_width + budget, self.CACHE_MULTIPLE)
@@ -351,7 +397,7 @@ class VPiTGenerator:
                 raise ValueError(f"prompt {number}: image_index refers to image "
                                  f"{index.max() // per_image} but the prompt has "
                                  f"{len(prompt.images)} images")
-        batch = _pow2(len(prompts))
+        batch = self.batch_bucket(len(prompts))
         width = _pow2(max(len(p.tokens) for p in prompts), self.MIN_PROMPT_WIDTH)
         slots = _pow2(max(len(p.images) for p in prompts))
         tokens = np.full((batch, width), self.pad_token_id, np.int32)
@@ -372,21 +418,21 @@ class VPiTGenerator:
             raise ValueError("a prompt ends on <image_start> (its image is generated) but "
                              "max_new_images is 0")
         zeros = np.zeros(batch, np.int32)
-        state = _State(
-            last_token=jnp.asarray(zeros), last_visual=jnp.zeros((batch, channels), jnp.float32),
-            visual_input=jnp.zeros(batch, bool), index=jnp.asarray(lengths),
-            visual_mode=jnp.asarray(ends_in_image), visual_count=jnp.asarray(zeros),
-            pending_end=jnp.zeros(batch, bool), text_count=jnp.asarray(zeros),
-            image_count=jnp.asarray(ends_in_image.astype(np.int32)),
-            done=jnp.asarray(np.arange(batch) >= len(prompts)))
+        state = self._rows(_State(
+            last_token=zeros, last_visual=np.zeros((batch, channels), np.float32),
+            visual_input=np.zeros(batch, bool), index=lengths,
+            visual_mode=ends_in_image, visual_count=zeros,
+            pending_end=np.zeros(batch, bool), text_count=zeros,
+            image_count=ends_in_image.astype(np.int32),
+            done=np.arange(batch) >= len(prompts)))
         rule = (float(sampling.temperature), float(sampling.top_p), int(sampling.top_k),
                 bool(sampling.force_image_end))
         budget = (jnp.int32(sampling.max_new_tokens), jnp.int32(sampling.max_new_images))
-        cache = self._apply(self.params, batch, self.cache_length(width, sampling),
-                            method=MetaMorph.init_cache)
+        cache = self._init_cache(batch, self.cache_length(width, sampling))
+        tokens, image_index, visual = self._rows((tokens, image_index, visual))
         token, vis, cache, state, key = self._prefill(
-            self.params, jnp.asarray(tokens), jnp.asarray(image_index), jnp.asarray(visual),
-            cache, state, jax.random.key(sampling.seed), budget, rule)
+            self.params, tokens, image_index, visual, cache, state,
+            jax.random.key(sampling.seed), budget, rule)
         outputs: list[list[int]] = [[] for _ in prompts]
         images: list[list[np.ndarray]] = [[] for _ in prompts]
 
