@@ -37,8 +37,10 @@ def final_evaluation(config, results) -> dict:
     from metamorph_jax.evaluation import shapes_eval
     fields = config.final_eval.to_dict()
     world = fields.pop("world")
-    stage_seconds = {r.name: {"seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1)}
-                     for r in results if r.ran}
+    # A stage done by an earlier run: the times that run recorded in its DONE file.
+    stage_seconds = {r.name: {"seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1),
+                              **({} if r.ran else {"earlier_run": True})}
+                     for r in results if r.ran or r.cpu_seconds}
     metrics = shapes_eval.evaluate_shapes(
         config.work_dir, world, shapes_eval.ShapesEvalConfig.from_config(fields),
         stage_seconds=stage_seconds)

@@ -5,7 +5,14 @@ world with small random models, then the held-out evaluation.
 
 What it needs is made under `assets.root` when absent (tiny.ensure_assets): the Shapes
 world at 32 pixels, a word-level tokenizer with the image tokens, a small random LLaMA and
-a small random SigLIP tower (4 visual tokens). Stages: the adapter (VPiT stage 1, image QA
+a small random SigLIP tower, frozen in every stage as in the method (`TOWER`): SigLIP's
+architecture and token path (last block before the post-layernorm -> bilinear grid
+reduction -> L2 norm) with 4-pixel patches (an 8x8 grid) reduced to 4x4 = 16 visual tokens,
+and the patch embedding's bias set so that white patches embed to zero
+(tiny.zero_background_patches). With the default zero bias the white background dominates
+every token and the tokens of different images are nearly parallel (per-token cosine
+0.96), so the LLM and the decoder have almost nothing to read; with it 0.68, and a linear
+probe reads 97% of the grid cells' contents from the tokens (docs/design.md). Stages: the adapter (VPiT stage 1, image QA
 and text-to-image), instruct (VPiT stage 2, all six kinds) and the pixel-space decoder
 conditioned on the tower's tokens. Then train.py runs evaluation/shapes_eval.py on the
 world's test split and writes WORK_DIR/final_metrics.json and WORK_DIR/samples.png.
@@ -28,6 +35,11 @@ def _tiny():
 
 ASSETS = "runs/shapes_assets"
 IMAGE_SIZE = 32
+# The tower: 4-pixel patches (an 8x8 grid) reduced bilinearly to 4x4 = 16 visual tokens, and
+# white patches embedded to zero (tiny.zero_background_patches).
+TOWER = dict(patch_size=4, num_visual_tokens=16, zero_background=True)
+TOKENS = TOWER["num_visual_tokens"]
+SEQ_LEN = 256   # an image is 18 positions; a video record holds several
 # Mostly image QA and text-to-image: the two kinds the evaluation scores.
 KIND_WEIGHTS = (("image_qa", 6.0), ("text_to_image", 4.0), ("video_qa", 0.5),
                 ("image_to_image", 0.5), ("video", 0.5), ("visual_thinking", 0.5))
@@ -41,22 +53,27 @@ def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 20
     config.eval_every = 0
     config.assets.update(dict(image_size=IMAGE_SIZE, train=2000, validation=100, test=300,
-                              clips=40))
-    for name, steps, lr in (("adapter", 60, 1e-2), ("instruct", 400, 3e-3)):
+                              clips=40, tower=TOWER))
+    for name, steps, lr in (("adapter", 100, 1e-2), ("instruct", 600, 3e-3)):
         stage = config.stages[name]
         stage.steps = steps
         stage.optim.lr = lr
         for data in (stage.data, stage.eval_data):
             data.image_size = IMAGE_SIZE
             data.batch_size = 16
+            data.num_image_tokens = TOKENS
+            data.seq_len = SEQ_LEN
     for data in (config.stages.instruct.data, config.stages.instruct.eval_data):
         for kind, weight in KIND_WEIGHTS:
             data.sources[kind].weight = weight
     decoder = config.stages.decoder
-    decoder.steps = 300
+    decoder.steps = 800
     for data in (decoder.data, decoder.eval_data):
         data.image_size = IMAGE_SIZE
         data.batch_size = 16
+        data.num_image_tokens = TOKENS
+    decoder.model.num_tokens = TOKENS
+    decoder.model.context_length = TOKENS
     decoder.model.image_size = IMAGE_SIZE
     decoder.model.unet.sample_size = IMAGE_SIZE
     # Two levels, cross-attention only at 16x16: at 32x32 it costs several seconds a step.

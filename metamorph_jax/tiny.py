@@ -39,6 +39,27 @@ def tiny_siglip_config(**overrides):
     return SiglipConfig(**fields)
 
 
+def zero_background_patches(params, patch_size: int, background: float = 1.0):
+    """Set the patch embedding's bias to minus the kernel's response to a uniform patch of
+    normalised value `background` (1.0: white), so that background patches embed to zero.
+
+    With the default zero bias, a random tower's patch embedding maps the Shapes world's
+    white background (most of every image) to one large shared vector, and the tokens of
+    different images are nearly parallel (cosine ~0.96 per token); with background patches
+    at zero a token's direction comes from the shapes it covers and its position embedding
+    (~0.68). The architecture is unchanged: this is an initial value of an existing
+    parameter of the frozen tower. Returns a copy of `params`."""
+    import numpy as np
+    params = {**params, "embeddings": dict(params["embeddings"])}
+    patch = dict(params["embeddings"]["patch_embedding"])
+    kernel = np.asarray(patch["kernel"])          # [p, p, channels, hidden]
+    if kernel.shape[:2] != (patch_size, patch_size):
+        raise ValueError(f"patch kernel {kernel.shape} does not match patch_size={patch_size}")
+    patch["bias"] = (-background * kernel.sum(axis=(0, 1, 2))).astype(kernel.dtype)
+    params["embeddings"]["patch_embedding"] = patch
+    return params
+
+
 def _shapes_words(world: Path) -> list[str]:
     """Every word and punctuation mark of the world's records, sorted."""
     import json
@@ -69,7 +90,12 @@ def ensure_assets(assets) -> dict:
     """Make the inputs of configs/tiny.py under `assets.root` when absent: the Shapes world
     (`shapes/`), a word-level tokenizer over its words with the two image tokens
     (`tokenizer/`), a tiny random LLaMA whose vocabulary stops just before those tokens
-    (`llm/`), and a tiny random SigLIP tower (`siglip/`). Returns their paths."""
+    (`llm/`), and a tiny random SigLIP tower (`siglip/`). Returns their paths.
+
+    `assets.tower` (optional) sets the tower: SiglipConfig fields for tiny_siglip_config
+    (e.g. `num_visual_tokens`, `patch_size`) and `zero_background` (True: the patch
+    embedding's bias makes white patches embed to zero, zero_background_patches). Without
+    it the tower is tiny_siglip_config's at the world's image size, all parameters random."""
     import jax
     import flax.linen as nn
     import numpy as np
@@ -84,6 +110,17 @@ def ensure_assets(assets) -> dict:
     if assets.get("kind") != "tiny_shapes":
         raise ValueError(f"config field 'assets.kind' = {assets.get('kind')!r}: the only kind "
                          "is 'tiny_shapes'")
+    tower = assets.get("tower") or {}
+    tower = dict(tower.to_dict() if hasattr(tower, "to_dict") else tower)
+    zero_background = tower.pop("zero_background", False)
+    if not isinstance(zero_background, bool):
+        raise ValueError(f"config field 'assets.tower.zero_background' = {zero_background!r}: "
+                         "must be true or false")
+    try:
+        tiny_siglip_config(image_size=int(assets.image_size), **tower)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config field 'assets.tower': {error}") from None
+
     root = Path(assets.root)
     root.mkdir(parents=True, exist_ok=True)
     paths = {name: root / name for name in ("shapes", "tokenizer", "llm", "siglip")}
@@ -114,8 +151,10 @@ def ensure_assets(assets) -> dict:
     _build_into(paths["llm"], make_llm)
 
     def make_siglip(out: Path) -> None:
-        config = tiny_siglip_config(image_size=int(assets.image_size))
-        params = nn.unbox(siglip.init_params(config, jax.random.key(2)))
+        config = tiny_siglip_config(image_size=int(assets.image_size), **tower)
+        params = jax.tree.map(np.asarray, nn.unbox(siglip.init_params(config, jax.random.key(2))))
+        if zero_background:
+            params = zero_background_patches(params, config.patch_size)
         pretrained.save_pretrained(out, "siglip", config.to_dict(),
                                    jax.tree.map(np.asarray, params))
     _build_into(paths["siglip"], make_siglip)

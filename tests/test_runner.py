@@ -360,6 +360,17 @@ def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(ti
     assert metrics["counts"]["text_to_image_prompts"] == config.final_eval.max_prompts
     assert metrics["generation_oracle_chance"] == 1 / (6 * 3 * 9)
     assert set(metrics["eval_seconds"]) == {"vqa", "visual_tokens", "render_and_oracle"}
+    # only the oracle's single-shape prompts and the grid's rows are rendered
+    counts = metrics["counts"]
+    assert counts["rendered"] == max(counts["single_shape_prompts"],
+                                     min(config.final_eval.samples, config.final_eval.max_prompts))
+    # the stages were run by the fixture: their times come from their DONE files
+    for name in config.order:
+        done = json.loads((work / name / "final" / runner.DONE_FILE).read_text())
+        assert metrics["stage_seconds"][name] == {
+            "seconds": round(done["seconds"], 1), "cpu_seconds": round(done["cpu_seconds"], 1),
+            "earlier_run": True}
+        assert done["cpu_seconds"] > 0
     with Image.open(work / "samples.png") as image:
         # one row per sample: 14 px of heading, then rows of the 4x image and 6 px padding
         side = 4 * config.assets.image_size

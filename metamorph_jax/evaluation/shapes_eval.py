@@ -244,19 +244,21 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
     cosine_mean_image = float(token_cosine(mean_token[None], true_tokens).mean())
     t2i_seconds = time.time() - started - vqa_seconds
 
-    rendered = renderer.render(generated)
+    # Only the single-shape prompts (the oracle's) and the grid's rows are rendered.
     single = [i for i, r in enumerate(t2i) if len(r["target"]) == 1]
+    shown = (single + [i for i in range(len(t2i)) if i not in set(single)])[:config.samples]
+    drawn = sorted(set(single) | set(shown))
+    rendered = dict(zip(drawn, renderer.render(generated[drawn]))) if drawn else {}
     oracle_hits = [oracle_correct(rendered[i], t2i[i]["target"][0]) for i in single]
     oracle_accuracy = float(np.mean(oracle_hits)) if oracle_hits else 0.0
     render_seconds = time.time() - started - vqa_seconds - t2i_seconds
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = (single + [i for i in range(len(t2i)) if i not in set(single)])[:config.samples]
     samples_path = out_dir / "samples.png"
     write_samples(samples_path, [t2i[i]["conversations"][0]["value"] for i in shown],
                   [rendered[i] for i in shown],
                   [images_lib.resize_uint8(images_lib.open_image(world_dir / t2i[i]["images"][0]),
-                                           rendered.shape[1]) for i in shown])
+                                           rendered[i].shape[0]) for i in shown])
     metrics = {
         "vqa_accuracy": vqa_accuracy, "vqa_chance": vqa_chance,
         "visual_token_cosine": cosine, "visual_token_cosine_chance": cosine_chance,
@@ -265,7 +267,7 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
         "generation_oracle_chance": ORACLE_CHANCE,
         "vqa_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "counts": {"questions": len(qa), "text_to_image_prompts": len(t2i),
-                   "single_shape_prompts": len(single)},
+                   "single_shape_prompts": len(single), "rendered": len(drawn)},
         "split": config.split,
         "stage_seconds": dict(stage_seconds or {}),
         "eval_seconds": {"vqa": vqa_seconds, "visual_tokens": t2i_seconds,

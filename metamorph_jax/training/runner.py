@@ -12,7 +12,8 @@ its `kind` (objectives.py: adapter, instruct, decoder, text). WORK_DIR holds::
     <stage>/checkpoints/<step>/  Orbax checkpoints (checkpoint.py)
     <stage>/final/               the stage's result: a model folder with the tokenizer; its
                                  DONE file is written last, and a stage whose final/ has it
-                                 is not run again
+                                 is not run again; it then also holds the seconds and CPU
+                                 seconds of the run that finished the stage (StageResult)
 
 Re-running the same command with the same WORK_DIR resumes: finished stages are skipped,
 the current stage restores its newest complete checkpoint (state, data iterator, RNG) and
@@ -488,17 +489,31 @@ def run(config) -> list[StageResult]:
             final_dir = work_dir / name / "final"
             if (final_dir / DONE_FILE).exists():
                 logger.info("stage %s is done (%s); skipping it", name, final_dir)
-                results.append(StageResult(name, final_dir, ran=False))
+                results.append(StageResult(name, final_dir, ran=False,
+                                           **recorded_seconds(final_dir)))
             else:
                 wall, cpu = time.time(), time.process_time()
                 result = Stage(config, index, name, previous, mesh, metrics).run()
                 result.seconds = time.time() - wall
                 result.cpu_seconds = time.process_time() - cpu
+                if is_main:   # after the export: DONE is there, and only its content grows
+                    done = final_dir / DONE_FILE
+                    done.write_text(json.dumps(dict(
+                        json.loads(done.read_text()), seconds=result.seconds,
+                        cpu_seconds=result.cpu_seconds, resumed_from=result.resumed_from))
+                        + "\n")
                 results.append(result)
             previous = final_dir
     finally:
         metrics.close()
     return results
+
+
+def recorded_seconds(final_dir: Path) -> dict:
+    """{"seconds", "cpu_seconds"} that a finished stage's DONE file records (of the run that
+    finished it); {} for a DONE file written before it recorded them."""
+    done = json.loads((final_dir / DONE_FILE).read_text())
+    return {key: float(done[key]) for key in ("seconds", "cpu_seconds") if key in done}
 
 
 def parse_flags(argv: Sequence[str]):
