@@ -53,9 +53,10 @@ def run_processes(calls: list[tuple[str, list]], processes: int, devices: int = 
             for other in running:
                 other.kill()
             raise
-        # gloo reports its connections on stdout (from C++): not the program's output.
+        # gloo reports its connections on stdout from C++, unbuffered (a report can be cut
+        # into pieces by Python's output): not the program's output.
         outputs.append("".join(line for line in out.splitlines(keepends=True)
-                               if not line.startswith("[Gloo]")))
+                               if "[Gloo]" not in line and "peer ranks" not in line))
         if process.returncode != 0:
             failures.append(f"process {index} exited {process.returncode}:\n{err[-4000:]}")
     assert not failures, "\n".join(failures)

@@ -329,7 +329,13 @@ def test_two_processes_write_what_one_process_writes(folders, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     printed_one = run_processes(calls(one), processes=1)
     printed_two = run_processes(calls(two), processes=2)
-    assert printed_two == [printed_one[0], ""]   # process 0 prints; the others nothing
+    # Process 0 prints what one process prints, the others nothing; the --llm loss lines
+    # are left out (their last digits follow the 2- vs 4-device reduction, checked below).
+    def exact(text):
+        return [line for line in text.splitlines()
+                if ": loss " not in line and not line.startswith("mean loss")]
+    assert exact(printed_two[0]) == exact(printed_one[0]) and printed_two[1] == ""
+    assert "[image 0: not rendered]" in printed_one[0]   # generate.py's replies are there
     for n in range(3):
         folder = Path("generated") / f"prompt_{n:04d}"
         assert ((two / folder / "result.json").read_text()
