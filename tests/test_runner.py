@@ -290,7 +290,7 @@ def test_the_train_step_lowers_from_abstract_shapes_alone(tiny_run):
 def test_a_checkpoint_resumes_onto_another_mesh_with_the_same_losses(tiny_run, tmp_path):
     """The instruct stage's step-4 checkpoint (saved on fsdp=8) restored onto data=2 x
     fsdp=2 and onto one device: the same params and optimizer state, and steps 5..8 give
-    the losses of the uninterrupted run (measured: equal to 2e-7 relative; allowed 2e-6,
+    the losses of the uninterrupted run (measured: within 1.2e-7 relative; allowed 1e-6,
     the reductions split differently). Its exported model folder restores onto both meshes
     too."""
     import shutil
@@ -332,7 +332,7 @@ def test_a_checkpoint_resumes_onto_another_mesh_with_the_same_losses(tiny_run, t
         assert result.resumed_from == 4 and result.steps == 8
         gap = np.max(np.abs(np.asarray(result.losses) / np.asarray(expected) - 1))
         print(f"mesh {mesh_fields}: losses within {gap:.1e} relative")   # the measured error
-        np.testing.assert_allclose(result.losses, expected, rtol=2e-6)
+        np.testing.assert_allclose(result.losses, expected, rtol=1e-6)
         # the model folder (written sharded over 8 devices) onto this mesh
         shardings = {**stage.shardings.trainable, **stage.shardings.frozen}
         placed = pretrained.load_params(work / "instruct" / "final", shardings)
