@@ -43,6 +43,8 @@ from metamorph_jax.data.conversation import TEMPLATES
 
 
 def main(argv=None) -> int:
+    from metamorph_jax import platforms
+    platforms.prefer_cpu_without_accelerator()   # before anything imports JAX
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)

@@ -54,6 +54,8 @@ def final_evaluation(config, results) -> dict:
 
 
 def main(argv=None) -> int:
+    from metamorph_jax import platforms
+    platforms.prefer_cpu_without_accelerator()   # before anything imports JAX
     from absl import flags
 
     from metamorph_jax import distributed

@@ -3,17 +3,15 @@ backend when libtpu is installed without a TPU.
 
 XLA_FLAGS must be set before JAX is imported anywhere, which is why it lives here.
 """
-import glob
-import importlib.util
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # With libtpu installed (requirements-tpu.txt, for the compile-only TPU plan tests) and no
-# TPU attached, JAX would try the TPU backend first, log its failure and fall back to the
-# CPU: ask for the CPU directly. The TPU topology tests do not need the TPU backend.
-if (importlib.util.find_spec("libtpu") is not None
-        and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*")):
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# accelerator attached, ask for the CPU directly (metamorph_jax/platforms.py): the TPU
+# topology tests do not need the TPU backend.
+from metamorph_jax import platforms  # noqa: E402  (imports no JAX)
+
+platforms.prefer_cpu_without_accelerator()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
