@@ -77,7 +77,7 @@ def masked_cosine_loss(pred: Array, target: Array, mask: Array,
 
 
 def chunked_cross_entropy(hidden: Array, logits_fn, targets: Array, mask: Array,
-                          chunk_tokens: int) -> tuple[Array, Array]:
+                          chunk_tokens: int, unroll: bool = False) -> tuple[Array, Array]:
     """masked_cross_entropy(logits_fn(hidden), targets, mask) without the [B,T,V] logits.
 
     hidden [B,T,d] (the LLM's final hidden states), logits_fn: [B,c,d] -> [B,c,V] (the LM
@@ -87,7 +87,9 @@ def chunked_cross_entropy(hidden: Array, logits_fn, targets: Array, mask: Array,
     backward ever holds more than one chunk's logits: [B, chunk_tokens, V] instead of
     [B, T, V] (the batch axis keeps its sharding). The backward recomputes each chunk's
     logits (one more LM-head matmul per chunk). chunk_tokens <= 0, or >= T: unchunked.
-    Returns (loss_sum, token_count) as masked_cross_entropy does.
+    Returns (loss_sum, token_count) as masked_cross_entropy does. unroll: the scan fully
+    unrolled (the same values; what a compile-only plan's cost analysis needs, since XLA
+    counts a loop body once).
     """
     import flax.linen as nn
 
@@ -115,5 +117,6 @@ def chunked_cross_entropy(hidden: Array, logits_fn, targets: Array, mask: Array,
         return total + chunk_loss(*xs), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (split(hidden), split(targets), split(selected)))
+                            (split(hidden), split(targets), split(selected)),
+                            unroll=chunks if unroll else 1)
     return total, jnp.sum(selected, dtype=jnp.float32)

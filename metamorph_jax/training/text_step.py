@@ -30,8 +30,8 @@ def text_batch(batch: dict) -> dict:
     return {key: batch[key] for key in TEXT_BATCH_KEYS}
 
 
-def text_loss_sum(model: nn.Module, params: Any, batch: dict,
-                  chunk_tokens: int = 0) -> tuple[Array, Array]:
+def text_loss_sum(model: nn.Module, params: Any, batch: dict, chunk_tokens: int = 0,
+                  unroll_chunks: bool = False) -> tuple[Array, Array]:
     """(loss_sum, token_count) of the response tokens of a packed batch. chunk_tokens > 0
     applies the LM head and the loss over chunks of that many positions
     (losses.chunked_cross_entropy): the batch's [B, T, vocab] logits never exist."""
@@ -46,7 +46,7 @@ def text_loss_sum(model: nn.Module, params: Any, batch: dict,
     def logits_fn(hidden):
         return model.apply({"params": params}, hidden, method=llama.LlamaForCausalLM.logits)
     return chunked_cross_entropy(output.hidden_states, logits_fn, batch["text_targets"],
-                                 batch["text_mask"], chunk_tokens)
+                                 batch["text_mask"], chunk_tokens, unroll_chunks)
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[Array, Array]]:

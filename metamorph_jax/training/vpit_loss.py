@@ -47,8 +47,8 @@ def batch_visual_tokens(model: MetaMorph, params: Any, batch: dict) -> Array:
     return model.apply({"params": params}, images, method=MetaMorph.encode_images)
 
 
-def vpit_loss_sums(model: MetaMorph, params: Any, batch: dict,
-                   chunk_tokens: int = 0) -> dict[str, Array]:
+def vpit_loss_sums(model: MetaMorph, params: Any, batch: dict, chunk_tokens: int = 0,
+                   unroll_chunks: bool = False) -> dict[str, Array]:
     """Sums and counts of the two loss terms for a packed batch (data/packing.py layout,
     with `images` or precomputed `visual_tokens`). chunk_tokens > 0: the LM head and the
     text loss run over chunks of that many positions (losses.chunked_cross_entropy), so
@@ -73,7 +73,7 @@ def vpit_loss_sums(model: MetaMorph, params: Any, batch: dict,
             return model.apply({"params": params}, hidden, method=MetaMorph.logits)
         text_sum, text_count = chunked_cross_entropy(out.hidden_states, logits_fn,
                                                      batch["text_targets"], batch["text_mask"],
-                                                     chunk_tokens)
+                                                     chunk_tokens, unroll_chunks)
     predicted = model.apply({"params": params}, out.hidden_states,
                             method=MetaMorph.vision_head_outputs)
     flat = visual.reshape(visual.shape[0], -1, visual.shape[-1])
