@@ -180,6 +180,9 @@ class Objective:
     kind: str = ""
     rules: tuple = sharding.DEFAULT_RULES
     batch_keys: tuple[str, ...] = ()
+    folders: Folders = RUN
+    planning: bool = False
+    loss_chunk_tokens: int = 0
 
     def __init__(self, stage, name: str, previous_dir: Path | None, folders: Folders = RUN):
         self.stage = stage

@@ -109,6 +109,10 @@ def topology_devices(topology: Topology) -> list:
     import importlib.util
     if importlib.util.find_spec("libtpu") is None:
         raise PlanError(f"compiling for {topology.name} needs libtpu: {INSTALL}")
+    import os
+    # Only compiling here: let a plan load libtpu beside another process that holds it
+    # (a run on this TPU VM, another plan) instead of failing on libtpu's lock file.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(platform="tpu",
@@ -314,12 +318,13 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
         del compiled
     out["compile_s"] = round(time.time() - started, 1)
 
-    # Costs: one micro-batch, every loop unrolled, each stack at 1 and 2 layers.
+    # Costs: one micro-batch, every loop unrolled, each stack at 1 and 2 layers. A stage
+    # that does not fit is not costed (its step time would be of a step that cannot run).
     stacks = _stacks(objective)
     one_micro = _variant(config, name, grad_accum_steps=1)
     base_depth = {key: 1 for key in stacks}
     costs = {}
-    for label, depth in [("base", base_depth)] + [
+    for label, depth in [] if not out["fits"] else [("base", base_depth)] + [
             (key, dict(base_depth, **{key: 2})) for key in stacks]:
         _say(f"plan: stage {name}: costing with the layers unrolled at "
              f"{', '.join(f'{k} {v}' for k, v in depth.items())} ...")
@@ -354,6 +359,8 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
     seconds = out.get("est_step_s")
     out["mfu"] = (numerator / (topology.chips * topology.chip.peak_bf16_flops * seconds)
                   if seconds else None)
+    if not out["fits"]:
+        out["cost_method"] = "not costed: the stage does not fit"
     out["plan_s"] = round(time.time() - started, 1)
     return out
 
