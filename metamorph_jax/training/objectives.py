@@ -293,11 +293,12 @@ class VPiTObjective(Objective):
                        platform=folders.platform)
         model_dir = self.initial_dir("model_dir")
         if model_dir is None and init.get("from_previous", False):
-            if previous_dir is None:
+            if previous_dir is None and not self.planning:   # a plan may plan it alone
                 raise StageConfigError(f"{self.where}: field 'init.from_previous' is set but "
                                        "no stage runs before it")
             # a plan: the previous stage's result does not exist yet
-            if not (self.planning and not Path(previous_dir).is_dir()):
+            if not (self.planning and (previous_dir is None
+                                       or not Path(previous_dir).is_dir())):
                 model_dir = previous_dir
         self.model_dir = model_dir
         self.llm_dir = self.vision_dir = None

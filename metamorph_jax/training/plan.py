@@ -375,14 +375,17 @@ def _gb(value) -> str:
     return f"{int(value)} B"
 
 
-def report_lines(plan: dict) -> list[str]:
-    lines = [f"plan for {plan['topology']} ({plan['topology_desc']}: {plan['chips']} "
+def report_lines(plan: dict, only: str | None = None) -> list[str]:
+    """The printed plan; `only`: that stage's lines alone."""
+    lines = [] if only else [f"plan for {plan['topology']} ({plan['topology_desc']}: {plan['chips']} "
              f"{plan['chip']['name']} chips, {plan['chip']['hbm_bytes'] / 1e9:.0f} GB HBM and "
              f"{plan['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 each, "
              f"{plan['processes']} hosts)",
              f"FLOPs: {plan['flop_convention']}",
              f"step time: {plan['cost_method']}"]
     for name, stage in plan["stages"].items():
+        if only and name != only:
+            continue
         verdict = "fits" if stage["fits"] else (
             f"DOES NOT FIT: over by {stage['overflow_bytes']} bytes"
             if stage.get("overflow_bytes") is not None else "DOES NOT FIT")
@@ -416,24 +419,17 @@ def plan(config, topology_name: str, out_path: str | None = None) -> int:
     devices = topology_devices(topology)
     processes = max(int(getattr(d, "process_index", 0)) for d in devices) + 1
     stages = {}
+    result = _result(topology, processes, stages)
     for index, name in enumerate(config.order):
         stages[name] = plan_stage(config, index, name, topology, devices, processes)
-    result = {
-        "topology": topology.name, "topology_desc": topology.desc, "chips": topology.chips,
-        "processes": processes, "chip": dataclasses.asdict(topology.chip),
-        "flop_convention": ("MaxText's: 6 x non-embedding LLM params (LM head incl.; 4 x when "
-                            "the LLM is frozen) + causal attention 12 L H hd T / 2 per token, "
-                            "+ adapter and vision head, + the frozen SigLIP forward (2 N + "
-                            "attention per patch); the decoder uses the compiler's FLOPs"),
-        "cost_method": ("XLA counts a loop body once: costs from one micro-batch compiled "
-                        "with the loops unrolled at 1 and 2 layers per stack, extrapolated to "
-                        "the real depth, x grad_accum_steps; memory from the real step"),
-        "stages": stages, "fits": all(stage["fits"] for stage in stages.values()),
-    }
+        result = _result(topology, processes, stages)
+        for line in report_lines(result, only=name):   # as each stage is done: compiles
+            _say(line)                                  # of 8B take minutes
+        if out_path:
+            Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
     for line in report_lines(result):
         print(line)
     if out_path:
-        Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out_path}")
     if not result["fits"]:
         for name, stage in stages.items():
@@ -443,5 +439,20 @@ def plan(config, topology_name: str, out_path: str | None = None) -> int:
                       f"{stage['overflow_bytes']} bytes", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return EXIT_FITS
+
+
+def _result(topology: Topology, processes: int, stages: dict) -> dict:
+    return {
+        "topology": topology.name, "topology_desc": topology.desc, "chips": topology.chips,
+        "processes": processes, "chip": dataclasses.asdict(topology.chip),
+        "flop_convention": ("MaxText's: 6 x non-embedding LLM params (LM head incl.; 4 x when "
+                            "the LLM is frozen) + causal attention 12 L H hd T / 2 per token, "
+                            "+ adapter and vision head, + the frozen SigLIP forward (2 N + "
+                            "attention per patch); the decoder uses the compiler's FLOPs"),
+        "cost_method": ("XLA counts a loop body once: costs from one micro-batch compiled "
+                        "with the loops unrolled at 1 and 2 layers per stack, extrapolated to "
+                        "the real depth, x grad_accum_steps; memory from the real step"),
+        "stages": dict(stages), "fits": all(stage["fits"] for stage in stages.values()),
+    }
 
 
