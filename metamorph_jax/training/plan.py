@@ -231,7 +231,8 @@ def _variant(config, name: str, **stage_changes):
     return config
 
 
-def _stage(config, index, name, mesh, topology, processes, **folders):
+def _stage(config, index, name, mesh, processes, **folders):
+    """The runner's Stage built for planning (Folders: plan=True, TPU kernels)."""
     from metamorph_jax.training import objectives, runner
     previous = (Path(config.work_dir) / config.order[index - 1] / "final") if index else None
     return runner.Stage(config, index, name, previous, mesh, None,
@@ -266,19 +267,19 @@ def _stacks(objective) -> dict:
 
 def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
                processes: int) -> dict:
+    """One stage's numbers (the keys of --plan-out's "stages" entries)."""
     from metamorph_jax import sharding
+    from metamorph_jax.training import state as state_lib
     stage_config = config.stages[name]
     mesh = sharding.make_mesh(**config.mesh.to_dict(), devices=devices)
     started = time.time()
-    stage = _stage(config, index, name, mesh, topology, processes)
+    stage = _stage(config, index, name, mesh, processes)
     objective = stage.objective
     batch = stage.abstract_batch()
     rows = int(stage_config.data.batch_size) * stage.shard_count
     seq_len = int(stage_config.data.get("seq_len", 0) or 0)
     accum = stage.accum
-    state = stage.abstract
-    from metamorph_jax.training import state as state_lib
-    placed = state_lib.with_shardings(state, stage.shardings)
+    placed = state_lib.with_shardings(stage.abstract, stage.shardings)
     out: dict[str, Any] = {
         "kind": objective.kind, "mesh": dict(mesh.shape), "rows_per_micro_batch": rows,
         "seq_len": seq_len, "grad_accum_steps": accum,
@@ -316,6 +317,9 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
         out.update(peak_bytes_per_chip=peak, fits=peak <= topology.chip.hbm_bytes,
                    overflow_bytes=max(peak - topology.chip.hbm_bytes, 0))
         del compiled
+        _say(f"plan: stage {name}: peak {_gb(peak)} per chip (temporaries "
+             f"{_gb(numbers['temp'])}) of {_gb(topology.chip.hbm_bytes)}: "
+             f"{'fits' if out['fits'] else 'does not fit'} ({time.time() - started:.0f} s)")
     out["compile_s"] = round(time.time() - started, 1)
 
     # Costs: one micro-batch, every loop unrolled, each stack at 1 and 2 layers. A stage
@@ -328,7 +332,7 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
             (key, dict(base_depth, **{key: 2})) for key in stacks]:
         _say(f"plan: stage {name}: costing with the layers unrolled at "
              f"{', '.join(f'{k} {v}' for k, v in depth.items())} ...")
-        variant = _stage(one_micro, index, name, mesh, topology, processes, unroll=True,
+        variant = _stage(one_micro, index, name, mesh, processes, unroll=True,
                          llm_layers=depth.get("llm"), vision_layers=depth.get("vision"))
         try:
             costs[label] = _costs(_compile(variant))
