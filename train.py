@@ -4,6 +4,12 @@ the config's final evaluation (if it has `final_eval`).
   python train.py                    # configs/shapes.py into runs/shapes
   python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
   python train.py ... --coordinator HOST:PORT --num-processes N --process-id I   # one per host
+  python train.py --config CONFIG --plan v5p-128 [--plan-out plan.json]   # compile only
+
+`--plan TOPOLOGY` compiles every stage's train step for a TPU topology on this host (needs
+libtpu: pip install -r requirements-tpu.txt) and prints memory per chip against the HBM,
+FLOPs, the compiler's estimated step time and MFU; it exits 0 when every stage fits, 3
+when one does not, and writes nothing but --plan-out (metamorph_jax/training/plan.py).
 
 Multi-process runs join with metamorph_jax/distributed.py before anything touches a device
 (found by JAX on Cloud TPU and SLURM; docs/pods.md is the launch guide); process 0 prints,
@@ -53,7 +59,17 @@ def final_evaluation(config, results) -> dict:
     return metrics
 
 
+def _plan_requested(argv: list[str]) -> bool:
+    return any(arg == "--plan" or arg.startswith("--plan=") for arg in argv[1:])
+
+
 def main(argv=None) -> int:
+    import os
+    argv = list(sys.argv if argv is None else argv)
+    if _plan_requested(argv):
+        # Compiling for a topology needs no accelerator here: libtpu without a TPU would
+        # make JAX try (and fail, noisily) to start the TPU backend first.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from metamorph_jax import platforms
     platforms.prefer_cpu_without_accelerator()   # before anything imports JAX
     from absl import flags
@@ -61,9 +77,16 @@ def main(argv=None) -> int:
     from metamorph_jax import distributed
     from metamorph_jax.training import runner
     from metamorph_jax.training.objectives import StageConfigError
-    argv = with_default_config(list(sys.argv if argv is None else argv))
+    argv = with_default_config(argv)
     try:
         config, options = runner.parse_command(argv)
+        if options.plan:
+            from metamorph_jax.training import plan
+            try:
+                return plan.plan(config, options.plan, options["plan-out"].value)
+            except plan.PlanError as error:
+                print(f"{argv[0]}: {error}", file=sys.stderr)
+                return 2
         distributed.initialize(**distributed.from_flags(options))
         results = runner.run(config)
     except (flags.Error, StageConfigError, distributed.DistributedConfigError) as error:

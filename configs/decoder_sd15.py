@@ -36,7 +36,8 @@ def decoder_stage(steps: int = 16000) -> ml_collections.ConfigDict:
     stage.kind = "decoder"
     stage.steps = steps
     stage.init = ml_collections.ConfigDict(dict(
-        vision_dir="", unet_dir="", vae_dir="", model_dir="", from_previous=False, seed=0))
+        vision_dir="", unet_dir="", vae_dir="", model_dir="", from_previous=False, seed=0,
+        vision_arch="siglip_so400m"))   # the tower a plan builds when vision_dir is absent
     stage.data = ml_collections.ConfigDict(dict(
         sources=ml_collections.ConfigDict(dict(images=dict(path="", weight=1.0))),
         image_size=512, batch_size=2112, seed=0, num_epochs=None, worker_count=8,

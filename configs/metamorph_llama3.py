@@ -91,9 +91,12 @@ def vpit_stage(kind: str, size: str, topology: dict, mesh: dict, sources: dict,
     stage = ml_collections.ConfigDict()
     stage.kind = kind
     stage.steps = 1000        # one epoch of your data: records / global batch (set it)
+    # llm_arch / vision_arch: what a plan (train.py --plan) builds where the folders are
+    # absent (metamorph_jax/architectures.py); a run reads the folders.
     stage.init = ml_collections.ConfigDict(dict(
         dict(llm_dir="", vision_dir="", tokenizer_dir="", model_dir="", from_previous=False,
-             seed=0), **init))
+             seed=0, llm_arch=f"llama3.1_{size}", vision_arch="siglip_so400m", model_arch=""),
+        **init))
     stage.data = vpit_data(sources, batch_size)
     stage.eval_data = ml_collections.ConfigDict(dict(sources={}))
     stage.optim = ml_collections.ConfigDict(dict(
@@ -106,6 +109,9 @@ def vpit_stage(kind: str, size: str, topology: dict, mesh: dict, sources: dict,
     stage.dtype = "bfloat16"
     stage.remat_policy = "full"
     stage.vision_coef = 1.0
+    # The LM head and loss over 1024-position chunks: a micro-batch's [rows, 4096, 128258]
+    # logits never exist whole (the plan of issue 13 measured them on every chip).
+    stage.loss_chunk_tokens = 1024
     return stage
 
 
@@ -141,6 +147,7 @@ def recipe(size: str, topology_name: str) -> ml_collections.ConfigDict:
         dict(from_previous=True))
     decoder = _decoder_stage()
     decoder.init.vision_dir = "checkpoints/siglip_so400m_384_flax"
+    decoder.init.vision_arch = "siglip_so400m"
     decoder.init.unet_dir = "checkpoints/sd15_unet_flax"
     decoder.init.vae_dir = "checkpoints/sd15_vae_flax"
     decoder.data.sources.images.path = "data/decoder/images.jsonl"

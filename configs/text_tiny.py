@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     stage.steps = 100
     stage.init = ml_collections.ConfigDict(dict(
         llm_dir="/tmp/demo/flax",                # a converted model folder (python -m convert to-flax llama)
-        tokenizer_dir="/tmp/demo/hf", from_previous=False))
+        tokenizer_dir="/tmp/demo/hf", from_previous=False,
+        llm_arch=""))   # train.py --plan: the architecture to build when llm_dir is absent
     stage.data = ml_collections.ConfigDict()     # pipeline.from_config fields (DataConfig)
     # name -> pipeline.Source fields; a mapping so that --config.stages.text.data.sources.text.path=F works
     stage.data.sources = ml_collections.ConfigDict()
@@ -63,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     stage.grad_accum_steps = 1
     stage.dtype = "float32"                      # compute dtype; params and Adam state stay fp32
     stage.remat_policy = "none"                  # or a name in models/layers.py REMAT_POLICIES
+    stage.loss_chunk_tokens = 0                  # > 0: LM head + loss over chunks of this many positions
     # None: the folder's layer layout. False trains unrolled layers (~10% faster on CPU,
     # slower to compile); final/ keeps the folder's layout either way.
     stage.scan_layers = config_dict.placeholder(bool)

@@ -74,3 +74,49 @@ def masked_cosine_loss(pred: Array, target: Array, mask: Array,
     selected = mask.astype(bool)
     loss_sum = jnp.sum(jnp.where(selected, 1.0 - cosine, 0.0))
     return loss_sum, jnp.sum(selected, dtype=jnp.float32)
+
+
+def chunked_cross_entropy(hidden: Array, logits_fn, targets: Array, mask: Array,
+                          chunk_tokens: int, unroll: bool = False) -> tuple[Array, Array]:
+    """masked_cross_entropy(logits_fn(hidden), targets, mask) without the [B,T,V] logits.
+
+    hidden [B,T,d] (the LLM's final hidden states), logits_fn: [B,c,d] -> [B,c,V] (the LM
+    head), targets and mask [B,T]. The sequence axis is cut into chunks of `chunk_tokens`
+    positions (the last one padded with masked positions); a scan applies the LM head and
+    the NLL chunk by chunk, each chunk under jax.checkpoint, so neither the forward nor the
+    backward ever holds more than one chunk's logits: [B, chunk_tokens, V] instead of
+    [B, T, V] (the batch axis keeps its sharding). The backward recomputes each chunk's
+    logits (one more LM-head matmul per chunk). chunk_tokens <= 0, or >= T: unchunked.
+    Returns (loss_sum, token_count) as masked_cross_entropy does. unroll: the scan fully
+    unrolled (the same values; what a compile-only plan's cost analysis needs, since XLA
+    counts a loop body once).
+    """
+    import flax.linen as nn
+
+    batch, length = targets.shape
+    if chunk_tokens <= 0 or chunk_tokens >= length:
+        return masked_cross_entropy(logits_fn(hidden), targets, mask)
+    chunks = -(-length // chunk_tokens)
+    pad = chunks * chunk_tokens - length
+    selected = mask.astype(bool)
+    targets = targets.astype(jnp.int32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        selected = jnp.pad(selected, ((0, 0), (0, pad)))
+
+    def split(x):   # [B, chunks * c, ...] -> [chunks, B, c, ...]
+        return jnp.moveaxis(x.reshape(batch, chunks, chunk_tokens, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_loss(h, t, s):
+        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        return _selected_nll_sum(logits_fn(h), t, s)
+
+    def body(total, xs):
+        return total + chunk_loss(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (split(hidden), split(targets), split(selected)),
+                            unroll=chunks if unroll else 1)
+    return total, jnp.sum(selected, dtype=jnp.float32)

@@ -46,6 +46,40 @@ logger = logging.getLogger("metamorph_jax.training")
 
 KINDS = ("adapter", "instruct", "decoder", "text")
 NEW_TOKEN_ROWS = "new_token_rows"
+ARCH_FIELDS = ("model_arch", "llm_arch", "vision_arch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Folders:
+    """How an objective reaches its model folders, and what its models are built for.
+
+    A run (plan=False) reads the folders as the stage names them: configs, tokenizers,
+    weights; a missing folder is an error. A plan (plan=True, training/plan.py) builds the
+    stage from shapes alone: it reads a folder's config.json where the folder exists, else
+    the architecture (architectures.py) the stage's `init.llm_arch` / `init.vision_arch` /
+    `init.model_arch` names; it never loads tokenizers or weights, so `load_parts` and
+    `batches` are not for planned objectives. `platform`: the devices the models are
+    compiled for (sharding.mesh_platform of the stage's mesh; None: jax.default_backend()),
+    which picks the attention kernels and the dense layers' backward.
+    """
+    plan: bool = False
+    platform: str | None = None
+    # The plan's cost compiles (XLA's cost analysis counts a loop body once): the layer
+    # stacks at these depths (None: the model's), every stack and the loss chunks unrolled.
+    unroll: bool = False
+    llm_layers: int | None = None
+    vision_layers: int | None = None
+
+    def llm_changes(self) -> dict:
+        changes = {} if self.llm_layers is None else {"num_layers": self.llm_layers}
+        return dict(changes, scan_layers=False) if self.unroll else changes
+
+    def vision_changes(self) -> dict:
+        changes = {} if self.vision_layers is None else {"num_hidden_layers": self.vision_layers}
+        return dict(changes, scan_layers=False) if self.unroll else changes
+
+
+RUN = Folders()
 
 
 class StageConfigError(ValueError):
@@ -146,12 +180,21 @@ class Objective:
     kind: str = ""
     rules: tuple = sharding.DEFAULT_RULES
     batch_keys: tuple[str, ...] = ()
+    folders: Folders = RUN
+    planning: bool = False
+    loss_chunk_tokens: int = 0
 
-    def __init__(self, stage, name: str, previous_dir: Path | None):
+    def __init__(self, stage, name: str, previous_dir: Path | None, folders: Folders = RUN):
         self.stage = stage
         self.name = name
         self.where = f"stage {name!r}"
         self.previous_dir = previous_dir
+        self.folders = folders
+        self.planning = folders.plan
+        self.loss_chunk_tokens = int(stage.get("loss_chunk_tokens", 0) or 0)
+        if self.loss_chunk_tokens < 0:
+            raise StageConfigError(f"{self.where}: field 'loss_chunk_tokens' must be 0 (off) "
+                                   f"or more, got {self.loss_chunk_tokens}")
 
     # model
     def boxed_parts(self) -> tuple[Any, Any]:
@@ -202,8 +245,35 @@ class Objective:
         init = self.stage.init
         value = init.get(field)
         if value:
+            if self.planning and not Path(value).is_dir():
+                return None   # a plan takes the stage's architecture instead
             return _folder(value, f"{self.where}: field 'init.{field}'")
         return None
+
+    def saved_config(self, folder: Path | None, arch_field: str, model: str,
+                     folder_fields: str) -> dict:
+        """{"model", "config"} of `folder` (its config.json), or, when planning without
+        the folder, of the architecture named by init.`arch_field`."""
+        from metamorph_jax import architectures
+        if folder is not None:
+            return pretrained.read_model_config(folder)
+        name = self.stage.init.get(arch_field) or ""
+        if not self.planning:
+            raise StageConfigError(f"{self.where}: give {folder_fields}")
+        if not name:
+            raise StageConfigError(
+                f"{self.where}: field 'init.{arch_field}' is empty and {folder_fields} names "
+                f"no existing folder; a plan needs one of them (an architecture name: "
+                f"{', '.join(architectures.names())})")
+        try:
+            saved = architectures.get(name)
+        except architectures.UnknownArchitecture as error:
+            raise StageConfigError(f"{self.where}: field 'init.{arch_field}': "
+                                   f"{error.args[0]}") from None
+        if saved["model"] != model:
+            raise StageConfigError(f"{self.where}: field 'init.{arch_field}' = {name!r} is a "
+                                   f"{saved['model']!r} architecture, expected {model!r}")
+        return saved
 
 
 # --- VPiT (adapter, instruct) ---------------------------------------------------------------
@@ -213,36 +283,42 @@ class VPiTObjective(Objective):
     batch_keys = ("tokens", "positions", "segment_ids", "text_targets", "text_mask",
                   "image_index", "vision_mask", "vision_target_index", "images")
 
-    def __init__(self, stage, name, previous_dir):
-        super().__init__(stage, name, previous_dir)
+    def __init__(self, stage, name, previous_dir, folders: Folders = RUN):
+        super().__init__(stage, name, previous_dir, folders)
         from metamorph_jax.models import metamorph
         from metamorph_jax.models.llama import LlamaConfig
         from metamorph_jax.models.siglip import SiglipConfig
         init = stage.init
-        runtime = dict(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy)
+        runtime = dict(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy,
+                       platform=folders.platform)
         model_dir = self.initial_dir("model_dir")
         if model_dir is None and init.get("from_previous", False):
-            if previous_dir is None:
+            if previous_dir is None and not self.planning:   # a plan may plan it alone
                 raise StageConfigError(f"{self.where}: field 'init.from_previous' is set but "
                                        "no stage runs before it")
-            model_dir = previous_dir
+            # a plan: the previous stage's result does not exist yet
+            if not (self.planning and (previous_dir is None
+                                       or not Path(previous_dir).is_dir())):
+                model_dir = previous_dir
         self.model_dir = model_dir
-        if model_dir is not None:
-            saved = pretrained.read_model_config(model_dir)
+        self.llm_dir = self.vision_dir = None
+        if model_dir is not None or (self.planning and init.get("model_arch")):
+            saved = self.saved_config(model_dir, "model_arch", "metamorph", "init.model_dir")
             if saved["model"] != "metamorph":
                 raise StageConfigError(f"{self.where}: {model_dir} holds a {saved['model']!r} "
                                        "model, expected 'metamorph'")
             config = metamorph.MetaMorphConfig.from_dict(saved["config"])
-            self.tokenizer_dir = Path(init.get("tokenizer_dir") or model_dir)
-            self.llm_dir = self.vision_dir = None
+            self.tokenizer_dir = (Path(init.get("tokenizer_dir") or model_dir)
+                                  if model_dir is not None else None)
         else:
             self.llm_dir = self.initial_dir("llm_dir")
             self.vision_dir = self.initial_dir("vision_dir")
-            if self.llm_dir is None or self.vision_dir is None:
+            if not self.planning and (self.llm_dir is None or self.vision_dir is None):
                 raise StageConfigError(f"{self.where}: give init.model_dir (a MetaMorph folder), "
                                        "init.from_previous, or init.llm_dir and init.vision_dir")
-            llm_saved = pretrained.read_model_config(self.llm_dir)
-            vision_saved = pretrained.read_model_config(self.vision_dir)
+            llm_saved = self.saved_config(self.llm_dir, "llm_arch", "llama", "init.llm_dir")
+            vision_saved = self.saved_config(self.vision_dir, "vision_arch", "siglip",
+                                             "init.vision_dir")
             llm = LlamaConfig.from_dict(llm_saved["config"])
             vision = SiglipConfig.from_dict(vision_saved["config"])
             vocab = llm.vocab_size
@@ -254,19 +330,22 @@ class VPiTObjective(Objective):
             self.tokenizer_dir = self.initial_dir("tokenizer_dir") or self.llm_dir
         coef = stage.get("vision_coef")
         self.config = config.replace(
-            llm=config.llm.replace(**runtime),
-            vision=config.vision.replace(dtype=stage.dtype, param_dtype="float32"),
+            llm=config.llm.replace(**runtime, **folders.llm_changes()),
+            vision=config.vision.replace(dtype=stage.dtype, param_dtype="float32",
+                                         platform=folders.platform, **folders.vision_changes()),
             **({} if coef is None else {"vision_coef": float(coef)}))
         self.model = metamorph.MetaMorph(self.config)
-        self.tokenizer = pretrained.load_tokenizer(self.tokenizer_dir)
-        self.ids = conv.add_image_tokens(self.tokenizer)
-        want = (self.config.image_start_id, self.config.image_end_id)
-        if (self.ids.image_start_id, self.ids.image_end_id) != want:
-            raise StageConfigError(
-                f"{self.where}: the tokenizer in {self.tokenizer_dir} has <image_start>, "
-                f"<image_end> = {self.ids.image_start_id}, {self.ids.image_end_id}; the model "
-                f"uses {want[0]}, {want[1]} (its LLM's vocabulary plus two); use the "
-                "tokenizer the LLM was made with")
+        self.tokenizer = self.ids = None
+        if not self.planning:   # a plan needs no tokenizer (the vocabulary is the model's)
+            self.tokenizer = pretrained.load_tokenizer(self.tokenizer_dir)
+            self.ids = conv.add_image_tokens(self.tokenizer)
+            want = (self.config.image_start_id, self.config.image_end_id)
+            if (self.ids.image_start_id, self.ids.image_end_id) != want:
+                raise StageConfigError(
+                    f"{self.where}: the tokenizer in {self.tokenizer_dir} has <image_start>, "
+                    f"<image_end> = {self.ids.image_start_id}, {self.ids.image_end_id}; the "
+                    f"model uses {want[0]}, {want[1]} (its LLM's vocabulary plus two); use "
+                    "the tokenizer the LLM was made with")
         self.template = stage.data.get("template", "llama3")
         # Precomputed tokens (data.visual_tokens) replace the images in every batch.
         self.token_store = token_store_of(stage, self.where)
@@ -363,7 +442,8 @@ class VPiTObjective(Objective):
 
     def loss(self, params, batch, normalizers, rng):
         from metamorph_jax.training.vpit_loss import vpit_loss_sums
-        sums = vpit_loss_sums(self.model, params, batch)
+        sums = vpit_loss_sums(self.model, params, batch, self.loss_chunk_tokens,
+                              unroll_chunks=self.folders.unroll)
         loss = (_safe_mean(sums["text_loss_sum"], normalizers["text_tokens"])
                 + self.config.vision_coef * _safe_mean(sums["vision_loss_sum"],
                                                        normalizers["vision_tokens"]))
@@ -399,31 +479,35 @@ class TextObjective(Objective):
     kind = "text"
     batch_keys = ("tokens", "positions", "segment_ids", "text_targets", "text_mask")
 
-    def __init__(self, stage, name, previous_dir):
-        super().__init__(stage, name, previous_dir)
+    def __init__(self, stage, name, previous_dir, folders: Folders = RUN):
+        super().__init__(stage, name, previous_dir, folders)
         from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM
         llm_dir = self.initial_dir("llm_dir")
         if llm_dir is None and stage.init.get("from_previous", False):
-            llm_dir = previous_dir
-        if llm_dir is None:
+            if not (self.planning and (previous_dir is None or not Path(previous_dir).is_dir())):
+                llm_dir = previous_dir
+        if llm_dir is None and not self.planning:
             raise StageConfigError(f"{self.where}: give init.llm_dir (a llama model folder) or "
                                    "init.from_previous")
         self.llm_dir = llm_dir
         self.tokenizer_dir = self.initial_dir("tokenizer_dir") or llm_dir
-        self.saved = pretrained.read_model_config(llm_dir)
+        self.saved = self.saved_config(llm_dir, "llm_arch", "llama", "init.llm_dir")
         if self.saved["model"] != "llama":
             raise StageConfigError(f"{self.where}: {llm_dir} holds a {self.saved['model']!r} "
                                    "model, expected 'llama'")
         stored = LlamaConfig.from_dict(self.saved["config"])
-        changes = dict(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy)
+        changes = dict(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy,
+                       platform=folders.platform)
         scan = stage.get("scan_layers")
         if scan is not None:
             changes["scan_layers"] = bool(scan)
         self.stored_scan = stored.scan_layers
-        self.model = LlamaForCausalLM(stored.replace(**changes))
-        self.tokenizer = pretrained.load_tokenizer(self.tokenizer_dir)
-        pretrained.check_vocab(self.model.config.vocab_size, self.tokenizer, llm_dir,
-                               self.tokenizer_dir)
+        self.model = LlamaForCausalLM(stored.replace(**changes, **folders.llm_changes()))
+        self.tokenizer = None
+        if not self.planning:
+            self.tokenizer = pretrained.load_tokenizer(self.tokenizer_dir)
+            pretrained.check_vocab(self.model.config.vocab_size, self.tokenizer, llm_dir,
+                                   self.tokenizer_dir)
         self.template = stage.data.get("template", "llama3")
 
     def boxed_parts(self):
@@ -457,7 +541,8 @@ class TextObjective(Objective):
 
     def loss(self, params, batch, normalizers, rng):
         from metamorph_jax.training.text_step import text_loss_sum
-        total, count = text_loss_sum(self.model, params, batch)
+        total, count = text_loss_sum(self.model, params, batch, self.loss_chunk_tokens,
+                                     unroll_chunks=self.folders.unroll)
         return _safe_mean(total, normalizers["text_tokens"]), {"text_loss_sum": total,
                                                                 "text_tokens": count}
 
@@ -482,8 +567,8 @@ class DecoderObjective(Objective):
     kind = "decoder"
     batch_keys = ("images",)   # plus "tokens" [B, num_tokens, C] when a batch brings its own
 
-    def __init__(self, stage, name, previous_dir):
-        super().__init__(stage, name, previous_dir)
+    def __init__(self, stage, name, previous_dir, folders: Folders = RUN):
+        super().__init__(stage, name, previous_dir, folders)
         from metamorph_jax.models.noise_schedule import NoiseSchedule
         from metamorph_jax.models.siglip import SiglipConfig, SiglipVisionModel
         from metamorph_jax.models.visualizer import Visualizer, VisualizerConfig
@@ -506,12 +591,14 @@ class DecoderObjective(Objective):
             raise StageConfigError(f"{self.where}: field 'cfg_prob' = {self.cfg_prob} must be in "
                                    "[0, 1]")
         self.vision_dir = self.initial_dir("vision_dir")
-        if self.vision_dir is None:
+        if self.vision_dir is None and not self.planning:
             raise StageConfigError(f"{self.where}: field 'init.vision_dir' (the SigLIP folder "
                                    "whose tokens condition the decoder) is missing")
-        vision_config = SiglipConfig.from_dict(
-            pretrained.read_model_config(self.vision_dir)["config"])
-        self.vision_config = vision_config.replace(dtype=stage.dtype, param_dtype="float32")
+        vision_config = SiglipConfig.from_dict(self.saved_config(
+            self.vision_dir, "vision_arch", "siglip", "init.vision_dir")["config"])
+        self.vision_config = vision_config.replace(dtype=stage.dtype, param_dtype="float32",
+                                                   platform=folders.platform,
+                                                   **folders.vision_changes())
         if (self.vision_config.num_visual_tokens, self.vision_config.hidden_size) != \
                 (self.model_config.num_tokens, self.model_config.token_dim):
             raise StageConfigError(
@@ -526,7 +613,8 @@ class DecoderObjective(Objective):
             check_token_store(self.token_store, self.vision_config, self.where)
             self.batch_keys = ("images", "tokens")
         self.decoder_dir = self.initial_dir("model_dir")
-        if self.decoder_dir is None and stage.init.get("from_previous", False):
+        if self.decoder_dir is None and stage.init.get("from_previous", False) \
+                and not self.planning:
             self.decoder_dir = previous_dir
         self.unet_dir = self.initial_dir("unet_dir")
         self.vae_dir = self.initial_dir("vae_dir")
@@ -642,8 +730,10 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
 }
 
 
-def build(stage, name: str, previous_dir: Path | None) -> Objective:
+def build(stage, name: str, previous_dir: Path | None, folders: Folders = RUN) -> Objective:
+    """The stage's objective; `folders` says how it reads its model folders (Folders: a
+    run's, or a plan's that falls back to the stage's named architectures)."""
     kind = stage.get("kind")
     if kind not in OBJECTIVES:
         raise StageConfigError(f"stage {name!r}: field 'kind' = {kind!r} is not one of {KINDS}")
-    return OBJECTIVES[kind](stage, name, previous_dir)
+    return OBJECTIVES[kind](stage, name, previous_dir, folders)

@@ -89,6 +89,9 @@ STAGE_FIELDS = {
     "remat_policy": "none | a layers.REMAT_POLICIES name (the decoder: any but none remats)",
     "scan_layers": "text stage: None keeps the folder's layer layout",
     "vision_coef": "VPiT: weight of the vision loss (None: the model's)",
+    "loss_chunk_tokens": "text and VPiT: the LM head and text loss run over chunks of this "
+                         "many positions, so a micro-batch's logits never exist whole "
+                         "(losses.chunked_cross_entropy); 0: off",
     "model": "decoder: VisualizerConfig fields",
     "noise": "decoder: the DDPM noise schedule",
     "cfg_prob": "decoder: probability of training without the condition",
@@ -255,7 +258,12 @@ class Stage:
     """One stage of a run: built from the config, then `run()`."""
 
     def __init__(self, config, index: int, name: str, previous_dir: Path | None, mesh,
-                 metrics: MetricsLog):
+                 metrics: MetricsLog | None, folders: objectives.Folders | None = None,
+                 process_count: int | None = None):
+        """folders: how the objective reads its model folders (objectives.Folders; default
+        a run's, its models built for the mesh's platform). process_count: the processes
+        the data shards are split over (default jax.process_count(); a plan gives its
+        topology's)."""
         self.config = config
         self.index = index
         self.name = name
@@ -265,7 +273,9 @@ class Stage:
         self.dir = Path(config.work_dir) / name
         self.final_dir = self.dir / "final"
         self.is_main = jax.process_index() == 0
-        self.objective = objectives.build(self.stage, name, previous_dir)
+        if folders is None:
+            folders = objectives.Folders(platform=sharding.mesh_platform(mesh))
+        self.objective = objectives.build(self.stage, name, previous_dir, folders)
         self.rules = self.objective.rules
         self.steps = int(self.stage.steps)
         self.accum = int(self.stage.get("grad_accum_steps", 1))
@@ -280,7 +290,9 @@ class Stage:
         self.abstract = state_lib.unboxed(boxed)
         self.sources = _source_paths(self.stage.data)
         try:
-            self.shards, self.shard_count = process_shards(int(config.get("data_shards", 0) or 0))
+            self.shards, self.shard_count = process_shards(
+                int(config.get("data_shards", 0) or 0),
+                process_index=None if process_count is None else 0, process_count=process_count)
         except ValueError as error:
             raise StageConfigError(str(error)) from None
 
@@ -537,6 +549,12 @@ def parse_command(argv: Sequence[str]):
                                     sys_argv=list(argv))  # overrides are found in argv, not sys.argv
     flags.DEFINE_string("workdir", None, "the run's work directory (default: the config's "
                         "work_dir)", flag_values=registry)
+    flags.DEFINE_string("plan", None, "compile every stage for this TPU topology (v5p-N, "
+                        "v5e-N, v6e-N) on this host and report memory, FLOPs and the "
+                        "estimated step time; nothing runs (training/plan.py)",
+                        flag_values=registry)
+    flags.DEFINE_string("plan-out", None, "with --plan: write the plan as JSON to this file",
+                        flag_values=registry)
     try:
         rest = registry(list(argv))
     except (AttributeError, KeyError) as error:  # ml_collections' word for an unknown field
@@ -547,6 +565,8 @@ def parse_command(argv: Sequence[str]):
                           "--config.stages.adapter.steps=20")
     if registry.config is None:
         raise flags.Error("--config FILE is required, e.g. --config configs/tiny.py")
+    if registry["plan-out"].value and not registry.plan:
+        raise flags.Error("--plan-out needs --plan TOPOLOGY")
     config = registry.config
     if registry.workdir:
         with config.unlocked():

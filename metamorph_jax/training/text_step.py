@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from metamorph_jax import sharding
 from metamorph_jax.models import llama
-from metamorph_jax.training.losses import masked_cross_entropy
+from metamorph_jax.training.losses import chunked_cross_entropy, masked_cross_entropy
 
 Array = jax.Array
 TEXT_BATCH_KEYS = ("tokens", "positions", "segment_ids", "text_targets", "text_mask")
@@ -30,11 +30,23 @@ def text_batch(batch: dict) -> dict:
     return {key: batch[key] for key in TEXT_BATCH_KEYS}
 
 
-def text_loss_sum(model: nn.Module, params: Any, batch: dict) -> tuple[Array, Array]:
-    """(loss_sum, token_count) of the response tokens of a packed batch."""
+def text_loss_sum(model: nn.Module, params: Any, batch: dict, chunk_tokens: int = 0,
+                  unroll_chunks: bool = False) -> tuple[Array, Array]:
+    """(loss_sum, token_count) of the response tokens of a packed batch. chunk_tokens > 0
+    applies the LM head and the loss over chunks of that many positions
+    (losses.chunked_cross_entropy): the batch's [B, T, vocab] logits never exist."""
+    if chunk_tokens <= 0:
+        output = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"])
+        return masked_cross_entropy(output.logits, batch["text_targets"], batch["text_mask"])
     output = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-    return masked_cross_entropy(output.logits, batch["text_targets"], batch["text_mask"])
+                         segment_ids=batch["segment_ids"], compute_logits=False,
+                         return_hidden=True)
+
+    def logits_fn(hidden):
+        return model.apply({"params": params}, hidden, method=llama.LlamaForCausalLM.logits)
+    return chunked_cross_entropy(output.hidden_states, logits_fn, batch["text_targets"],
+                                 batch["text_mask"], chunk_tokens, unroll_chunks)
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, dict], tuple[Array, Array]]:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from metamorph_jax.models.metamorph import MetaMorph, gather_tokens
-from metamorph_jax.training.losses import masked_cosine_loss, masked_cross_entropy
+from metamorph_jax.training.losses import (chunked_cross_entropy, masked_cosine_loss,
+                                           masked_cross_entropy)
 
 Array = jax.Array
 VPIT_BATCH_KEYS = ("tokens", "positions", "segment_ids", "text_targets", "text_mask",
@@ -46,9 +47,12 @@ def batch_visual_tokens(model: MetaMorph, params: Any, batch: dict) -> Array:
     return model.apply({"params": params}, images, method=MetaMorph.encode_images)
 
 
-def vpit_loss_sums(model: MetaMorph, params: Any, batch: dict) -> dict[str, Array]:
+def vpit_loss_sums(model: MetaMorph, params: Any, batch: dict, chunk_tokens: int = 0,
+                   unroll_chunks: bool = False) -> dict[str, Array]:
     """Sums and counts of the two loss terms for a packed batch (data/packing.py layout,
-    with `images` or precomputed `visual_tokens`).
+    with `images` or precomputed `visual_tokens`). chunk_tokens > 0: the LM head and the
+    text loss run over chunks of that many positions (losses.chunked_cross_entropy), so
+    the batch's [B, T, vocab] logits never exist.
 
     Returns text_loss_sum, text_tokens, vision_loss_sum (sum of 1 - cos), vision_tokens,
     all fp32 scalars.
@@ -60,9 +64,16 @@ def vpit_loss_sums(model: MetaMorph, params: Any, batch: dict) -> dict[str, Arra
     visual = batch_visual_tokens(model, params, batch)
     out = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], image_index=batch["image_index"],
-                      visual_tokens=visual, compute_logits=True)
-    text_sum, text_count = masked_cross_entropy(out.logits, batch["text_targets"],
-                                                batch["text_mask"])
+                      visual_tokens=visual, compute_logits=chunk_tokens <= 0)
+    if chunk_tokens <= 0:
+        text_sum, text_count = masked_cross_entropy(out.logits, batch["text_targets"],
+                                                    batch["text_mask"])
+    else:
+        def logits_fn(hidden):
+            return model.apply({"params": params}, hidden, method=MetaMorph.logits)
+        text_sum, text_count = chunked_cross_entropy(out.hidden_states, logits_fn,
+                                                     batch["text_targets"], batch["text_mask"],
+                                                     chunk_tokens, unroll_chunks)
     predicted = model.apply({"params": params}, out.hidden_states,
                             method=MetaMorph.vision_head_outputs)
     flat = visual.reshape(visual.shape[0], -1, visual.shape[-1])
