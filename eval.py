@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-missing", action="store_true",
                         help="--predictions: score samples without a prediction as wrong")
     parser.add_argument("--visualizer", help="visualizer folder (default: found from --checkpoint)")
-    parser.add_argument("--sampler", default="pndm", choices=["pndm", "ddim"])
+    parser.add_argument("--sampler", choices=["pndm", "ddim"],
+                        help="default: pndm (SD 1.5's), ddim for a zero-terminal-SNR visualiser")
     parser.add_argument("--diffusion-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0, help="rendering noise seed")

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--visualizer", help="visualizer folder (default: found from --checkpoint)")
     parser.add_argument("--no-render", action="store_true",
                         help="keep generated images as visual tokens only (no visualizer)")
-    parser.add_argument("--sampler", default="pndm", choices=["pndm", "ddim"])
+    parser.add_argument("--sampler", choices=["pndm", "ddim"],
+                        help="default: pndm (SD 1.5's), ddim for a zero-terminal-SNR visualiser")
     parser.add_argument("--diffusion-steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -28,6 +28,7 @@ SD15_VAE = dict(
 SD15_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    rescale_betas_zero_snr=False,
 )
 
 

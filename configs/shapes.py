@@ -81,6 +81,15 @@ def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
     decoder.model.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
     decoder.model.unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
     decoder.model.unet.norm_num_groups = 8
+    # The tokens' grid, upsampled, as extra input channels: cross-attention alone does not
+    # tell a small UNet where things are (models/visualizer.py).
+    decoder.model.token_grid = True
+    decoder.model.unet.in_channels = 3 + decoder.model.unet.cross_attention_dim
+    # Pixels, not SD latents: the latent schedule leaves sqrt(abar) = 0.068 at t = 999, and
+    # an epsilon model's x0 estimate there paints colour casts. v on a zero-terminal-SNR
+    # schedule, sampled from t = 999 (trailing), has a bounded x0 error at every step.
+    decoder.noise.update(dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                              timestep_spacing="trailing"))
     config.final_eval = ml_collections.ConfigDict(dict(
         world=f"{root}/shapes", split="test", max_questions=0, max_prompts=0, batch_size=32,
         max_answer_tokens=8, sampler="ddim", diffusion_steps=25, guidance_scale=3.0,

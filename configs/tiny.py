@@ -28,7 +28,7 @@ KIND_WEIGHTS = (("image_qa", 6.0), ("video_qa", 1.0), ("text_to_image", 2.0),
                 ("image_to_image", 1.0), ("video", 1.0), ("visual_thinking", 1.0))
 NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
              beta_schedule="scaled_linear", prediction_type="epsilon", set_alpha_to_one=False,
-             steps_offset=1, timestep_spacing="leading")
+             steps_offset=1, timestep_spacing="leading", rescale_betas_zero_snr=False)
 
 
 def shapes_data(root: str, split: str, kinds, batch_size: int = 8,

@@ -2,6 +2,7 @@
 match their targets), sharded step equals the single-device step, frozen VAE and SigLIP,
 pretrained UNet weights, schedule, the SD 1.5 config."""
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 
@@ -297,3 +298,88 @@ def test_sd15_config_builds_the_paper_model():
     steps = [0, 1, 1000, 3999, 4000, 10000, 15999, 16000, stage.steps - 1]
     np.testing.assert_allclose([float(lr(s)) for s in steps],
                                [1e-5 * authors_multiplier(s) for s in steps], rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_decoder_loss_is_the_mse_against_diffusers_noising_and_target(siglip_dir,
+                                                                      prediction_type):
+    """decoder_loss (cfg_prob 0) = mean((UNet(x_t, t, context) - target)^2), with x_t and the
+    target (the noise, or v) computed by diffusers' DDPMScheduler from the same draws: the
+    documented split of the step's rng into (encode, timesteps, noise, dropout)."""
+    from diffusers import DDPMScheduler
+    from metamorph_jax.models.noise_schedule import NoiseSchedule
+    from metamorph_jax.training.decoder_step import decoder_loss
+
+    stage = load_config("decoder_tiny").stages.decoder
+    if prediction_type == "v_prediction":
+        stage.noise.update(dict(prediction_type=prediction_type, rescale_betas_zero_snr=True))
+    objective = decoder_objective(stage, siglip_dir)
+    schedule = objective.noise
+    model = objective.model
+    params = nn.unbox(model.init(fast_key(1), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32),
+                                 jnp.zeros((1, 4, 16)))["params"])
+    rs = np.random.RandomState(3)
+    images = rs.uniform(-1, 1, (6, 8, 8, 3)).astype(np.float32)
+    tokens = rs.randn(6, 4, 16).astype(np.float32)
+    rng = jax.random.key(11)
+    loss, _ = decoder_loss(model, params, {}, {"images": jnp.asarray(images),
+                                               "tokens": jnp.asarray(tokens)},
+                           rng, jnp.asarray(schedule.alphas_cumprod()), 0.0,
+                           prediction_type=schedule.prediction_type)
+
+    _, r_time, r_noise, _ = jax.random.split(rng, 4)
+    t = np.asarray(jax.random.randint(r_time, (6,), 0, 1000))
+    noise = np.asarray(jax.random.normal(r_noise, images.shape, jnp.float32))
+    accepted = inspect.signature(DDPMScheduler.__init__).parameters
+    ddpm = DDPMScheduler(**{k: v for k, v in dict(stage.noise).items() if k in accepted})
+    nchw = lambda a: torch.tensor(a).permute(0, 3, 1, 2)
+    nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()
+    noisy = nhwc(ddpm.add_noise(nchw(images), nchw(noise), torch.tensor(t)))
+    target = (nhwc(ddpm.get_velocity(nchw(images), nchw(noise), torch.tensor(t)))
+              if prediction_type == "v_prediction" else noise)
+    variables = {"params": params}
+    context = model.apply(variables, jnp.asarray(tokens), method=Visualizer.condition)
+    output = model.apply(variables, jnp.asarray(noisy), jnp.asarray(t), context,
+                         method=Visualizer.denoise)
+    want = float(np.mean((np.asarray(output) - target) ** 2))
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_token_grid_feeds_each_token_to_its_cell():
+    """token_grid: token k (row-major) fills grid cell k of the UNet's extra input channels;
+    the all-zero (unconditional) context adds all-zero channels; the sample keeps the
+    image's channels."""
+    from metamorph_jax.models.visualizer import token_grid_map
+    tokens = jnp.eye(4)[None] * jnp.arange(1.0, 5.0)[None, :, None]   # token k = (k+1) e_k
+    grid = np.asarray(token_grid_map(tokens, (8, 8)))
+    for k, (rows, cols) in enumerate([(slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)),
+                                      (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8))]):
+        want = np.zeros((4, 4, 4)); want[..., k] = k + 1
+        np.testing.assert_array_equal(grid[0, rows, cols], want)
+
+    base = load_config("decoder_tiny").stages.decoder.model.to_dict()
+    unet = {**base["unet"], "in_channels": 3 + base["unet"]["cross_attention_dim"]}
+    cfg = VisualizerConfig.from_dict({**base, "unet": unet, "token_grid": True})
+    assert cfg.sample_shape == (8, 8, 3) and cfg.image_channels == 3
+    model = Visualizer(cfg)
+    rs = np.random.RandomState(4)
+    tokens = jnp.asarray(rs.randn(2, 4, 16).astype(np.float32))
+    x = jnp.asarray(rs.randn(2, 8, 8, 3).astype(np.float32))
+    t = jnp.array([10, 500])
+    params = nn.unbox(model.init(fast_key(2), x[:1], t[:1], tokens[:1])["params"])
+    assert params["unet"]["conv_in"]["kernel"].shape[2] == 3 + 32
+    variables = {"params": params}
+    context = model.apply(variables, tokens, method=Visualizer.condition)
+    zero = jnp.zeros_like(context)
+    out_zero = model.apply(variables, x, t, zero, method=Visualizer.denoise)
+    from metamorph_jax.models.unet import UNet2DConditionModel
+    plain = UNet2DConditionModel(cfg.unet).apply({"params": params["unet"]},
+                             jnp.concatenate([x, jnp.zeros((2, 8, 8, 32))], -1), t, zero)
+    np.testing.assert_allclose(out_zero, plain, atol=1e-6)
+    # The condition reaches the UNet through the grid as well as through cross-attention.
+    out = model.apply(variables, x, t, context, method=Visualizer.denoise)
+    assert float(jnp.abs(out - out_zero).max()) > 1e-3
+    with pytest.raises(ValueError, match="unet.in_channels"):
+        VisualizerConfig.from_dict({**base, "token_grid": True})
+    with pytest.raises(ValueError, match="square num_tokens"):
+        VisualizerConfig.from_dict({**base, "unet": unet, "token_grid": True, "num_tokens": 3})

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from metamorph_jax.inference import diffusion as D
-from metamorph_jax.models.noise_schedule import NoiseSchedule, add_noise
+from metamorph_jax.models.noise_schedule import NoiseSchedule, add_noise, training_target
 
 # SD 1.5's scheduler/scheduler_config.json.
 SD15_SCHEDULER = dict(
@@ -215,7 +215,9 @@ def test_schedule_config_errors():
     with pytest.raises(ValueError, match="clip_sample"):
         NoiseSchedule.from_hf({**SD15_SCHEDULER, "clip_sample": True})
     with pytest.raises(ValueError, match="prediction_type"):
-        NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
+        NoiseSchedule.from_hf({**SD15_SCHEDULER, "prediction_type": "sample"})
+    with pytest.raises(ValueError, match="needs prediction_type='v_prediction'"):
+        NoiseSchedule.from_hf({**SD15_SCHEDULER, "rescale_betas_zero_snr": True})
     with pytest.raises(ValueError, match="skip_prk_steps"):
         NoiseSchedule.from_hf({**SD15_SCHEDULER, "skip_prk_steps": False})
     with pytest.raises(ValueError, match="beta_schedule"):
@@ -241,3 +243,76 @@ def test_guided_sampling_at_scale_one_is_the_conditional_trajectory(sampler):
     assert float(jnp.abs(strong - plain).max()) > 1e-2
     with pytest.raises(ValueError, match="sampler"):
         D.sample_latents(eps_fn, noise, context, schedule, 10, 1.0, "euler")
+
+
+# --- v prediction and zero terminal SNR (the Shapes decoder's schedule) --------------------
+V_ZERO_SNR = {**SD15_SCHEDULER, "prediction_type": "v_prediction",
+              "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_zero_terminal_snr_schedule_matches_diffusers(beta_schedule):
+    config = {**V_ZERO_SNR, "beta_schedule": beta_schedule}
+    if beta_schedule == "linear":
+        config.update(beta_start=1e-4, beta_end=0.02)
+    schedule = NoiseSchedule.from_hf(config)
+    ddim = torch_scheduler(DDIMScheduler, config)
+    want = ddim.alphas_cumprod.numpy()
+    np.testing.assert_allclose(schedule.alphas_cumprod(), want, rtol=0, atol=1e-6)
+    assert schedule.alphas_cumprod()[-1] == 0.0 == want[-1]
+    # The first abar is kept, every other one moves.
+    assert schedule.alphas_cumprod()[0] == pytest.approx(
+        NoiseSchedule(**{**schedule.__dict__, "rescale_betas_zero_snr": False,
+                         "prediction_type": "epsilon"}).alphas_cumprod()[0], abs=1e-6)
+
+
+def test_velocity_target_matches_diffusers():
+    schedule = NoiseSchedule.from_hf(V_ZERO_SNR)
+    ddpm = torch_scheduler(DDPMScheduler, V_ZERO_SNR)
+    rs = np.random.RandomState(6)
+    clean = rs.randn(5, 3, 4, 4).astype(np.float32)
+    noise = rs.randn(5, 3, 4, 4).astype(np.float32)
+    t = np.array([0, 10, 500, 998, 999])
+    want = ddpm.get_velocity(torch.tensor(clean), torch.tensor(noise), torch.tensor(t)).numpy()
+    got = training_target("v_prediction", schedule.alphas_cumprod(), jnp.asarray(clean),
+                          jnp.asarray(noise), jnp.asarray(t))
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5
+    # At zero SNR the velocity is -x_0.
+    np.testing.assert_allclose(np.asarray(got)[-1], -clean[-1], atol=1e-6)
+    eps = training_target("epsilon", schedule.alphas_cumprod(), jnp.asarray(clean),
+                          jnp.asarray(noise), jnp.asarray(t))
+    np.testing.assert_array_equal(np.asarray(eps), noise)
+
+
+@pytest.mark.parametrize("spacing,zero_snr", [("trailing", True), ("leading", False)])
+def test_ddim_v_prediction_trajectory_matches_diffusers(spacing, zero_snr):
+    config = {**V_ZERO_SNR, "timestep_spacing": spacing, "rescale_betas_zero_snr": zero_snr}
+    schedule = NoiseSchedule.from_hf(config)
+    x0 = np.random.RandomState(7).randn(2, 4, 4, 3).astype(np.float32)
+    ref = _trajectory(torch_scheduler(DDIMScheduler, config), x0, 10)
+    out = jax.jit(lambda z: D.ddim_sample(eps_jax, z, schedule, 10))(jnp.asarray(x0))
+    assert np.all(np.isfinite(ref[-1]))
+    # Measured: 2.7e-6 at scale 1.25 (fp32 round-off over 10 steps).
+    assert np.abs(np.asarray(out) - ref[-1]).max() <= 1e-5 * max(1.0, np.abs(ref[-1]).max())
+    # The model output is read as v: the epsilon reading of the same outputs differs.
+    as_eps = D.ddim_sample(eps_jax, jnp.asarray(x0),
+                           NoiseSchedule.from_hf({**SD15_SCHEDULER, "timestep_spacing": spacing}),
+                           10)
+    assert float(jnp.abs(as_eps - out).max()) > 1e-2
+
+
+def test_pndm_v_prediction_trajectory_matches_diffusers():
+    config = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+    schedule = NoiseSchedule.from_hf(config)
+    x0 = np.random.RandomState(8).randn(2, 4, 4, 3).astype(np.float32)
+    ref = _trajectory(torch_scheduler(PNDMScheduler, config), x0, 10)
+    out = jax.jit(lambda z: D.pndm_sample(eps_jax, z, schedule, 10))(jnp.asarray(x0))
+    assert np.abs(np.asarray(out) - ref[-1]).max() <= 2e-6 * max(1.0, np.abs(ref[-1]).max())
+
+
+def test_pndm_refuses_a_zero_terminal_snr_schedule_and_ddim_is_its_default():
+    schedule = NoiseSchedule.from_hf(V_ZERO_SNR)
+    assert D.default_sampler(schedule) == "ddim"
+    assert D.default_sampler(NoiseSchedule.from_hf(SD15_SCHEDULER)) == "pndm"
+    with pytest.raises(ValueError, match="zero-terminal-SNR.*use 'ddim'"):
+        D.pndm_sample(eps_jax, jnp.zeros((1, 4, 4, 3)), schedule, 10)

@@ -1,9 +1,10 @@
 """DDIM / PNDM (PLMS) samplers and classifier-free guidance.
 
 The noise schedule they walk is models/noise_schedule.py's (also what decoder training
-draws from). The samplers reproduce diffusers'
-DDIMScheduler and PNDMScheduler (``skip_prk_steps=True``, SD 1.5's default) step for
-step; each whole trajectory runs as one ``jax.lax.scan`` so it jits.
+draws from), and so is what the model predicts (epsilon or v; guidance mixes either).
+The samplers reproduce diffusers' DDIMScheduler and PNDMScheduler (``skip_prk_steps=True``,
+SD 1.5's default) step for step; each whole trajectory runs as one ``jax.lax.scan`` so it
+jits. PNDM divides by sqrt(abar_t), so a zero-terminal-SNR schedule samples with DDIM.
 
 Host-side pieces (timestep lists, per-step coefficient tables) are numpy; the
 per-step math is jnp.
@@ -25,7 +26,8 @@ def guided_epsilon(eps_fn: Callable, sample, timestep, context, guidance_scale: 
     """Classifier-free guidance against the all-zero condition.
 
     Runs eps_fn once on the batch [uncond; cond] and returns
-    eps_u + guidance_scale * (eps_c - eps_u).
+    eps_u + guidance_scale * (eps_c - eps_u). The same for a v model (what diffusers'
+    pipelines do): the mix is linear in the model output.
     """
     batch = sample.shape[0]
     both = jnp.concatenate([sample, sample], axis=0)
@@ -39,16 +41,23 @@ def guided_epsilon(eps_fn: Callable, sample, timestep, context, guidance_scale: 
 
 # --------------------------------------------------------------------------- DDIM
 def ddim_step(alphas_cumprod, final_alpha_cumprod, model_output, timestep, prev_timestep, sample,
-              eta: float = 0.0, noise=None):
-    """One DDIM update x_t -> x_prev (epsilon prediction), as diffusers' DDIMScheduler.step."""
+              eta: float = 0.0, noise=None, prediction_type: str = "epsilon"):
+    """One DDIM update x_t -> x_prev, as diffusers' DDIMScheduler.step."""
     acp = jnp.asarray(alphas_cumprod)
     a_t = acp[timestep]
     a_prev = jnp.where(prev_timestep >= 0, acp[jnp.maximum(prev_timestep, 0)], final_alpha_cumprod)
     b_t = 1.0 - a_t
-    x0 = (sample - b_t ** 0.5 * model_output) / a_t ** 0.5
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - b_t ** 0.5 * eps) / a_t ** 0.5
+    elif prediction_type == "v_prediction":
+        x0 = a_t ** 0.5 * sample - b_t ** 0.5 * model_output
+        eps = a_t ** 0.5 * model_output + b_t ** 0.5 * sample
+    else:
+        raise ValueError(f"ddim_step: prediction_type {prediction_type!r} not supported")
     variance = (1.0 - a_prev) / b_t * (1.0 - a_t / a_prev)
     std = eta * variance ** 0.5
-    direction = (1.0 - a_prev - std ** 2) ** 0.5 * model_output
+    direction = (1.0 - a_prev - std ** 2) ** 0.5 * eps
     prev = a_prev ** 0.5 * x0 + direction
     if eta > 0:
         if noise is None:
@@ -72,7 +81,8 @@ def ddim_sample(eps_fn: Callable, noise, schedule: NoiseSchedule, num_steps: int
         t, p, key = inputs
         eps = eps_fn(x, jnp.broadcast_to(t, (x.shape[0],)))
         z = jax.random.normal(key, x.shape, x.dtype) if eta > 0 else None
-        return ddim_step(acp, final, eps, t, p, x, eta, z).astype(x.dtype), None
+        return ddim_step(acp, final, eps, t, p, x, eta, z,
+                         schedule.prediction_type).astype(x.dtype), None
 
     x, _ = jax.lax.scan(body, noise, (jnp.asarray(ts), jnp.asarray(prev), keys))
     return x
@@ -80,12 +90,17 @@ def ddim_sample(eps_fn: Callable, noise, schedule: NoiseSchedule, num_steps: int
 
 # --------------------------------------------------------------------------- PNDM
 def pndm_prev_sample(alphas_cumprod, final_alpha_cumprod, model_output, timestep, prev_timestep,
-                     sample):
-    """PNDM's x_t -> x_prev transfer (formula 9 of the PNDM paper), as diffusers computes it."""
+                     sample, prediction_type: str = "epsilon"):
+    """PNDM's x_t -> x_prev transfer (formula 9 of the PNDM paper), as diffusers computes it
+    (a v output is turned into epsilon at the transfer's start, as there)."""
     acp = jnp.asarray(alphas_cumprod)
     a_t = acp[timestep]
     a_prev = jnp.where(prev_timestep >= 0, acp[jnp.maximum(prev_timestep, 0)], final_alpha_cumprod)
     b_t, b_prev = 1.0 - a_t, 1.0 - a_prev
+    if prediction_type == "v_prediction":
+        model_output = a_t ** 0.5 * model_output + b_t ** 0.5 * sample
+    elif prediction_type != "epsilon":
+        raise ValueError(f"pndm_prev_sample: prediction_type {prediction_type!r} not supported")
     sample_coeff = (a_prev / a_t) ** 0.5
     denom = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
     return sample_coeff * sample - (a_prev - a_t) * model_output / denom
@@ -131,13 +146,16 @@ def plms_plan(schedule: NoiseSchedule, num_steps: int) -> PLMSPlan:
                     push=(k != 1), restart=(k == 1))
 
 
-def plms_step(alphas_cumprod, final_alpha_cumprod, state, eps, plan_row):
-    """One PLMS update. state = (sample, saved_sample, history[3, ...]); returns (new_state)."""
+def plms_step(alphas_cumprod, final_alpha_cumprod, state, eps, plan_row,
+              prediction_type: str = "epsilon"):
+    """One PLMS update. state = (sample, saved_sample, history[3, ...]); returns (new_state).
+    The multistep mix runs on the model's outputs (eps or v), as in diffusers."""
     sample, saved, history = state
     _, t, prev_t, w, push, restart = plan_row
     combined = w[0] * eps + w[1] * history[0] + w[2] * history[1] + w[3] * history[2]
     start = jnp.where(restart, saved, sample)
-    new_sample = pndm_prev_sample(alphas_cumprod, final_alpha_cumprod, combined, t, prev_t, start)
+    new_sample = pndm_prev_sample(alphas_cumprod, final_alpha_cumprod, combined, t, prev_t, start,
+                                  prediction_type)
     new_history = jnp.where(push, jnp.concatenate([eps[None], history[:2]], axis=0), history)
     # The first step's input is kept for the corrector evaluation that follows it.
     new_saved = jnp.where(restart, saved, sample)
@@ -146,6 +164,9 @@ def plms_step(alphas_cumprod, final_alpha_cumprod, state, eps, plan_row):
 
 def pndm_sample(eps_fn: Callable, noise, schedule: NoiseSchedule, num_steps: int):
     """Run a whole PNDM (PLMS) trajectory from noise; eps_fn(x, t[B]) -> eps. Returns x_0."""
+    if schedule.rescale_betas_zero_snr:
+        raise ValueError("sampler 'pndm' cannot walk a zero-terminal-SNR schedule (it divides "
+                         "by sqrt(abar_t), 0 at the last timestep): use 'ddim'")
     plan = plms_plan(schedule, num_steps)
     acp = schedule.alphas_cumprod()
     final = schedule.final_alpha_cumprod()
@@ -155,7 +176,7 @@ def pndm_sample(eps_fn: Callable, noise, schedule: NoiseSchedule, num_steps: int
     def body(state, row):
         x = state[0]
         eps = eps_fn(x, jnp.broadcast_to(row[0], (x.shape[0],)))
-        return plms_step(acp, final, state, eps, row), None
+        return plms_step(acp, final, state, eps, row, schedule.prediction_type), None
 
     history = jnp.zeros((3,) + noise.shape, noise.dtype)
     (x, _, _), _ = jax.lax.scan(body, (noise, noise, history), rows)
@@ -175,6 +196,11 @@ def sample_latents(eps_fn: Callable, noise, context, schedule: NoiseSchedule, nu
     if sampler == "ddim":
         return ddim_sample(guided, noise, schedule, num_steps, eta=eta, rng=rng)
     raise ValueError(f"sampler {sampler!r} not supported ('pndm' or 'ddim')")
+
+
+def default_sampler(schedule: NoiseSchedule) -> str:
+    """PNDM (SD 1.5's), or DDIM where PNDM cannot run (a zero-terminal-SNR schedule)."""
+    return "ddim" if schedule.rescale_betas_zero_snr else "pndm"
 
 
 def visualize(model, params, tokens, noise, schedule: NoiseSchedule, num_steps: int = 50,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metamorph_jax.data import images as images_lib
-from metamorph_jax.inference.diffusion import visualize
+from metamorph_jax.inference.diffusion import default_sampler, visualize
 from metamorph_jax.models.noise_schedule import NoiseSchedule
 from metamorph_jax.models.visualizer import Visualizer
 
@@ -30,14 +30,14 @@ SAMPLERS = ("pndm", "ddim")
 
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
-    sampler: str = "pndm"
+    sampler: str | None = None   # None: the schedule's (diffusion.default_sampler)
     num_steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
     max_batch: int = 8     # images per sampler call
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r} is not one of {SAMPLERS}")
         if self.num_steps < 1 or self.max_batch < 1:
             raise ValueError(f"num_steps ({self.num_steps}) and max_batch ({self.max_batch}) "
@@ -57,6 +57,8 @@ class ImageRenderer:
         self.model = model
         self.params = params
         self.schedule = schedule
+        if render.sampler is None:
+            render = dataclasses.replace(render, sampler=default_sampler(schedule))
         self.render_config = render
         self.trace_count = 0
 

@@ -1,7 +1,8 @@
 """The diffusion decoder's training objective (the runner's `decoder` stage, objectives.py).
 
 Trained: the token projector and the UNet. Frozen: the VAE (and the vision encoder, whose
-tokens arrive in the batch or come from ``token_fn``). Objective: epsilon-prediction MSE at
+tokens arrive in the batch or come from ``token_fn``). Objective: the MSE of the UNet's
+output against the schedule's target (the noise, or v; noise_schedule.training_target) at
 timesteps drawn uniformly from [0, num_train_timesteps); the whole condition is replaced by
 the all-zero context with probability ``cfg_prob`` (classifier-free guidance training).
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from metamorph_jax import sharding
-from metamorph_jax.models.noise_schedule import add_noise
+from metamorph_jax.models.noise_schedule import add_noise, training_target
 from metamorph_jax.models.visualizer import Visualizer
 
 TRAINABLE = ("projector", "unet")
@@ -45,8 +46,9 @@ def check_same_tree(name: str, given, expected) -> None:
 
 
 def decoder_loss(model: Visualizer, params, frozen, batch: dict, rng, alphas_cumprod,
-                 cfg_prob: float, token_fn: Optional[Callable] = None):
-    """Epsilon-MSE (fp32) and metrics for one batch."""
+                 cfg_prob: float, token_fn: Optional[Callable] = None,
+                 prediction_type: str = "epsilon"):
+    """The denoising MSE (fp32) and metrics for one batch."""
     variables = {"params": {**params, **frozen}}
     r_encode, r_time, r_noise, r_drop = jax.random.split(rng, 4)
     if "samples" in batch:
@@ -65,6 +67,7 @@ def decoder_loss(model: Visualizer, params, frozen, batch: dict, rng, alphas_cum
     context = model.apply(variables, tokens, method=Visualizer.condition)
     drop = jax.random.bernoulli(r_drop, cfg_prob, (batch_size,))
     context = jnp.where(drop[:, None, None], jnp.zeros_like(context), context)
-    eps = model.apply(variables, noisy, timesteps, context, method=Visualizer.denoise)
-    loss = jnp.mean((eps.astype(jnp.float32) - noise) ** 2)
+    output = model.apply(variables, noisy, timesteps, context, method=Visualizer.denoise)
+    target = training_target(prediction_type, alphas_cumprod, samples, noise, timesteps)
+    loss = jnp.mean((output.astype(jnp.float32) - target) ** 2)
     return loss, {"loss": loss, "dropped_fraction": jnp.mean(drop.astype(jnp.float32))}

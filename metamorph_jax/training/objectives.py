@@ -7,7 +7,7 @@ Kinds (a stage's `kind` field):
               [2, d] leaf, `new_token_rows`, written into the frozen embedding table by the
               forward (and merged back by the export): no optimizer state for the table.
     instruct  VPiT stage 2: everything but the vision tower (LLM, adapter, vision head).
-    decoder   the visualiser: projector + UNet train with the epsilon-MSE objective
+    decoder   the visualiser: projector + UNet train with the denoising MSE (epsilon or v)
               (decoder_step.decoder_loss) on real images, conditioned on the frozen SigLIP
               tower's tokens of the same images (computed inside the step); VAE and SigLIP
               are frozen.
@@ -585,7 +585,10 @@ class DecoderObjective(Objective):
         self.model_fields = model_fields
         self.model = Visualizer(self.model_config, dtype=jnp.dtype(stage.dtype),
                                 remat=stage.remat_policy not in ("none", None, ""))
-        self.noise = NoiseSchedule(**dict(stage.noise))
+        try:
+            self.noise = NoiseSchedule(**dict(stage.noise))
+        except (TypeError, ValueError) as error:
+            raise StageConfigError(f"{self.where}: field 'noise': {error}") from None
         self.cfg_prob = float(stage.cfg_prob)
         if not 0.0 <= self.cfg_prob <= 1.0:
             raise StageConfigError(f"{self.where}: field 'cfg_prob' = {self.cfg_prob} must be in "
@@ -622,7 +625,7 @@ class DecoderObjective(Objective):
     def _boxed_visualizer(self):
         cfg = self.model_config
         size = cfg.image_size
-        channels = cfg.unet.in_channels if cfg.vae is None else cfg.vae.in_channels
+        channels = cfg.image_channels
         images = jnp.zeros((1, size, size, channels), jnp.float32)
         tokens = jnp.zeros((1, cfg.num_tokens, cfg.token_dim), jnp.float32)
         return jax.eval_shape(lambda: self.model.init(jax.random.key(0), images,
@@ -644,7 +647,7 @@ class DecoderObjective(Objective):
         else:
             cfg = self.model_config
             size = cfg.image_size
-            channels = cfg.unet.in_channels if cfg.vae is None else cfg.vae.in_channels
+            channels = cfg.image_channels
             # An RBG key: the UNet's init compiles several times faster than with threefry.
             rng = jax.random.key(int(self.stage.init.get("seed", 0)), impl="unsafe_rbg")
             params = _host(nn.unbox(jax.jit(lambda r: self.model.init(
@@ -710,7 +713,8 @@ class DecoderObjective(Objective):
                   if "tokens" in batch else self.visual_tokens(params, batch["images"]))
         mean, _ = decoder_loss(self.model, trained, frozen,
                                {"images": batch["images"], "tokens": tokens}, rng,
-                               jnp.asarray(self.noise.alphas_cumprod()), self.cfg_prob)
+                               jnp.asarray(self.noise.alphas_cumprod()), self.cfg_prob,
+                               prediction_type=self.noise.prediction_type)
         return mean / normalizers["micro_batches"], {"mse_sum": mean, "micro_batches": 1.0}
 
     def summarize(self, sums):
