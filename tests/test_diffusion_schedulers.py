@@ -206,7 +206,16 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     t = jnp.array(500)
     cond = eps_fn(x, jnp.full((3,), 500), context)
     uncond = eps_fn(x, jnp.full((3,), 500), jnp.zeros_like(context))
-    np.testing.assert_allclose(D.guided_epsilon(eps_fn, x, t, context, 1.0), cond, atol=1e-6)
+    seen = []
+
+    def recorded(x, t, ctx):
+        seen.append(x.shape[0])
+        return eps_fn(x, t, ctx)
+
+    np.testing.assert_allclose(D.guided_epsilon(recorded, x, t, context, 1.0), cond, atol=1e-6)
+    assert seen == [3]   # scale 1: the unconditional half is not run
+    D.guided_epsilon(recorded, x, t, context, 1.5)
+    assert seen == [3, 6]
     np.testing.assert_allclose(D.guided_epsilon(eps_fn, x, t, context, 0.0), uncond, atol=1e-6)
     assert float(jnp.abs(cond - uncond).max()) > 1e-2  # the condition matters
 

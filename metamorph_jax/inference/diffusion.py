@@ -27,12 +27,17 @@ def guided_epsilon(eps_fn: Callable, sample, timestep, context, guidance_scale: 
 
     Runs eps_fn once on the batch [uncond; cond] and returns
     eps_u + guidance_scale * (eps_c - eps_u). The same for a v model (what diffusers'
-    pipelines do): the mix is linear in the model output.
+    pipelines do): the mix is linear in the model output. A scale of exactly 1 (a Python
+    number) runs the conditional half alone.
     """
+    t = jnp.asarray(timestep)
+    if isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0:
+        # The mix is then the conditional prediction alone: skip the unconditional half.
+        return eps_fn(sample, jnp.broadcast_to(t, (sample.shape[0],)) if t.ndim == 0 else t,
+                      context)
     batch = sample.shape[0]
     both = jnp.concatenate([sample, sample], axis=0)
     ctx = jnp.concatenate([jnp.zeros_like(context), context], axis=0)
-    t = jnp.asarray(timestep)
     t = jnp.broadcast_to(t, (2 * batch,)) if t.ndim == 0 else jnp.concatenate([t, t])
     eps = eps_fn(both, t, ctx)
     eps_u, eps_c = eps[:batch], eps[batch:]

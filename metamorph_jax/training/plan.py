@@ -156,6 +156,12 @@ def lm_flops_per_token(config, seq_len: int, trainable: bool = True) -> dict:
     return {"params": (6 if trainable else 4) * n, "attention": attention}
 
 
+def batch_description(rows: int, seq_len: int, accum: int, image_size: int) -> str:
+    """'R rows x S tokens x A micro-batches', or 'R images of P px x A ...' (the decoder)."""
+    what = f"{rows} rows x {seq_len} tokens" if seq_len else f"{rows} images of {image_size} px"
+    return f"{what} x {accum} micro-batches"
+
+
 def model_flops(objective, rows: int, seq_len: int, accum: int) -> dict | None:
     """FLOPs per step by the convention of the module docstring: {"lm", "attention",
     "adapter", "vision_head", "vision_tower", "total"} for `rows` rows per micro-batch
@@ -283,6 +289,7 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
     out: dict[str, Any] = {
         "kind": objective.kind, "mesh": dict(mesh.shape), "rows_per_micro_batch": rows,
         "seq_len": seq_len, "grad_accum_steps": accum,
+        "image_size": int(stage_config.data.get("image_size", 0) or 0),
         "loss_chunk_tokens": objective.loss_chunk_tokens,
         "remat_policy": str(stage_config.get("remat_policy")), "dtype": str(stage_config.dtype),
         "param_bytes_per_chip": bytes_per_chip((placed.trainable, placed.frozen)),
@@ -293,7 +300,7 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
     }
     _say(f"plan: stage {name} ({objective.kind}): compiling the train step for "
          f"{topology.name} ({topology.desc}, {topology.chips} chips), mesh {dict(mesh.shape)}, "
-         f"{rows} rows x {seq_len or '-'} tokens x {accum} micro-batches ...")
+         f"{batch_description(rows, seq_len, accum, out['image_size'])} ...")
     try:
         compiled = _compile(stage)
     except Exception as error:   # the compiler's refusal is the answer when it is for memory
@@ -394,8 +401,9 @@ def report_lines(plan: dict, only: str | None = None) -> list[str]:
             f"DOES NOT FIT: over by {stage['overflow_bytes']} bytes"
             if stage.get("overflow_bytes") is not None else "DOES NOT FIT")
         lines.append(f"stage {name} ({stage['kind']}, mesh {stage['mesh']}, "
-                     f"{stage['rows_per_micro_batch']} rows x {stage['seq_len'] or '-'} tokens x "
-                     f"{stage['grad_accum_steps']} micro-batches, remat {stage['remat_policy']}, "
+                     + batch_description(stage['rows_per_micro_batch'], stage['seq_len'],
+                                         stage['grad_accum_steps'], stage.get('image_size', 0))
+                     + f", remat {stage['remat_policy']}, "
                      f"loss chunks {stage['loss_chunk_tokens'] or 'off'}): {verdict}")
         lines.append(f"  per chip: parameters {_gb(stage['param_bytes_per_chip'])}, optimizer "
                      f"state {_gb(stage['optimizer_state_bytes_per_chip'])}, batch "
