@@ -1,5 +1,5 @@
 """Test-wide set-up: 8 simulated CPU devices for sharding tests, fp32 matmuls, the CPU
-backend when libtpu is installed without a TPU.
+backend when libtpu is installed without a TPU, a persistent compilation cache.
 
 XLA_FLAGS must be set before JAX is imported anywhere, which is why it lives here.
 """
@@ -12,6 +12,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from metamorph_jax import platforms  # noqa: E402  (imports no JAX)
 
 platforms.prefer_cpu_without_accelerator()
+# One persistent compilation cache per test process, inherited by the commands the tests
+# start (train.py, eval.py runs): the same program compiled again in another process or
+# by another jit object is read back instead of compiled (the executable is the same).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="metamorph_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

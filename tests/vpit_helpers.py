@@ -165,9 +165,12 @@ def save_tiny_folders(root, *, seed: int = 0):
     fields = tiny_visualizer_fields()
     vis_config = VisualizerConfig.from_dict(fields)
     size = vis_config.image_size
-    vis_params = nn.unbox(Visualizer(vis_config).init(
-        jax.random.key(seed + 1), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
-        jnp.zeros((1, TOKENS_PER_IMAGE, VISION_WIDTH))))["params"]
+    # Jitted with an RBG key (as objectives.py inits the decoder): the UNet's init takes
+    # several times less than eager threefry; any random params serve these tests.
+    vis_params = nn.unbox(jax.jit(lambda rng: Visualizer(vis_config).init(
+        rng, jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, TOKENS_PER_IMAGE, VISION_WIDTH))))(
+            jax.random.key(seed + 1, impl="unsafe_rbg")))["params"]
     pretrained.save_pretrained(vis_dir, "visualizer",
                                {"model": fields, "noise": NOISE, "vision_dir": ""},
                                jax.tree.map(np.asarray, vis_params))

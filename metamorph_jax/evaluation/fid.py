@@ -282,6 +282,7 @@ def features(params, images, batch_size: int = 50) -> np.ndarray:
     image size compiles the network once: give images of one size (as FID protocols
     prepare them, e.g. COCO resized and centre-cropped) for a fast run."""
     out = []
+    rows = min(batch_size, len(images))
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         if isinstance(chunk, np.ndarray):
@@ -292,7 +293,10 @@ def features(params, images, batch_size: int = 50) -> np.ndarray:
                 out += [np.asarray(_forward(params, a[None]), np.float64) for a in arrays]
                 continue
             batch = np.stack(arrays)
-        out.append(np.asarray(_forward(params, jnp.asarray(batch)), np.float64))
+        # a shorter last chunk is padded to the first's rows: one compile, not two
+        padded = np.concatenate([batch, np.zeros((rows - len(batch),) + batch.shape[1:],
+                                                 batch.dtype)])
+        out.append(np.asarray(_forward(params, jnp.asarray(padded)), np.float64)[:len(batch)])
     return np.concatenate(out) if out else np.zeros((0, FEATURES))
 
 
@@ -316,6 +320,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def fid(params, real_images, generated_images, batch_size: int = 50) -> float:
     """FID between two image sets (arrays or lists of paths, see `features`)."""
-    mu1, s1 = statistics(features(params, real_images, batch_size))
-    mu2, s2 = statistics(features(params, generated_images, batch_size))
+    arrays = [isinstance(images, np.ndarray) for images in (real_images, generated_images)]
+    if not any(arrays):   # both sets in one pass: their batches share one shape
+        both = features(params, list(real_images) + list(generated_images), batch_size)
+        real, generated = both[:len(real_images)], both[len(real_images):]
+    else:
+        real = features(params, real_images, batch_size)
+        generated = features(params, generated_images, batch_size)
+    mu1, s1 = statistics(real)
+    mu2, s2 = statistics(generated)
     return frechet_distance(mu1, s1, mu2, s2)
