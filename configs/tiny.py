@@ -100,7 +100,13 @@ def decoder_stage(root: str, steps: int) -> ml_collections.ConfigDict:
                   down_block_types=("CrossAttnDownBlock2D",),
                   up_block_types=("CrossAttnUpBlock2D",)),
         vae=None))
-    stage.noise = ml_collections.ConfigDict(NOISE)
+    # The Shapes decoder's choices (configs/shapes.py, models/visualizer.py): the token grid as
+    # input channels, v on a zero-terminal-SNR schedule sampled from t = 999.
+    stage.model.token_grid = True
+    stage.model.unet.in_channels = 3 + stage.model.unet.cross_attention_dim
+    stage.noise = ml_collections.ConfigDict(dict(
+        NOISE, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing"))
     stage.cfg_prob = 0.1
     return stage
 

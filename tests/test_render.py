@@ -40,3 +40,15 @@ def test_batches_of_any_cut_give_the_sampler_s_images():
     np.testing.assert_allclose(alone[0].astype(int), cut[2].astype(int), atol=1)
     with pytest.raises(ValueError, match=r"takes \[n, 4, 24\]"):
         ImageRenderer(model, params, schedule, rule).render(tokens[:, :2])
+
+
+def test_the_default_sampler_follows_the_schedule():
+    """RenderConfig() leaves the sampler to the schedule: PNDM (SD 1.5's), or DDIM for a
+    zero-terminal-SNR schedule, which PNDM cannot walk."""
+    config = VisualizerConfig.from_dict(tiny_visualizer_fields())
+    model = Visualizer(config)
+    zero_snr = NoiseSchedule(**{**NOISE, "prediction_type": "v_prediction",
+                                "rescale_betas_zero_snr": True})
+    assert ImageRenderer(model, {}, NoiseSchedule(**NOISE)).render_config.sampler == "pndm"
+    assert ImageRenderer(model, {}, zero_snr).render_config.sampler == "ddim"
+    assert ImageRenderer(model, {}, zero_snr, RenderConfig("pndm")).render_config.sampler == "pndm"
