@@ -88,9 +88,30 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> It
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh,
                       rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for a tree of nn.LogicallyPartitioned values (or their abstract shapes)."""
+    """NamedShardings for a tree of nn.LogicallyPartitioned values (or their abstract shapes).
+
+    A dimension whose size the mesh axes it maps to do not divide is kept whole instead
+    (LLaMA-3's 128256 + 2 rows on tensor=4): jax cannot place an uneven shard, and padding
+    the table would change the checkpoint's shapes."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    leaves, treedef = jax.tree.flatten(shardings)
+    values = jax.tree.leaves(nn.unbox(boxed_tree))
+    if len(values) != len(leaves):
+        raise ValueError(f"logical_shardings: {len(values)} arrays for {len(leaves)} shardings")
+    return jax.tree.unflatten(treedef, [divisible_sharding(sharding_, value.shape)
+                                        for sharding_, value in zip(leaves, values)])
+
+
+def divisible_sharding(named: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """`named` with every dimension that its mesh axes do not divide evenly left whole."""
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    for dim, entry in enumerate(spec):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        ways = int(np.prod([named.mesh.shape[axis] for axis in axes])) if axes else 1
+        if shape[dim] % ways:
+            spec[dim] = None
+    return NamedSharding(named.mesh, PartitionSpec(*spec), memory_kind=named.memory_kind)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -67,3 +67,21 @@ def test_init_under_mesh_and_rules_with_multi_axis_kernels():
     q = boxed["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.value.shape == (cfg.num_layers, 32, 4, 8)
     assert q.names == ("layers", "embed", "heads", "head_dim")
+
+
+def test_a_dimension_the_mesh_does_not_divide_stays_whole():
+    """LLaMA-3's vocabulary plus the two image tokens (128258 rows) on tensor=4: the rows
+    stay whole, the embed axis is still sharded over fsdp; divisible tables are untouched."""
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    boxed = {
+        "odd": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((10, 8), jnp.float32),
+                                       ("vocab", "embed")),
+        "even": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((12, 8), jnp.float32),
+                                        ("vocab", "embed")),
+    }
+    placed = sharding.logical_shardings(boxed, mesh)
+    assert placed["odd"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert placed["even"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    # and it can be placed: device_put of the odd table onto its sharding
+    table = jax.device_put(np.ones((10, 8), np.float32), placed["odd"])
+    assert table.addressable_shards[0].data.shape == (10, 4)
