@@ -27,7 +27,7 @@ def reference_cosine(model, processor, image, caption):
     inputs["attention_mask"] = inputs["attention_mask"][:, :16]
     with torch.no_grad():
         out = model(**inputs)
-    return float(out.logits_per_image[0, 0] / model.logit_scale.exp())
+        return float(out.logits_per_image[0, 0] / model.logit_scale.exp())
 
 
 def test_clip_score_matches_transformers(tiny_clip, tmp_path):
