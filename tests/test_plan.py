@@ -82,6 +82,9 @@ def test_tiny_text_stage_planned_for_v5e_4(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stage text" in printed and "fits" in printed and "MFU" in printed
     assert "6 x non-embedding" in printed   # the FLOP convention is printed
+    assert f"{ROWS} rows x {SEQ} tokens x {stage['grad_accum_steps']} micro-batches" in printed
+    # a decoder stage has images, not token rows
+    assert plan.batch_description(16, 0, 2, 512) == "16 images of 512 px x 2 micro-batches"
     assert not (tmp_path / "work").exists()   # planning writes nothing but --plan-out
 
 
