@@ -1,13 +1,13 @@
 """The paper's MetaMorph recipe (REFERENCE.md, "Training recipe") in the stage schema:
 VPiT stage 1 (adapter), VPiT stage 2 (instruct) and the SD 1.5 decoder, for LLaMA-3 8B or
-70B, on a TPU v5p pod or on 8xH100 nodes. configs/metamorph_llama3_8b.py and
+70B, on a TPU v5p or v6e pod or on 8xH100 nodes. configs/metamorph_llama3_8b.py and
 metamorph_llama3_70b.py call `recipe`; the topology is the config argument:
 
     python train.py --config configs/metamorph_llama3_8b.py:v5p-256 --workdir /gcs/BUCKET/...  (a mounted bucket)
     python train.py --config configs/metamorph_llama3_70b.py:h100x8:16 --workdir /runs/...
 
-Topologies: "v5p-N" (N TensorCores: N/2 chips, 4 chips and one process per host) and
-"h100x8:NODES" (8 GPUs and one process per node). The global batch is the paper's
+Topologies: "v5p-N" (N TensorCores: N/2 chips, 4 chips and one process per host), "v6e-N"
+(N chips, 4 and one process per host) and "h100x8:NODES" (8 GPUs and one process per node). The global batch is the paper's
 (`data.batch_size` is per process and per micro-batch: global = batch_size x processes x
 grad_accum_steps); where a device cannot hold its share of the batch at 4096 tokens, the
 batch is accumulated over micro-batches; where the batch does not divide over the devices
@@ -23,9 +23,12 @@ import ml_collections
 from ml_collections import config_dict
 
 # Rows of 4096 tokens (decoder: 512px images) one device holds per micro-batch with bf16
-# compute and full remat. Estimates from the parameter/activation sizes, not measured.
-ROWS_PER_DEVICE = {("8b", "v5p"): 12, ("70b", "v5p"): 2, ("8b", "h100"): 4, ("70b", "h100"): 1,
-                   ("decoder", "v5p"): 32, ("decoder", "h100"): 16}
+# compute and full remat. v5p's LLM rows are measured by `train.py --plan` (docs/pods.md:
+# 8B at 12 rows peaks at 69 GB of 95, 70B at 2 rows on tensor=4 at 25 GB); v6e's (32 GB)
+# are scaled from them by HBM; the GPU rows and the decoder's are estimates.
+ROWS_PER_DEVICE = {("8b", "v5p"): 12, ("70b", "v5p"): 2, ("8b", "v6e"): 4, ("70b", "v6e"): 2,
+                   ("8b", "h100"): 4, ("70b", "h100"): 1,
+                   ("decoder", "v5p"): 32, ("decoder", "v6e"): 8, ("decoder", "h100"): 16}
 # Paper (REFERENCE.md): per-stage lr and batch; stage 1 defaults to the code's numbers.
 RECIPE = {
     "8b": dict(adapter=dict(lr=3.74e-5, batch=448, paper_lr=4.90e-5, paper_batch=768),
@@ -36,14 +39,17 @@ RECIPE = {
 
 
 def parse_topology(topology: str) -> dict:
-    """{"kind", "devices", "processes"} of "v5p-N" or "h100x8:NODES"."""
+    """{"kind", "devices", "processes"} of "v5p-N", "v6e-N" or "h100x8:NODES"."""
     if topology.startswith("v5p-"):
         chips = int(topology[len("v5p-"):]) // 2
         return {"kind": "v5p", "devices": chips, "processes": max(1, chips // 4)}
+    if topology.startswith("v6e-"):                  # Trillium: N chips, 4 per host
+        chips = int(topology[len("v6e-"):])
+        return {"kind": "v6e", "devices": chips, "processes": max(1, chips // 4)}
     if topology.startswith("h100x8:"):
         nodes = int(topology[len("h100x8:"):])
         return {"kind": "h100", "devices": 8 * nodes, "processes": nodes}
-    raise ValueError(f"topology {topology!r}: use v5p-N or h100x8:NODES")
+    raise ValueError(f"topology {topology!r}: use v5p-N, v6e-N or h100x8:NODES")
 
 
 def mesh_for(size: str, topology: dict) -> dict:
@@ -60,8 +66,10 @@ def split_batch(global_batch: int, size: str, topology: dict, mesh: dict
     grad_accum_steps) for a recipe's `global_batch` rows."""
     data_ways = topology["devices"] // mesh["tensor"]
     per_device = -(-global_batch // data_ways)                       # rows each device sees
-    micro = min(per_device, ROWS_PER_DEVICE[(size, topology["kind"])])
-    accum = -(-per_device // micro)
+    # As few micro-batches as the device's rows allow, then rows spread evenly over them
+    # (24 rows at a cap of 10 are 3 x 8, not 3 x 10).
+    accum = -(-per_device // ROWS_PER_DEVICE[(size, topology["kind"])])
+    micro = -(-per_device // accum)
     per_device = micro * accum
     return per_device * data_ways, micro * data_ways // topology["processes"], accum
 

@@ -9,8 +9,8 @@ from metamorph_jax.training import runner
 from metamorph_jax.training.objectives import StageConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-TOPOLOGIES = {"v5p-256": (128, 32), "v5p-1024": (512, 128), "h100x8:4": (32, 4),
-              "h100x8:16": (128, 16)}   # (devices, processes)
+TOPOLOGIES = {"v5p-256": (128, 32), "v5p-1024": (512, 128), "v6e-256": (256, 64),
+              "h100x8:4": (32, 4), "h100x8:16": (128, 16)}   # (devices, processes)
 # REFERENCE.md, "Training recipe": stage 1 at the code's 448 / 3.74e-5 (lr scaled by
 # sqrt(batch / 448) when the batch is rounded up); stage 2 at the paper's numbers.
 RECIPE = {"8b": {"adapter": (448, 3.74e-5), "instruct": (1536, 6.93e-5)},

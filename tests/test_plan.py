@@ -159,6 +159,26 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
         plan.topology_devices(plan.parse_topology("v5e-4"))
 
 
+def test_describing_a_topology_off_a_tpu_vm_prints_no_libtpu_errors():
+    # libtpu asks the metadata server for the host's workers and accelerator type and
+    # prints errors when it cannot; a plan names them instead (a fresh process: libtpu
+    # reads them once, when it loads).
+    pytest.importorskip("libtpu", reason=plan.INSTALL)
+    import os
+    import subprocess
+    import sys
+    code = ("from metamorph_jax.training import plan; "
+            "devices = plan.topology_devices(plan.parse_topology('v6e-64')); "
+            "print(len(devices), devices[0].device_kind)")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(env, JAX_PLATFORMS="cpu"), check=True)
+    assert done.stdout.split() == ["64", "TPU", "v6", "lite"]
+    for noise in ("could not determine", "unexpected worker hostname", "Failed to find host"):
+        assert noise not in done.stderr
+
+
 def test_plan_out_needs_plan():
     from absl import flags
     with pytest.raises(flags.Error, match="--plan-out needs --plan"):

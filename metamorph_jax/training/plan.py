@@ -113,6 +113,11 @@ def topology_devices(topology: Topology) -> list:
     # Only compiling here: let a plan load libtpu beside another process that holds it
     # (a run on this TPU VM, another plan) instead of failing on libtpu's lock file.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Off a TPU VM libtpu asks the metadata server for the host's workers and accelerator,
+    # fails, and prints errors; naming them (this one host, the planned slice) keeps it quiet
+    # and changes nothing in the described topology (its devices are the slice's either way).
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name)
     from jax.experimental import topologies
     try:
         return list(topologies.get_topology_desc(platform="tpu",
