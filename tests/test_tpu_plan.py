@@ -14,14 +14,12 @@ import pytest
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu "
                     "(pip install -r requirements-tpu.txt)")
 
-from jax.experimental import topologies  # noqa: E402
-
 from metamorph_jax import sharding  # noqa: E402
 from metamorph_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from metamorph_jax.training import objectives, optim  # noqa: E402
+from metamorph_jax.training import objectives, optim, plan  # noqa: E402
 from metamorph_jax.training import state as state_lib, steps as steps_lib  # noqa: E402
 
-TOPOLOGY = "v5e:2x2"  # 4 chips: fsdp 2 x tensor 2
+TOPOLOGY = "v5e-4"  # v5e:2x2, 4 chips: fsdp 2 x tensor 2
 BATCH, LENGTH = 4, 1024
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=64, dtype="bfloat16",
@@ -32,7 +30,7 @@ SPLASH_KERNELS = ("splash_mha_fwd_segmented", "splash_mha_dq_segmented",
 
 
 def tpu_mesh():
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGY).devices
+    devices = plan.topology_devices(plan.parse_topology(TOPOLOGY))
     return sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=devices)
 
 
@@ -89,3 +87,34 @@ def test_model_built_for_another_platform_is_refused():
     mesh = tpu_mesh()
     with pytest.raises(ValueError, match="built for platform 'cpu'.*mesh's devices are 'tpu'"):
         lower_train_step(LlamaForCausalLM(CONFIG), mesh)
+
+
+@pytest.mark.slow
+def test_decoder_plan_traces_splash_attention_not_the_cpu_einsums(tmp_path):
+    # configs/tiny.py's decoder stage as `train.py --plan` compiles it: its UNet's
+    # self-attention over the 16 x 16 pixels (256 tokens) takes splash attention on TPUs;
+    # built for this CPU it would hold the [.., 256, 256] score arrays of the einsums.
+    from pathlib import Path
+
+    from metamorph_jax import architectures
+    from metamorph_jax.training import runner
+    repo = Path(__file__).resolve().parents[1]
+    architectures.register("test_tpu_siglip", "siglip", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        image_size=16, patch_size=4, use_head=False, num_visual_tokens=4))
+    try:
+        config = runner.parse_flags(["train.py", "--config",
+                                     f"{repo / 'configs' / 'tiny.py'}:{tmp_path / 'none'}",
+                                     "--config.order=('decoder',)"])
+        with config.unlocked():
+            config.stages.decoder.init.vision_arch = "test_tpu_siglip"
+        stage = plan._stage(config, 0, "decoder", tpu_mesh(), processes=1)
+        assert stage.objective.model.platform == "tpu"
+        hlo = plan._compile(stage).as_text()
+    finally:
+        architectures.ARCHITECTURES.pop("test_tpu_siglip", None)
+    pixels = config.stages.decoder.model.image_size ** 2
+    assert pixels == 256
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+        assert kernel in hlo, f"no {kernel} kernel in the compiled decoder step"
+    assert not re.search(rf"\[[0-9,]*{pixels},{pixels}\]", hlo)

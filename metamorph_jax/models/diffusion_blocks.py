@@ -121,16 +121,20 @@ def _norm(module: nn.Module, x):
     return module(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
+def attention(q, k, v, num_heads: int, implementation: Optional[str] = None,
+              platform: Optional[str] = None):
     """Multi-head scaled dot-product attention on [B, T, H*D] projections.
 
     implementation: anything layers.dot_product_attention takes (None = its automatic
-    choice: plain einsums on CPU, cuDNN flash attention on GPU where it applies).
+    choice for `platform`: plain einsums on CPU, splash attention on TPU and cuDNN flash
+    attention on GPU where they apply). platform: the devices the model is compiled for
+    (sharding.mesh_platform; None = jax.default_backend()).
     """
     batch, q_len, width = q.shape
     head_dim = width // num_heads
     split = lambda a: a.reshape(batch, a.shape[1], num_heads, head_dim)  # noqa: E731
-    out = dot_product_attention(split(q), split(k), split(v), implementation=implementation)
+    out = dot_product_attention(split(q), split(k), split(v), implementation=implementation,
+                                platform=platform)
     return out.reshape(batch, q_len, width)
 
 
@@ -204,6 +208,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -213,7 +218,7 @@ class Attention(nn.Module):
         q = dense(inner, "to_q", use_bias=False, axes=("embed", "heads"), **kw)(x)
         k = dense(inner, "to_k", use_bias=False, axes=("embed", "heads"), **kw)(context)
         v = dense(inner, "to_v", use_bias=False, axes=("embed", "heads"), **kw)(context)
-        out = attention(q, k, v, self.num_heads, self.implementation)
+        out = attention(q, k, v, self.num_heads, self.implementation, self.platform)
         return dense(x.shape[-1], "to_out_0", axes=("heads", "embed"), **kw)(out)
 
 
@@ -255,12 +260,13 @@ class BasicTransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(num_heads=self.num_heads, head_dim=self.head_dim,
-                    implementation=self.implementation, **kw)
+                    implementation=self.implementation, platform=self.platform, **kw)
         h = _norm(layer_norm(self.norm_eps, "norm1", self.param_dtype), x)
         x = x + Attention(name="attn1", **attn)(h)
         h = _norm(layer_norm(self.norm_eps, "norm2", self.param_dtype), x)
@@ -283,6 +289,7 @@ class Transformer2D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, context):
@@ -300,7 +307,8 @@ class Transformer2D(nn.Module):
         block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
         for i in range(self.num_layers):
             h = block_cls(self.num_heads, self.head_dim, implementation=self.implementation,
-                          name=f"transformer_blocks_{i}", **kw)(h, context)
+                          platform=self.platform, name=f"transformer_blocks_{i}",
+                          **kw)(h, context)
         if self.use_linear_projection:
             h = dense(channels, "proj_out", axes=("embed", "channels"), **kw)(h)
             h = h.reshape(batch, height, width, channels)
@@ -320,6 +328,7 @@ class SpatialSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x):
@@ -330,7 +339,8 @@ class SpatialSelfAttention(nn.Module):
         q = dense(channels, "to_q", **kw)(h)
         k = dense(channels, "to_k", **kw)(h)
         v = dense(channels, "to_v", **kw)(h)
-        out = attention(q, k, v, channels // self.head_dim, self.implementation)
+        out = attention(q, k, v, channels // self.head_dim, self.implementation,
+                        self.platform)
         out = dense(channels, "to_out_0", dtype=self.dtype, param_dtype=self.param_dtype,
                     axes=("embed", "channels"))(out)
         out = out.reshape(batch, height, width, channels)

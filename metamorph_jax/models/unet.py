@@ -211,6 +211,7 @@ class UNetBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, temb, context, skips=()):
@@ -227,8 +228,8 @@ class UNetBlock(nn.Module):
             if self.cross_attention:
                 x = Transformer2D(self.heads, self.channels // self.heads, cfg.norm_num_groups,
                                   use_linear_projection=cfg.use_linear_projection, remat=self.remat,
-                                  implementation=self.attention_impl, name=f"attentions_{j}",
-                                  **kw)(x, context)
+                                  implementation=self.attention_impl, platform=self.platform,
+                                  name=f"attentions_{j}", **kw)(x, context)
             outputs.append(x)
         if self.resample:
             if self.kind == "down":
@@ -248,6 +249,7 @@ class MidBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -261,7 +263,8 @@ class MidBlock(nn.Module):
         x = resnet_cls(channels, name="resnets_0", **res)(x, temb)
         x = Transformer2D(heads, channels // heads, cfg.norm_num_groups,
                           use_linear_projection=cfg.use_linear_projection, remat=self.remat,
-                          implementation=self.attention_impl, name="attentions_0", **kw)(x, context)
+                          implementation=self.attention_impl, platform=self.platform,
+                          name="attentions_0", **kw)(x, context)
         return resnet_cls(channels, name="resnets_1", **res)(x, temb)
 
 
@@ -269,7 +272,9 @@ class UNet2DConditionModel(nn.Module):
     """sample [B,H,W,C_in] (NHWC), timesteps [B] or scalar, context [B,L,D] -> [B,H,W,C_out].
 
     ``remat`` rematerialises every ResNet and transformer block (activation memory for
-    compute); ``attention_impl`` is passed to jax.nn.dot_product_attention.
+    compute); ``attention_impl`` and ``platform`` (the devices it is compiled for,
+    sharding.mesh_platform; None: jax.default_backend()) pick the attention kernel
+    (layers.dot_product_attention).
     """
 
     config: UNetConfig
@@ -277,12 +282,14 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        blk = dict(config=cfg, remat=self.remat, attention_impl=self.attention_impl, **kw)
+        blk = dict(config=cfg, remat=self.remat, attention_impl=self.attention_impl,
+                   platform=self.platform, **kw)
         n_blocks = len(cfg.block_out_channels)
         factor = 2 ** (n_blocks - 1)
         if sample.ndim != 4 or sample.shape[1] % factor or sample.shape[2] % factor:

@@ -98,6 +98,7 @@ class VAEMidBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x):
@@ -107,7 +108,8 @@ class VAEMidBlock(nn.Module):
         x = resnet_cls(self.channels, name="resnets_0", **res)(x)
         # diffusers: heads = channels // attention_head_dim with attention_head_dim = channels.
         x = SpatialSelfAttention(self.num_groups, _VAE_EPS, head_dim=self.channels,
-                                 implementation=self.attention_impl, name="attentions_0", **kw)(x)
+                                 implementation=self.attention_impl, platform=self.platform,
+                                 name="attentions_0", **kw)(x)
         return resnet_cls(self.channels, name="resnets_1", **res)(x)
 
 
@@ -147,6 +149,7 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, x):
@@ -159,7 +162,8 @@ class Encoder(nn.Module):
                               resample=i < n - 1, remat=self.remat, name=f"down_blocks_{i}",
                               **kw)(x)
         x = VAEMidBlock(cfg.block_out_channels[-1], cfg.norm_num_groups, remat=self.remat,
-                        attention_impl=self.attention_impl, name="mid_block", **kw)(x)
+                        attention_impl=self.attention_impl, platform=self.platform,
+                        name="mid_block", **kw)(x)
         return norm_silu_conv_out(x, 2 * cfg.latent_channels, cfg.norm_num_groups, _VAE_EPS, **kw)
 
 
@@ -171,6 +175,7 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     @nn.compact
     def __call__(self, z):
@@ -180,7 +185,8 @@ class Decoder(nn.Module):
         rev = cfg.block_out_channels[::-1]
         x = conv(rev[0], 3, "conv_in", **kw)(z)
         x = VAEMidBlock(rev[0], cfg.norm_num_groups, remat=self.remat,
-                        attention_impl=self.attention_impl, name="mid_block", **kw)(x)
+                        attention_impl=self.attention_impl, platform=self.platform,
+                        name="mid_block", **kw)(x)
         for i, channels in enumerate(rev):
             x = ResampleBlock(channels, cfg.layers_per_block + 1, cfg.norm_num_groups, "up",
                               resample=i < n - 1, remat=self.remat, name=f"up_blocks_{i}", **kw)(x)
@@ -198,10 +204,12 @@ class AutoencoderKL(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    platform: Optional[str] = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        sub = dict(config=self.config, remat=self.remat, attention_impl=self.attention_impl, **kw)
+        sub = dict(config=self.config, remat=self.remat, attention_impl=self.attention_impl,
+                   platform=self.platform, **kw)
         latent = self.config.latent_channels
         self.encoder = Encoder(**sub)
         self.decoder = Decoder(**sub)

@@ -145,16 +145,21 @@ class Visualizer(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    # the devices it is compiled for (sharding.mesh_platform; None: jax.default_backend()):
+    # picks the attention kernels, as LlamaConfig.platform does. Not saved.
+    platform: Optional[str] = None
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.projector = TokenProjector(cfg.projector_hidden, cfg.unet.cross_attention_dim, **kw)
         self.unet = UNet2DConditionModel(cfg.unet, remat=self.remat,
-                                         attention_impl=self.attention_impl, **kw)
+                                         attention_impl=self.attention_impl,
+                                         platform=self.platform, **kw)
         if cfg.vae is not None:
             self.vae = AutoencoderKL(cfg.vae, remat=self.remat,
-                                     attention_impl=self.attention_impl, **kw)
+                                     attention_impl=self.attention_impl,
+                                     platform=self.platform, **kw)
 
     def condition(self, tokens):
         """Visual tokens [B, num_tokens, token_dim] -> UNet context [B, context_length, D]."""

@@ -584,7 +584,8 @@ class DecoderObjective(Objective):
             raise StageConfigError(f"{self.where}: field 'model': {error}") from None
         self.model_fields = model_fields
         self.model = Visualizer(self.model_config, dtype=jnp.dtype(stage.dtype),
-                                remat=stage.remat_policy not in ("none", None, ""))
+                                remat=stage.remat_policy not in ("none", None, ""),
+                                platform=folders.platform)
         try:
             self.noise = NoiseSchedule(**dict(stage.noise))
         except (TypeError, ValueError) as error:
