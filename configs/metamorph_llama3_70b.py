@@ -1,7 +1,8 @@
 """MetaMorph on LLaMA-3 70B Instruct: the paper's stage 1, stage 2 and decoder settings
-(configs/metamorph_llama3.py), for a TPU v5p pod or 8xH100 nodes:
+(configs/metamorph_llama3.py), for a TPU v5p or v6e pod or 8xH100 nodes:
 
     python train.py --config configs/metamorph_llama3_70b.py:v5p-256 --workdir DIR
+    python train.py --config configs/metamorph_llama3_70b.py:v6e-256 --workdir DIR
     python train.py --config configs/metamorph_llama3_70b.py:h100x8:8 --workdir DIR
 """
 import importlib.util
