@@ -104,6 +104,28 @@ def test_a_stage_that_cannot_fit_exits_3_naming_it(tmp_path, monkeypatch, capsys
     assert "stage text does not fit v5e-4" in err and f"over by {stage['overflow_bytes']} bytes" in err
 
 
+def test_the_compilers_two_out_of_memory_wordings_give_the_overflow():
+    # libtpu's wordings, as a plan of 70B on v6e-256 with remat dots_no_batch met the second
+    temps = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (48.59G) exceeds available HBM (31.25G).")
+    oom = plan.out_of_memory(temps)
+    assert oom["used_bytes"] is None
+    assert oom["temp_bytes"] == int(48.59 * 2**30) and oom["limit_bytes"] == int(31.25 * 2**30)
+    assert oom["overflow_bytes"] == int(48.59 * 2**30) - int(31.25 * 2**30)
+    used = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
+                        "memory in memory space hbm. Used 20.5G of 15.75G hbm. Exceeded "
+                        "hbm capacity by 4.75G.")
+    oom = plan.out_of_memory(used)
+    assert (oom["used_bytes"], oom["limit_bytes"], oom["temp_bytes"]) == (
+        int(20.5 * 2**30), int(15.75 * 2**30), None)
+    assert oom["overflow_bytes"] == int(20.5 * 2**30) - int(15.75 * 2**30)
+    assert plan.out_of_memory(RuntimeError("INVALID_ARGUMENT: a shape")) is None
+    # the closing line names what is known
+    assert plan._need({"peak_bytes_per_chip": None, "compiler_temp_bytes_per_chip": 7}) == \
+        "temporaries alone 7 bytes per chip"
+
+
 def test_flop_hand_count_for_a_tiny_text_stage(tmp_path):
     from metamorph_jax.models.llama import LlamaConfig
     config = LlamaConfig(**TINY_LLAMA)

@@ -210,21 +210,32 @@ def bytes_per_chip(tree: Any) -> int:
     return total
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# libtpu refuses a program in one of two wordings: the whole footprint against the HBM,
+# or (before it lays out the rest) the temporaries alone against what is left for them.
+_OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_OOM_TEMPS = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds "
+                        r"available HBM \(([\d.]+)([KMGT]?)\)")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def out_of_memory(error: Exception) -> dict | None:
-    """{"used_bytes", "limit_bytes"} from the compiler's out-of-memory refusal, else None."""
+    """The compiler's out-of-memory refusal as {"used_bytes" (the whole footprint) or
+    "temp_bytes" (the temporaries alone), "limit_bytes" (what the compiler had for them),
+    "overflow_bytes", "message"}; unknown numbers are None. None for any other error."""
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
-    match = _OOM.search(text)
-    if not match:
-        return {"used_bytes": None, "limit_bytes": None, "message": text[:500]}
-    used = float(match.group(1)) * _UNITS[match.group(2)]
-    limit = float(match.group(3)) * _UNITS[match.group(4)]
-    return {"used_bytes": int(used), "limit_bytes": int(limit), "message": text[:500]}
+    out = {"used_bytes": None, "temp_bytes": None, "limit_bytes": None,
+           "overflow_bytes": None, "message": text[:500]}
+    for pattern, key in ((_OOM_USED, "used_bytes"), (_OOM_TEMPS, "temp_bytes")):
+        match = pattern.search(text)
+        if match:
+            needed = int(float(match.group(1)) * _UNITS[match.group(2)])
+            limit = int(float(match.group(3)) * _UNITS[match.group(4)])
+            out.update({key: needed, "limit_bytes": limit,
+                        "overflow_bytes": max(needed - limit, 1)})
+            break
+    return out
 
 
 # --- compiling a stage -------------------------------------------------------------------
@@ -312,10 +323,11 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
         oom = out_of_memory(error)
         if oom is None:
             raise
-        used = oom["used_bytes"]
-        out.update(compiler_out_of_memory=oom["message"], peak_bytes_per_chip=used,
-                   fits=False, overflow_bytes=(None if used is None
-                                               else max(used - topology.chip.hbm_bytes, 1)))
+        # the overflow against what the compiler had, which is what must be saved
+        out.update(compiler_out_of_memory=oom["message"], fits=False,
+                   peak_bytes_per_chip=oom["used_bytes"],
+                   compiler_temp_bytes_per_chip=oom["temp_bytes"],
+                   overflow_bytes=oom["overflow_bytes"])
         _say(f"plan: stage {name}: the compiler ran out of memory: {oom['message'][:200]}")
     else:
         memory = compiled.memory_analysis()
@@ -391,6 +403,15 @@ def _gb(value) -> str:
     return f"{int(value)} B"
 
 
+def _need(stage: dict) -> str:
+    """What a stage that does not fit needs, in the compiler's terms."""
+    if stage.get("peak_bytes_per_chip") is not None:
+        return f"peak {stage['peak_bytes_per_chip']} bytes per chip"
+    if stage.get("compiler_temp_bytes_per_chip") is not None:
+        return f"temporaries alone {stage['compiler_temp_bytes_per_chip']} bytes per chip"
+    return "the compiler's need unknown (see compiler_out_of_memory)"
+
+
 def report_lines(plan: dict, only: str | None = None) -> list[str]:
     """The printed plan; `only`: that stage's lines alone."""
     lines = [] if only else [f"plan for {plan['topology']} ({plan['topology_desc']}: {plan['chips']} "
@@ -451,8 +472,7 @@ def plan(config, topology_name: str, out_path: str | None = None) -> int:
     if not result["fits"]:
         for name, stage in stages.items():
             if not stage["fits"]:
-                print(f"stage {name} does not fit {topology.name}: peak "
-                      f"{stage['peak_bytes_per_chip']} bytes per chip, over by "
+                print(f"stage {name} does not fit {topology.name}: {_need(stage)}, over by "
                       f"{stage['overflow_bytes']} bytes", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return EXIT_FITS
