@@ -78,6 +78,12 @@ def test_tiny_text_stage_planned_for_v5e_4(tmp_path, capsys):
     total = stage["compiler_flops_per_chip"] * 4
     assert lm + attention < total < 2.5 * (lm + attention)
     assert stage["est_step_s"] > 0 and 0 < stage["mfu"] < 1
+    # the roofline from the compiler's own FLOPs and bytes, on v5e's 197 TFLOP/s, 819 GB/s
+    assert stage["roofline_step_s"] == max(stage["compiler_flops_per_chip"] / 197e12,
+                                           stage["compiler_bytes_accessed_per_chip"] / 819e9)
+    assert stage["roofline_step_s"] <= stage["est_step_s"] and stage["est_step_s_note"] is None
+    assert stage["mfu"] <= stage["mfu_roofline"] < 1
+    assert set(stage["cost_samples"]) == {"base", "llm"}
     assert "1 and 2 layers" in stage["cost_method"]
     printed = capsys.readouterr().out
     assert "stage text" in printed and "fits" in printed and "MFU" in printed
@@ -92,7 +98,7 @@ def test_tiny_text_stage_planned_for_v5e_4(tmp_path, capsys):
 def test_a_stage_that_cannot_fit_exits_3_naming_it(tmp_path, monkeypatch, capsys):
     pytest.importorskip("libtpu", reason=plan.INSTALL)
     # a 4 MB chip: the tiny step needs ~14 MB per chip
-    monkeypatch.setitem(plan.CHIPS, "v5e", plan.Chip("v5e", 4 * 10**6, 197e12, 4))
+    monkeypatch.setitem(plan.CHIPS, "v5e", plan.Chip("v5e", 4 * 10**6, 197e12, 4, 819e9))
     out = tmp_path / "plan.json"
     argv = text_argv(tmp_path, "--plan", "v5e-4", "--plan-out", str(out), chunk=0)
     assert train.main(argv) == 3
@@ -124,6 +130,32 @@ def test_the_compilers_two_out_of_memory_wordings_give_the_overflow():
     # the closing line names what is known
     assert plan._need({"peak_bytes_per_chip": None, "compiler_temp_bytes_per_chip": 7}) == \
         "temporaries alone 7 bytes per chip"
+
+
+def test_costs_extrapolated_per_layer_and_a_negative_compiler_time_refused():
+    chip = plan.CHIPS["v6e"]
+    def cost(flops, seconds, bytes_accessed):
+        return {"flops": flops, "seconds": seconds, "bytes_accessed": bytes_accessed}
+    # 1 layer: 10 units; each further layer adds 3: a 32-layer stack is 10 + 31 x 3 = 103,
+    # a 27-layer tower 10 + 26 x 1; both x 2 micro-batches
+    samples = {"base": cost(10e12, 0.5, 1e9), "llm": cost(13e12, 0.8, 2e9),
+               "vision": cost(11e12, 0.6, 1.5e9)}
+    total = plan.combine_costs(samples, {"llm": 32, "vision": 27}, 2, chip)
+    flops = (10 + 31 * 3 + 26 * 1) * 1e12 * 2
+    assert total["flops"] == pytest.approx(flops)
+    assert total["bytes_accessed"] == pytest.approx((1 + 31 * 1 + 26 * 0.5) * 1e9 * 2)
+    assert total["seconds"] == pytest.approx((0.5 + 31 * 0.3 + 26 * 0.1) * 2)
+    assert total["roofline_s"] == pytest.approx(flops / 918e12)   # compute-bound here
+    assert total["seconds_note"] is None
+    # libtpu's v6e cost model: negative seconds, falling with depth (measured, 8B layers)
+    samples["base"]["seconds"], samples["llm"]["seconds"] = -49.95, -67.94
+    total = plan.combine_costs(samples, {"llm": 32, "vision": 27}, 2, chip)
+    assert total["seconds"] is None and "-49.95 (base)" in total["seconds_note"]
+    assert total["roofline_s"] == pytest.approx(flops / 918e12)
+    # a time under the roofline cannot be one either
+    samples = {"base": cost(10e12, 1e-3, 1e9), "llm": cost(13e12, 2e-3, 2e9)}
+    total = plan.combine_costs(samples, {"llm": 2}, 1, chip)
+    assert total["seconds"] is None and "below the roofline" in total["seconds_note"]
 
 
 def test_flop_hand_count_for_a_tiny_text_stage(tmp_path):

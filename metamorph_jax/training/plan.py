@@ -14,7 +14,10 @@ topology on this host. Nothing runs and nothing is written but --plan-out. Per s
   not fitting, with its own numbers;
 - FLOPs per step: the model's by hand (`model_flops`, the convention below) and the
   compiler's; the compiler's estimated step time (cost_analysis "optimal_seconds") and the
-  MFU it implies: model FLOPs / (chips x peak bf16 FLOP/s x estimated seconds).
+  MFU it implies: model FLOPs / (chips x peak bf16 FLOP/s x estimated seconds), where that
+  estimate behaves as a time (`combine_costs`; libtpu's v6e model gives negative seconds);
+  and always a roofline from the compiler's FLOPs and bytes accessed against the chip's
+  peak and HBM bandwidth, with the MFU it bounds (communication not counted).
 
 Costing. XLA's cost analysis counts the body of a loop once, whatever its trip count: the
 scanned layers, the scanned micro-batches of gradient accumulation and the scanned loss
@@ -59,16 +62,18 @@ class Chip:
     hbm_bytes: int
     peak_bf16_flops: float   # per chip, per second
     chips_per_host: int
+    hbm_bytes_per_s: float   # per chip: the memory side of the roofline
 
 
 # Google Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v5p, /v5e, /v6e):
 # v5p 95 GB HBM2e and 459 TFLOP/s bf16 per chip; v5e 16 GB and 197 TFLOP/s; v6e (Trillium)
 # 32 GB and 918 TFLOP/s. Decimal GB, so a little under what the compiler allows (its
-# out-of-memory message on v5p says 95.74G).
+# out-of-memory message on v5p says 95.74G). HBM bandwidth from the same pages: v5p
+# 2765 GB/s, v5e 819 GB/s, v6e 1638 GB/s.
 CHIPS = {
-    "v5p": Chip("v5p", 95 * 10**9, 459e12, 4),
-    "v5e": Chip("v5e", 16 * 10**9, 197e12, 4),
-    "v6e": Chip("v6e", 32 * 10**9, 918e12, 4),
+    "v5p": Chip("v5p", 95 * 10**9, 459e12, 4, 2765e9),
+    "v5e": Chip("v5e", 16 * 10**9, 197e12, 4, 819e9),
+    "v6e": Chip("v6e", 32 * 10**9, 918e12, 4, 1638e9),
 }
 # chips -> the topology string jax.experimental.topologies (libtpu) takes.
 V5P_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -277,6 +282,41 @@ def _costs(compiled) -> dict:
             "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
+def combine_costs(samples: dict, stacks: dict, accum: int, chip: Chip) -> dict:
+    """One step's costs per chip from the costing compiles: `samples` are {"base": costs at
+    one layer per stack, STACK: costs with that stack at two}, `stacks` the real depths.
+    Returns flops, bytes_accessed, roofline_s (compute or HBM, whichever is slower; no
+    communication: a lower bound), seconds (the compiler's optimal_seconds, or None) and
+    seconds_note (why the compiler's time was not used). The compiler's time is kept
+    only where it behaves as a time: positive in every compile, growing with each layer
+    and not below the roofline. libtpu's v6e cost model gives negative seconds (-49.95
+    for one layer of 8B on v6e-256, -67.94 for two), so there the roofline is all there is."""
+    total = {}
+    for key in ("flops", "seconds", "bytes_accessed"):
+        value = samples["base"][key]
+        for stack, depth in stacks.items():
+            value += (depth - 1) * (samples[stack][key] - samples["base"][key])
+        total[key] = value * accum
+    roofline = max(total["flops"] / chip.peak_bf16_flops,
+                   total["bytes_accessed"] / chip.hbm_bytes_per_s)
+    note = None
+    bad = {label: cost["seconds"] for label, cost in samples.items() if cost["seconds"] <= 0}
+    shrinking = [stack for stack in stacks
+                 if samples[stack]["seconds"] <= samples["base"]["seconds"]]
+    if bad:
+        note = (f"libtpu's cost model gave optimal_seconds "
+                f"{', '.join(f'{v:.4g} ({k})' for k, v in bad.items())} for {chip.name}: not a time")
+    elif shrinking:
+        note = (f"libtpu's optimal_seconds did not grow with a layer of {', '.join(shrinking)}"
+                f" on {chip.name}")
+    elif total["seconds"] < 0.99 * roofline:
+        note = (f"libtpu's optimal_seconds ({total['seconds']:.3g} s) is below the roofline "
+                f"({roofline:.3g} s) on {chip.name}")
+    return {"flops": total["flops"], "bytes_accessed": total["bytes_accessed"],
+            "roofline_s": roofline, "seconds": None if note else total["seconds"],
+            "seconds_note": note}
+
+
 def _stacks(objective) -> dict:
     """Layer stacks of the stage's model: name -> real depth."""
     if objective.kind == "text":
@@ -366,14 +406,11 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
             costs = None
             break
     if costs:
-        total = {}
-        for key in ("flops", "seconds", "bytes_accessed"):
-            value = costs["base"][key]
-            for stack, depth in stacks.items():
-                value += (depth - 1) * (costs[stack][key] - costs["base"][key])
-            total[key] = value * accum
+        total = combine_costs(costs, stacks, accum, topology.chip)
         out.update(compiler_flops_per_chip=total["flops"], est_step_s=total["seconds"],
+                   est_step_s_note=total["seconds_note"], roofline_step_s=total["roofline_s"],
                    compiler_bytes_accessed_per_chip=total["bytes_accessed"],
+                   cost_samples=costs,
                    cost_method=(f"one micro-batch compiled with every loop unrolled and each "
                                 f"layer stack ({', '.join(f'{k} {v}' for k, v in stacks.items())}"
                                 f" layers) at 1 and 2 layers; the per-layer difference "
@@ -384,9 +421,10 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
     numerator = hand["total"] if hand is not None else (
         out.get("compiler_flops_per_chip", 0.0) * topology.chips)
     out["mfu_flops"] = "model (hand count)" if hand is not None else "compiler"
-    seconds = out.get("est_step_s")
-    out["mfu"] = (numerator / (topology.chips * topology.chip.peak_bf16_flops * seconds)
-                  if seconds else None)
+    peak = topology.chips * topology.chip.peak_bf16_flops
+    seconds, roofline = out.get("est_step_s"), out.get("roofline_step_s")
+    out["mfu"] = numerator / (peak * seconds) if seconds else None
+    out["mfu_roofline"] = numerator / (peak * roofline) if roofline else None
     if not out["fits"]:
         out["cost_method"] = "not costed: the stage does not fit"
     out["plan_s"] = round(time.time() - started, 1)
@@ -437,14 +475,20 @@ def report_lines(plan: dict, only: str | None = None) -> list[str]:
                      f"{_gb(stage.get('compiler_temp_bytes_per_chip'))}; peak "
                      f"{_gb(stage['peak_bytes_per_chip'])} of {_gb(stage['hbm_bytes_per_chip'])}")
         flops = stage.get("model_flops_per_step")
-        seconds = stage.get("est_step_s")
-        mfu = stage.get("mfu")
+        seconds, roofline = stage.get("est_step_s"), stage.get("roofline_step_s")
+        mfu, mfu_roofline = stage.get("mfu"), stage.get("mfu_roofline")
+        compiler = stage.get("compiler_flops_per_chip")
         lines.append(
             f"  FLOPs per step: model {'-' if flops is None else f'{flops:.3e}'}, compiler "
-            f"{'-' if stage.get('compiler_flops_per_chip') is None else format(stage['compiler_flops_per_chip'] * plan['chips'], '.3e')}"
+            f"{'-' if compiler is None else format(compiler * plan['chips'], '.3e')}"
             f"; estimated step {'-' if seconds is None else f'{seconds:.3g} s'}, MFU "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'}"
             f"{'' if stage['mfu_flops'].startswith('model') else ' (compiler FLOPs)'}")
+        if roofline is not None:
+            lines.append(f"  roofline (compute or HBM, no communication): {roofline:.3g} s, "
+                         f"MFU at most {100 * mfu_roofline:.1f}%")
+        if stage.get("est_step_s_note"):
+            lines.append(f"  no compiler estimate: {stage['est_step_s_note']}")
     return lines
 
 
