@@ -282,21 +282,28 @@ def _costs(compiled) -> dict:
             "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def combine_costs(samples: dict, stacks: dict, accum: int, chip: Chip) -> dict:
+def combine_costs(samples: dict, stacks: dict, accum: int, chip: Chip,
+                  uncosted_flops: float = 0.0) -> dict:
     """One step's costs per chip from the costing compiles: `samples` are {"base": costs at
     one layer per stack, STACK: costs with that stack at two}, `stacks` the real depths.
-    Returns flops, bytes_accessed, roofline_s (compute or HBM, whichever is slower; no
-    communication: a lower bound), seconds (the compiler's optimal_seconds, or None) and
+    Returns flops (the compiler's + `uncosted_flops`), compiler_flops, bytes_accessed,
+    roofline_s (compute or HBM, whichever is slower; no communication: a lower bound), seconds (the compiler's optimal_seconds, or None) and
     seconds_note (why the compiler's time was not used). The compiler's time is kept
     only where it behaves as a time: positive in every compile, growing with each layer
     and not below the roofline. libtpu's v6e cost model gives negative seconds (-49.95
-    for one layer of 8B on v6e-256, -67.94 for two), so there the roofline is all there is."""
+    for one layer of 8B on v6e-256, -67.94 for two), so there the roofline is all there is.
+    `uncosted_flops` (per chip and step) are those of kernels XLA's analysis gives no cost
+    (Pallas custom calls: splash attention): added to the FLOPs, and their time at the
+    chip's peak to the compiler's seconds, a lower bound for them."""
     total = {}
     for key in ("flops", "seconds", "bytes_accessed"):
         value = samples["base"][key]
         for stack, depth in stacks.items():
             value += (depth - 1) * (samples[stack][key] - samples["base"][key])
         total[key] = value * accum
+    compiler_seconds, compiler_flops = total["seconds"], total["flops"]
+    total["flops"] += uncosted_flops
+    total["seconds"] += uncosted_flops / chip.peak_bf16_flops
     roofline = max(total["flops"] / chip.peak_bf16_flops,
                    total["bytes_accessed"] / chip.hbm_bytes_per_s)
     note = None
@@ -310,9 +317,10 @@ def combine_costs(samples: dict, stacks: dict, accum: int, chip: Chip) -> dict:
         note = (f"libtpu's optimal_seconds did not grow with a layer of {', '.join(shrinking)}"
                 f" on {chip.name}")
     elif total["seconds"] < 0.99 * roofline:
-        note = (f"libtpu's optimal_seconds ({total['seconds']:.3g} s) is below the roofline "
+        note = (f"libtpu's optimal_seconds ({compiler_seconds:.3g} s) is below the roofline "
                 f"({roofline:.3g} s) on {chip.name}")
-    return {"flops": total["flops"], "bytes_accessed": total["bytes_accessed"],
+    return {"flops": total["flops"], "compiler_flops": compiler_flops,
+            "bytes_accessed": total["bytes_accessed"],
             "roofline_s": roofline, "seconds": None if note else total["seconds"],
             "seconds_note": note}
 
@@ -391,7 +399,7 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
     stacks = _stacks(objective)
     one_micro = _variant(config, name, grad_accum_steps=1)
     base_depth = {key: 1 for key in stacks}
-    costs = {}
+    costs, kernels = {}, False
     for label, depth in [] if not out["fits"] else [("base", base_depth)] + [
             (key, dict(base_depth, **{key: 2})) for key in stacks]:
         _say(f"plan: stage {name}: costing with the layers unrolled at "
@@ -399,23 +407,32 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
         variant = _stage(one_micro, index, name, mesh, processes, unroll=True,
                          llm_layers=depth.get("llm"), vision_layers=depth.get("vision"))
         try:
-            costs[label] = _costs(_compile(variant))
+            compiled = _compile(variant)
+            costs[label] = _costs(compiled)
+            # splash attention is a Pallas custom call: XLA costs it at nothing
+            kernels = kernels or "splash_mha" in compiled.as_text()
+            del compiled
         except Exception as error:
             if out_of_memory(error) is None:
                 raise
             costs = None
             break
+    hand = model_flops(objective, rows, seq_len, accum)
     if costs:
-        total = combine_costs(costs, stacks, accum, topology.chip)
-        out.update(compiler_flops_per_chip=total["flops"], est_step_s=total["seconds"],
+        # the hand-counted attention FLOPs (causal, forward and backward) where the kernel ran
+        uncosted = hand["attention"] / topology.chips if kernels and hand else 0.0
+        total = combine_costs(costs, stacks, accum, topology.chip, uncosted)
+        out.update(compiler_flops_per_chip=total["compiler_flops"], est_step_s=total["seconds"],
+                   uncosted_kernel_flops_per_chip=uncosted,
                    est_step_s_note=total["seconds_note"], roofline_step_s=total["roofline_s"],
                    compiler_bytes_accessed_per_chip=total["bytes_accessed"],
                    cost_samples=costs,
                    cost_method=(f"one micro-batch compiled with every loop unrolled and each "
                                 f"layer stack ({', '.join(f'{k} {v}' for k, v in stacks.items())}"
                                 f" layers) at 1 and 2 layers; the per-layer difference "
-                                f"extrapolated to the real depth, x {accum} micro-batches"))
-    hand = model_flops(objective, rows, seq_len, accum)
+                                f"extrapolated to the real depth, x {accum} micro-batches"
+                                + ("; splash attention, which XLA does not cost, added as its "
+                                   "hand-counted FLOPs at the chip's peak" if uncosted else "")))
     out["model_flops_per_step"] = None if hand is None else hand["total"]
     out["model_flops_terms"] = hand
     numerator = hand["total"] if hand is not None else (
@@ -481,6 +498,8 @@ def report_lines(plan: dict, only: str | None = None) -> list[str]:
         lines.append(
             f"  FLOPs per step: model {'-' if flops is None else f'{flops:.3e}'}, compiler "
             f"{'-' if compiler is None else format(compiler * plan['chips'], '.3e')}"
+            + (f" + splash attention {stage['uncosted_kernel_flops_per_chip'] * plan['chips']:.3e}"
+               if stage.get("uncosted_kernel_flops_per_chip") else "") +
             f"; estimated step {'-' if seconds is None else f'{seconds:.3g} s'}, MFU "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'}"
             f"{'' if stage['mfu_flops'].startswith('model') else ' (compiler FLOPs)'}")
