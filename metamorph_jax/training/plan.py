@@ -287,8 +287,8 @@ def combine_costs(samples: dict, stacks: dict, accum: int, chip: Chip,
     """One step's costs per chip from the costing compiles: `samples` are {"base": costs at
     one layer per stack, STACK: costs with that stack at two}, `stacks` the real depths.
     Returns flops (the compiler's + `uncosted_flops`), compiler_flops, bytes_accessed,
-    roofline_s (compute or HBM, whichever is slower; no communication: a lower bound), seconds (the compiler's optimal_seconds, or None) and
-    seconds_note (why the compiler's time was not used). The compiler's time is kept
+    roofline_s (compute or HBM, whichever is slower; no communication: a lower bound),
+    seconds (the compiler's optimal_seconds, or None) and seconds_note (why the compiler's time was not used). The compiler's time is kept
     only where it behaves as a time: positive in every compile, growing with each layer
     and not below the roofline. libtpu's v6e cost model gives negative seconds (-49.95
     for one layer of 8B on v6e-256, -67.94 for two), so there the roofline is all there is.
@@ -409,8 +409,8 @@ def plan_stage(config, index: int, name: str, topology: Topology, devices: list,
         try:
             compiled = _compile(variant)
             costs[label] = _costs(compiled)
-            # splash attention is a Pallas custom call: XLA costs it at nothing
-            kernels = kernels or "splash_mha" in compiled.as_text()
+            if label == "base":   # splash attention is a Pallas call XLA costs at nothing
+                kernels = "splash_mha" in compiled.as_text()
             del compiled
         except Exception as error:
             if out_of_memory(error) is None:
