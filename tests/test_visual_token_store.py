@@ -19,9 +19,10 @@ from PIL import Image
 
 from metamorph_jax import pretrained
 from metamorph_jax.data import images as images_lib
-from metamorph_jax.data import pipeline, token_store
+from metamorph_jax.data import conversation, pipeline, token_store
 from metamorph_jax.data import encode as encode_cli
 from metamorph_jax.data.image_batches import image_batches
+from metamorph_jax.data.sources import open_source
 from metamorph_jax.inference import token_encoder
 from metamorph_jax.models.siglip import SiglipVisionModel
 from metamorph_jax.training import objectives
@@ -97,7 +98,7 @@ def world(tmp_path_factory):
     tokenizer.save_pretrained(str(model_dir))
     return {"root": root, "records": root / "records.jsonl", "siglip": root / "siglip",
             "model_dir": model_dir, "config": config, "params": params,
-            "keys": sorted(f"pics/{n}.png" for n in names)}
+            "keys": sorted(token_store.image_key(root / "pics" / f"{n}.png") for n in names)}
 
 
 def encode(world, output, **kwargs):
@@ -248,24 +249,93 @@ def test_the_decoder_stage_trains_on_stored_tokens(world, stores):
 
 
 def test_an_image_without_stored_tokens_is_an_error_naming_the_record(world, stores, tmp_path):
-    # Another folder holding the same images: keys are relative to the image root.
+    # Another record file: record 1 names a stored image (by an absolute path), record 2
+    # an image that was never encoded.
     extra = tmp_path / "more.jsonl"
-    shutil.copytree(world["root"] / "pics", tmp_path / "pics")
     shutil.copy(world["root"] / "pics" / "img1.png", tmp_path / "new.png")
-    write_jsonl(extra, [make_record(1), {"id": "late", "image": "new.png", "conversations": [
+    stored = dict(make_record(1), image=str(world["root"] / "pics" / "img1.png"))
+    write_jsonl(extra, [stored, {"id": "late", "image": "new.png", "conversations": [
         {"from": "human", "value": "<image>\nwhat is the colour ?"},
         {"from": "gpt", "value": "red"}]}])
     stage = vpit_stage(world, str(stores["float32"]))
     stage.data.sources = ml_collections.ConfigDict({"more": dict(path=str(extra))})
     objective = objectives.build(stage, "instruct", None)
     with pytest.raises(token_store.TokenStoreError,
-                       match=rf"more.jsonl:2: field 'image': image 'new.png' .* has no tokens"):
+                       match=rf"more.jsonl:2: field 'image': image '.*/new.png' .* has no tokens"):
         next(objective.batches(stage.data))
     config = pipeline.DataConfig(image_size=IMAGE_SIZE, num_image_tokens=TOKENS_PER_IMAGE,
                                  batch_size=1, shard_index=0, shard_count=1,
                                  visual_tokens=str(stores["float32"]))
     with pytest.raises(token_store.TokenStoreError, match=r"more.jsonl:2: field 'image'"):
         list(image_batches([pipeline.Source(str(extra))], config))
+
+
+def picture_record(name: str, image: str) -> dict:
+    return {"id": name, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nwhat is the colour ?"},
+        {"from": "gpt", "value": "red"}]}
+
+
+def save_random_png(path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_two_roots_naming_the_same_relative_path_keep_their_own_tokens(world, tmp_path):
+    """Issue 22 item 2: a/records.jsonl and b/records.jsonl both name img/1.png, under
+    their own folders, with other pixels; one store, each record its own image's tokens
+    as the training pipeline reads them (SampleMaker.stored_tokens)."""
+    files = []
+    for seed, name in enumerate(("a", "b")):
+        save_random_png(tmp_path / name / "img" / "1.png", seed + 10)
+        files.append(tmp_path / name / "records.jsonl")
+        write_jsonl(files[-1], [picture_record(name, "img/1.png")])
+    store = tmp_path / "tokens.array_record"
+    token_encoder.encode(world["siglip"], [str(f) for f in files], store, dtype="float32",
+                         batch_size=1, progress=False)
+    assert len(token_store.TokenStore(store)) == 2
+    tokenizer, _ = tiny_vpit_config()
+    config = pipeline.DataConfig(image_size=IMAGE_SIZE, num_image_tokens=TOKENS_PER_IMAGE,
+                                 visual_tokens=str(store))
+    maker = pipeline.SampleMaker(tokenizer, conversation.add_image_tokens(tokenizer), config)
+    expected = tower_tokens(world, [tmp_path / "a" / "img" / "1.png",
+                                    tmp_path / "b" / "img" / "1.png"])
+    assert np.abs(expected[0] - expected[1]).max() > 0.1    # the two images' tokens differ
+    for path, want in zip(files, expected):
+        sample = maker(open_source(str(path))[0])
+        assert sample["visual_tokens"].shape == (1, TOKENS_PER_IMAGE, VISION_WIDTH)
+        np.testing.assert_allclose(sample["visual_tokens"][0], want, rtol=0, atol=F32_TOLERANCE)
+
+
+def test_the_encoder_refuses_one_key_for_two_files_naming_both(world, tmp_path):
+    """The one way a normalised absolute path names two files: a symlinked folder followed
+    by "..". b/records.jsonl names link/../../a/img/1.png: normalised, that is a's image
+    (a/img/1.png, named by a/records.jsonl); the OS follows link -> b/deep/inner and reads
+    b/a/img/1.png, another picture. The encoder refuses, naming both records."""
+    save_random_png(tmp_path / "a" / "img" / "1.png", 1)
+    save_random_png(tmp_path / "b" / "a" / "img" / "1.png", 2)
+    (tmp_path / "b" / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "b" / "link").symlink_to(tmp_path / "b" / "deep" / "inner")
+    write_jsonl(tmp_path / "a" / "records.jsonl", [picture_record("a", "img/1.png")])
+    write_jsonl(tmp_path / "b" / "records.jsonl",
+                [picture_record("b", "link/../../a/img/1.png")])
+    with pytest.raises(token_encoder.EncodeError,
+                       match=r"b/records.jsonl:1: field 'image' .* and .*a/records.jsonl:1: "
+                             r"field 'image' .* are two files with one store key"):
+        token_encoder.encode(world["siglip"], [str(tmp_path / "a" / "records.jsonl"),
+                                               str(tmp_path / "b" / "records.jsonl")],
+                             tmp_path / "tokens.array_record", progress=False)
+
+
+def test_a_store_written_with_relative_keys_is_refused_saying_to_reencode(stores, tmp_path):
+    old = tmp_path / "old.array_record"
+    shutil.copytree(stores["float32"], old)
+    index = json.loads((old / token_store.INDEX_FILE).read_text())
+    (old / token_store.INDEX_FILE).write_text(json.dumps(dict(index, version=1)))
+    with pytest.raises(token_store.TokenStoreError,
+                       match=r"index.json: field 'version' is 1: .* re-encode it"):
+        token_store.TokenStore(old)
 
 
 def test_a_store_of_another_tower_or_size_is_refused(world, stores, tmp_path):

@@ -46,7 +46,7 @@ class FirstImage:
             self._store = token_store.TokenStore(self.visual_tokens)
         where = element["where"]
         key, path, field = token_store.record_keys(record.image_paths[:1], element["raw"],
-                                                   element["image_root"], where)[0]
+                                                   where)[0]
         if key not in self._store:
             raise token_store.TokenStoreError(
                 f"{where}: field {field!r}: image {key!r} ({path}) has no tokens in "
