@@ -19,9 +19,10 @@ from PIL import Image
 
 from metamorph_jax import pretrained
 from metamorph_jax.data import images as images_lib
-from metamorph_jax.data import pipeline, token_store
+from metamorph_jax.data import conversation, pipeline, token_store
 from metamorph_jax.data import encode as encode_cli
 from metamorph_jax.data.image_batches import image_batches
+from metamorph_jax.data.sources import open_source
 from metamorph_jax.inference import token_encoder
 from metamorph_jax.models.siglip import SiglipVisionModel
 from metamorph_jax.training import objectives
@@ -97,7 +98,7 @@ def world(tmp_path_factory):
     tokenizer.save_pretrained(str(model_dir))
     return {"root": root, "records": root / "records.jsonl", "siglip": root / "siglip",
             "model_dir": model_dir, "config": config, "params": params,
-            "keys": sorted(f"pics/{n}.png" for n in names)}
+            "keys": sorted(token_store.image_key(root / "pics" / f"{n}.png") for n in names)}
 
 
 def encode(world, output, **kwargs):
@@ -224,48 +225,129 @@ def decoder_stage(world, visual_tokens):
 
 
 @pytest.mark.slow
-def test_the_decoder_stage_trains_on_stored_tokens(world, stores):
-    objective = objectives.build(decoder_stage(world, str(stores["float32"])), "decoder", None)
-    assert objective.batch_keys == ("images", "tokens")
-    batch = next(objective.batches(objective.stage.data))
-    assert batch["tokens"].shape == (2, TOKENS_PER_IMAGE, VISION_WIDTH)
-    trainable, frozen = random_params(objective.boxed_parts(), 1)
+def test_the_decoder_loss_with_stored_tokens_equals_the_loss_with_pixels(world, stores):
+    """Issue 22 item 6: the decoder's images (24 px here, the tower's 16 px: as SD 1.5's 512
+    against SigLIP's 384) and the condition are the same on both paths: the tower's input
+    is SigLIP's preprocessing of the original file, never the decoder's pixels resized."""
+    def stage(visual_tokens):
+        config = decoder_stage(world, visual_tokens)
+        config.data.image_size = config.model.image_size = config.model.unet.sample_size = 24
+        config.cfg_prob = 0.0          # the condition is never dropped: the loss reads it
+        return config
+    with_tokens = objectives.build(stage(str(stores["float32"])), "decoder", None)
+    with_pixels = objectives.build(stage(None), "decoder", None)
+    assert with_tokens.batch_keys == ("images", "tokens")
+    assert with_pixels.batch_keys == ("images", "tower_images")
+    tokens_batch = next(with_tokens.batches(with_tokens.stage.data))
+    pixels_batch = next(with_pixels.batches(with_pixels.stage.data))
+    np.testing.assert_array_equal(tokens_batch["record_ids"], pixels_batch["record_ids"])
+    np.testing.assert_array_equal(tokens_batch["images"], pixels_batch["images"])
+    assert tokens_batch["images"].shape == (2, 24, 24, 3)
+    assert tokens_batch["tokens"].shape == (2, TOKENS_PER_IMAGE, VISION_WIDTH)
+    assert pixels_batch["tower_images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    trainable, frozen = random_params(with_tokens.boxed_parts(), 1)
     frozen["siglip"] = world["params"]["vision_tower"]    # the tower the store was made with
-    params = objective.model_params(trainable, frozen)
+    params = with_tokens.model_params(trainable, frozen)
     rng = jax.random.key(3)
 
-    @jax.jit
-    def loss(params, batch):
-        return objective.loss(params, batch, objective.normalizers(batch), rng)[0]
-    images = jnp.asarray(batch["images"])
-    stored = loss(params, {"images": images, "tokens": jnp.asarray(batch["tokens"])})
-    # The same step conditioned on the tokens the stage computes in-step without a store
-    # (objective.visual_tokens: the tower on the same pixels); one compile serves both.
-    computed = loss(params, {"images": images,
-                             "tokens": objective.visual_tokens(params, images)})
-    assert np.isfinite(float(stored))
-    assert abs(float(stored) - float(computed)) <= 1e-5 * max(1.0, abs(float(computed)))
+    def loss(objective, batch):
+        batch = {k: jnp.asarray(batch[k]) for k in objective.batch_keys}
+        return float(jax.jit(lambda p, b: objective.loss(p, b, objective.normalizers(b),
+                                                         rng)[0])(params, batch))
+    stored, computed = loss(with_tokens, tokens_batch), loss(with_pixels, pixels_batch)
+    assert np.isfinite(stored)
+    # The stored fp32 tokens equal the tower's to F32_TOLERANCE.
+    assert abs(stored - computed) <= 1e-5 * max(1.0, abs(computed)), (stored, computed)
 
 
 def test_an_image_without_stored_tokens_is_an_error_naming_the_record(world, stores, tmp_path):
-    # Another folder holding the same images: keys are relative to the image root.
+    # Another record file: record 1 names a stored image (by an absolute path), record 2
+    # an image that was never encoded.
     extra = tmp_path / "more.jsonl"
-    shutil.copytree(world["root"] / "pics", tmp_path / "pics")
     shutil.copy(world["root"] / "pics" / "img1.png", tmp_path / "new.png")
-    write_jsonl(extra, [make_record(1), {"id": "late", "image": "new.png", "conversations": [
+    stored = dict(make_record(1), image=str(world["root"] / "pics" / "img1.png"))
+    write_jsonl(extra, [stored, {"id": "late", "image": "new.png", "conversations": [
         {"from": "human", "value": "<image>\nwhat is the colour ?"},
         {"from": "gpt", "value": "red"}]}])
     stage = vpit_stage(world, str(stores["float32"]))
     stage.data.sources = ml_collections.ConfigDict({"more": dict(path=str(extra))})
     objective = objectives.build(stage, "instruct", None)
     with pytest.raises(token_store.TokenStoreError,
-                       match=rf"more.jsonl:2: field 'image': image 'new.png' .* has no tokens"):
+                       match=rf"more.jsonl:2: field 'image': image '.*/new.png' .* has no tokens"):
         next(objective.batches(stage.data))
     config = pipeline.DataConfig(image_size=IMAGE_SIZE, num_image_tokens=TOKENS_PER_IMAGE,
                                  batch_size=1, shard_index=0, shard_count=1,
                                  visual_tokens=str(stores["float32"]))
     with pytest.raises(token_store.TokenStoreError, match=r"more.jsonl:2: field 'image'"):
-        list(image_batches([pipeline.Source(str(extra))], config))
+        list(image_batches([pipeline.Source(str(extra))], config, IMAGE_SIZE))
+
+
+def picture_record(name: str, image: str) -> dict:
+    return {"id": name, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nwhat is the colour ?"},
+        {"from": "gpt", "value": "red"}]}
+
+
+def save_random_png(path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_two_roots_naming_the_same_relative_path_keep_their_own_tokens(world, tmp_path):
+    """Issue 22 item 2: a/records.jsonl and b/records.jsonl both name img/1.png, under
+    their own folders, with other pixels; one store, each record its own image's tokens
+    as the training pipeline reads them (SampleMaker.stored_tokens)."""
+    files = []
+    for seed, name in enumerate(("a", "b")):
+        save_random_png(tmp_path / name / "img" / "1.png", seed + 10)
+        files.append(tmp_path / name / "records.jsonl")
+        write_jsonl(files[-1], [picture_record(name, "img/1.png")])
+    store = tmp_path / "tokens.array_record"
+    token_encoder.encode(world["siglip"], [str(f) for f in files], store, dtype="float32",
+                         batch_size=1, progress=False)
+    assert len(token_store.TokenStore(store)) == 2
+    tokenizer, _ = tiny_vpit_config()
+    config = pipeline.DataConfig(image_size=IMAGE_SIZE, num_image_tokens=TOKENS_PER_IMAGE,
+                                 visual_tokens=str(store))
+    maker = pipeline.SampleMaker(tokenizer, conversation.add_image_tokens(tokenizer), config)
+    expected = tower_tokens(world, [tmp_path / "a" / "img" / "1.png",
+                                    tmp_path / "b" / "img" / "1.png"])
+    assert np.abs(expected[0] - expected[1]).max() > 0.1    # the two images' tokens differ
+    for path, want in zip(files, expected):
+        sample = maker(open_source(str(path))[0])
+        assert sample["visual_tokens"].shape == (1, TOKENS_PER_IMAGE, VISION_WIDTH)
+        np.testing.assert_allclose(sample["visual_tokens"][0], want, rtol=0, atol=F32_TOLERANCE)
+
+
+def test_the_encoder_refuses_one_key_for_two_files_naming_both(world, tmp_path):
+    """The one way a normalised absolute path names two files: a symlinked folder followed
+    by "..". b/records.jsonl names link/../../a/img/1.png: normalised, that is a's image
+    (a/img/1.png, named by a/records.jsonl); the OS follows link -> b/deep/inner and reads
+    b/a/img/1.png, another picture. The encoder refuses, naming both records."""
+    save_random_png(tmp_path / "a" / "img" / "1.png", 1)
+    save_random_png(tmp_path / "b" / "a" / "img" / "1.png", 2)
+    (tmp_path / "b" / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "b" / "link").symlink_to(tmp_path / "b" / "deep" / "inner")
+    write_jsonl(tmp_path / "a" / "records.jsonl", [picture_record("a", "img/1.png")])
+    write_jsonl(tmp_path / "b" / "records.jsonl",
+                [picture_record("b", "link/../../a/img/1.png")])
+    with pytest.raises(token_encoder.EncodeError,
+                       match=r"b/records.jsonl:1: field 'image' .* and .*a/records.jsonl:1: "
+                             r"field 'image' .* are two files with one store key"):
+        token_encoder.encode(world["siglip"], [str(tmp_path / "a" / "records.jsonl"),
+                                               str(tmp_path / "b" / "records.jsonl")],
+                             tmp_path / "tokens.array_record", progress=False)
+
+
+def test_a_store_written_with_relative_keys_is_refused_saying_to_reencode(stores, tmp_path):
+    old = tmp_path / "old.array_record"
+    shutil.copytree(stores["float32"], old)
+    index = json.loads((old / token_store.INDEX_FILE).read_text())
+    (old / token_store.INDEX_FILE).write_text(json.dumps(dict(index, version=1)))
+    with pytest.raises(token_store.TokenStoreError,
+                       match=r"index.json: field 'version' is 1: .* re-encode it"):
+        token_store.TokenStore(old)
 
 
 def test_a_store_of_another_tower_or_size_is_refused(world, stores, tmp_path):

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the store folder (created; a started one is resumed)")
     parser.add_argument("--image-root", default=None,
                         help="folder relative image paths are relative to (default: each "
-                             "record file's folder, as in training); keys are relative to it")
+                             "record file's folder, as in training); keys are absolute paths")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="stored dtype (default bfloat16)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per device per step")

@@ -9,6 +9,13 @@ transformers' SigLIP image processor (PIL backend) computes it:
 2. resize to (size, size) with PIL bicubic resampling on the uint8 image;
 3. rescale by 1/255 (in float64, then float32) and normalise with mean 0.5, std 0.5.
 
+`load_image_crop(path, size)` is the decoder's (the VAE's) input, the authors' visualiser
+preprocessing (torchvision Resize(size) + CenterCrop(size)): the short side resized to
+`size` with PIL bilinear resampling, the centre size x size cut out, then the same
+normalisation to [-1, 1]. A square image is only resized; one already `size` square is
+unchanged. The decoder's condition tokens come from `load_image` of the same file at the
+tower's size (from the original, not from the crop), as the authors' SigLIP processor does.
+
 Videos: `sample_frames(path, fps=1.0)` picks frames at the requested rate (MetaMorph: 1 fps)
 from a frame folder, whose files are named by timestamp (`t=1.50.png`, `000150ms.jpg`,
 `1.5s.png`) or, when the source rate is given, by frame number; or from a video file
@@ -105,10 +112,43 @@ _SAME_FOR_ALL_CHANNELS = bool(np.all(_TABLE == _TABLE[:, :1]))
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
     """RGB PIL image -> float32 [size, size, 3], SigLIP normalisation (mean/std 0.5)."""
-    pixels = resize_uint8(image, size)
+    return _normalise_uint8(resize_uint8(image, size))
+
+
+def resize_crop_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 [size, size, 3]: short side to `size` (PIL bilinear, the
+    long side scaled and truncated as torchvision's Resize does), then the centre crop
+    (torchvision's CenterCrop offsets: round((side - size) / 2))."""
+    image = to_rgb(image)
+    width, height = image.size
+    if width <= height:
+        scaled = (size, int(size * height / width))
+    else:
+        scaled = (int(size * width / height), size)
+    if scaled != image.size:
+        image = image.resize(scaled, resample=Image.Resampling.BILINEAR)
+    width, height = image.size
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    if (width, height) != (size, size):
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _normalise_uint8(pixels: np.ndarray) -> np.ndarray:
     if _SAME_FOR_ALL_CHANNELS:
         return np.take(_TABLE[:, 0], pixels)
     return _TABLE[pixels, np.arange(3)]
+
+
+def preprocess_crop(image: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> float32 [size, size, 3] in [-1, 1], short side resized and centre
+    cropped (the decoder's VAE input; see the module docstring)."""
+    return _normalise_uint8(resize_crop_uint8(image, size))
+
+
+def load_image_crop(path, size: int) -> np.ndarray:
+    """Decode `path` to the decoder's float32 [size, size, 3] (preprocess_crop)."""
+    return preprocess_crop(open_image(path), size)
 
 
 def load_image(path, size: int, dtype: str = "float32") -> np.ndarray:

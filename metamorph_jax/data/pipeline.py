@@ -104,7 +104,7 @@ class SampleMaker:
         store, where = self._store, element["where"]
         found = []
         for key, path, field in token_store.record_keys(
-                conversation.image_paths, element["raw"], element["image_root"], where):
+                conversation.image_paths, element["raw"], where):
             if key not in store:
                 raise token_store.TokenStoreError(
                     f"{where}: field {field!r}: image {key!r} ({path}) has no tokens in "

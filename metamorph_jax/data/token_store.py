@@ -20,12 +20,22 @@ A store is a folder (by convention named `TOKENS.array_record`):
                                      settings plus the list of parts; without it the store
                                      is incomplete and the reader refuses it
 
-The key of an image is its path relative to the record source's image root (the folder
-relative paths in records are joined to; for absolute paths in records, still relative to
-that root), normalised, with "/" separators: every record referring to an image finds
-its tokens, whatever file the record is in. Video frame folders give one key per sampled
-frame file. Images given as arrays (TFDS pixels, frames decoded from a video file) have
-no path and cannot be stored; both the encoder and the pipeline say so, naming the record.
+The key of an image is its absolute, normalised path (with "/" separators): the record's
+path joined to its source's image root, made absolute. Keys relative to the image root
+(version 1) collided: two record files under different roots that both name `img/1.jpg`
+shared the first one's tokens. An absolute path names one file, costs no file read to
+compute (the pipeline reads tokens without touching the image), and every record that
+refers to a file, in whatever record file, finds the same tokens. A content hash would
+also be unambiguous, but the pipeline would have to read every image file to find its
+key. The price: a store is tied to where its images are; images moved to another folder
+have no tokens there (an error naming the record) and are re-encoded. One way remains for
+a normalised path to name two files: a symlinked folder followed by "..", which the OS
+resolves through the link and normalisation does not; the encoder compares each key's
+files by their real paths and refuses such a pair, naming both records and both paths.
+Video frame folders give one key per sampled frame file. Images given as arrays (TFDS
+pixels, frames decoded from a video file) have no path and cannot be stored; both the
+encoder and the pipeline say so, naming the record. A store of version 1 is refused
+with a message saying to re-encode it.
 
 dtype: "bfloat16" (default; 2 bytes per value), "float16" or "float32". The tokens are
 L2-normalised, so every value is in [-1, 1] and float16's range is never exceeded.
@@ -40,7 +50,7 @@ from typing import Iterable
 import numpy as np
 
 FORMAT = "metamorph-visual-tokens"
-VERSION = 1
+VERSION = 2     # 2: keys are absolute paths (1: relative to the image root)
 INDEX_FILE = "index.json"
 SETTINGS_FILE = "encode.json"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -68,11 +78,9 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def image_key(path: str, image_root: str) -> str:
-    """The store key of an image file: its path relative to `image_root`, normalised."""
-    relative = os.path.relpath(os.path.normpath(os.fspath(path)),
-                               os.path.normpath(os.path.abspath(image_root or ".")))
-    return relative.replace(os.sep, "/")
+def image_key(path: str) -> str:
+    """The store key of an image file: its absolute, normalised path with "/" separators."""
+    return os.path.abspath(os.fspath(path)).replace(os.sep, "/")
 
 
 def _write_json_atomic(path: Path, value) -> None:
@@ -208,6 +216,11 @@ class TokenStore:
                     if (self.path / SETTINGS_FILE).exists() else "not a visual token store")
             raise TokenStoreError(f"{self.path}: {what}")
         index = _read_json(index_path)
+        if index.get("format") == FORMAT and index.get("version") == 1:
+            raise TokenStoreError(
+                f"{index_path}: field 'version' is 1: this store's keys are paths relative "
+                "to an image root, which can name two images; re-encode it "
+                "(python -m metamorph_jax.data.encode into a new --output)")
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise TokenStoreError(f"{index_path}: field 'format'/'version' is "
                                   f"{index.get('format')!r}/{index.get('version')!r}, expected "
@@ -298,7 +311,7 @@ def image_fields(raw_record, count: int, where: str = "?") -> list[str]:
     return ["?"] * count
 
 
-def record_keys(image_paths, raw_record, image_root: str, where: str) -> list[tuple[str, str, str]]:
+def record_keys(image_paths, raw_record, where: str) -> list[tuple[str, str, str]]:
     """(key, path, field) of each image of a parsed record; an image given as an array
     (no file) is a TokenStoreError naming the record and the field."""
     fields = image_fields(raw_record, len(image_paths), where)
@@ -308,5 +321,5 @@ def record_keys(image_paths, raw_record, image_root: str, where: str) -> list[tu
             raise TokenStoreError(f"{where}: field {field!r} is pixels, not an image file "
                                   "(a TFDS image or a frame of a video file); precomputed "
                                   "tokens are stored per image file")
-        out.append((image_key(path, image_root), path, field))
+        out.append((image_key(path), path, field))
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -50,7 +51,8 @@ class ImageRef:
 def list_images(inputs: Sequence[str], image_root: str | None = None,
                 progress: bool = True) -> list[ImageRef]:
     """Every image file the records of `inputs` refer to, once, sorted by key. A record
-    that cannot be parsed is an error naming it (its images would be unknown)."""
+    that cannot be parsed is an error naming it (its images would be unknown); so is a key
+    that names two files (token_store's docstring: a symlink followed by "..")."""
     from tqdm import tqdm
     found: dict[str, ImageRef] = {}
     for path in inputs:
@@ -62,12 +64,19 @@ def list_images(inputs: Sequence[str], image_root: str | None = None,
             try:
                 record = conv.parse_record(element["raw"], where=where,
                                            image_root=element["image_root"])
-                refs = token_store.record_keys(record.image_paths, element["raw"],
-                                               element["image_root"], where)
+                refs = token_store.record_keys(record.image_paths, element["raw"], where)
             except (conv.RecordError, token_store.TokenStoreError) as error:
                 raise EncodeError(f"cannot list the images of a record: {error}") from None
             for key, image_path, field in refs:
-                found.setdefault(key, ImageRef(key, image_path, where, field))
+                first = found.setdefault(key, ImageRef(key, image_path, where, field))
+                # Paths spelled differently: compare the files they reach.
+                if first.path != image_path and \
+                        os.path.realpath(first.path) != os.path.realpath(image_path):
+                    raise EncodeError(
+                        f"{where}: field {field!r} ({image_path}) and {first.where}: field "
+                        f"{first.field!r} ({first.path}) are two files with one store key "
+                        f"{key!r} (a symlinked folder followed by '..'); give the images "
+                        "paths without '..' through links")
     return [found[key] for key in sorted(found)]
 
 

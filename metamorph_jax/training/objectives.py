@@ -565,7 +565,9 @@ class TextObjective(Objective):
 class DecoderObjective(Objective):
     """Projector + UNet of the visualiser on real images; see the module docstring."""
     kind = "decoder"
-    batch_keys = ("images",)   # plus "tokens" [B, num_tokens, C] when a batch brings its own
+    # The tower's own input (data/image_batches.py), or "tokens" [B, num_tokens, C] with a
+    # token store (a batch that brings "tokens", e.g. in tests, also skips the tower).
+    batch_keys = ("images", "tower_images")
 
     def __init__(self, stage, name, previous_dir, folders: Folders = RUN):
         super().__init__(stage, name, previous_dir, folders)
@@ -680,7 +682,7 @@ class DecoderObjective(Objective):
             raise StageConfigError(f"{self.where}: field 'data.image_size' = {config.image_size}, "
                                    f"the decoder's model.image_size is "
                                    f"{self.model_config.image_size}")
-        return image_batches(sources, config)
+        return image_batches(sources, config, self.vision_config.image_size)
 
     def tokens_in(self, batch):
         return int(batch["images"].shape[0]) * self.model_config.num_tokens
@@ -691,16 +693,21 @@ class DecoderObjective(Objective):
         shapes = {"images": ((rows, size, size, 3), np.float32)}
         if self.token_store is not None:
             shapes["tokens"] = ((rows, *self.token_store.shape), self.token_store.dtype)
+        else:
+            tower = self.vision_config.image_size
+            shapes["tower_images"] = ((rows, tower, tower, 3), np.float32)
         return shapes
 
     def normalizers(self, batch):
         return {"micro_batches": jnp.asarray(batch["images"].shape[0], jnp.float32)}
 
     def visual_tokens(self, frozen, images):
+        """The tower's tokens of its own input (batch["tower_images"], made from the file
+        at the tower's size: never the decoder's cropped pixels resized)."""
         size = self.vision_config.image_size
         if images.shape[1:3] != (size, size):
-            images = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]),
-                                      "bilinear")
+            raise ValueError(f"{self.where}: the tower's images are {images.shape[1:3]}, "
+                             f"the tower takes {size} x {size}")
         tokens = self.tower.apply({"params": frozen["siglip"]}, images,
                                   method=self.tower.visual_tokens)
         return jax.lax.stop_gradient(tokens)
@@ -711,7 +718,7 @@ class DecoderObjective(Objective):
         trained = {k: params[k] for k in ("projector", "unet")}
         # Tokens given with the batch (tests, precomputed sets) stand in for the tower's.
         tokens = (jax.lax.stop_gradient(jnp.asarray(batch["tokens"], jnp.float32))
-                  if "tokens" in batch else self.visual_tokens(params, batch["images"]))
+                  if "tokens" in batch else self.visual_tokens(params, batch["tower_images"]))
         mean, _ = decoder_loss(self.model, trained, frozen,
                                {"images": batch["images"], "tokens": tokens}, rng,
                                jnp.asarray(self.noise.alphas_cumprod()), self.cfg_prob,

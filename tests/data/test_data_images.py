@@ -180,3 +180,39 @@ def test_bad_video_files(tmp_path):
     assert str(broken) in str(info.value)
     with pytest.raises(images.ImageError, match="does not exist"):
         images.sample_frames(tmp_path / "missing.mp4")
+
+
+def test_the_decoders_crop_matches_a_short_side_resize_and_centre_crop(tmp_path):
+    """load_image_crop (issue 22 item 6) against transformers' CLIP processor (PIL backend)
+    set to the authors' visualiser transform: short side to S with bilinear resampling, the
+    centre S x S, mean/std 0.5. (transformers floors the crop offset, torchvision rounds:
+    the sizes here leave even margins, where both agree.)"""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    processor = CLIPImageProcessorPil(size={"shortest_edge": SIZE},
+                                      crop_size={"height": SIZE, "width": SIZE},
+                                      resample=Image.Resampling.BILINEAR,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for name in ("astronaut", "coffee", "chelsea"):   # square, landscape, landscape
+        image = Image.fromarray(getattr(skimage.data, name)())
+        path = tmp_path / f"{name}.png"
+        image.save(path)
+        ours = images.load_image_crop(path, SIZE)
+        theirs = np.transpose(processor(image, return_tensors="np")["pixel_values"][0], (1, 2, 0))
+        assert ours.shape == (SIZE, SIZE, 3) and ours.dtype == np.float32
+        assert np.max(np.abs(ours - theirs)) <= TOL, name
+
+
+def test_the_crop_keeps_the_centre_and_leaves_a_square_of_its_size_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    # Already S wide: only cropped, the top margin round((S + 3 - S) / 2) = 2 rows
+    # (torchvision's CenterCrop offset).
+    tall = rng.integers(0, 256, (SIZE + 3, SIZE, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(images.resize_crop_uint8(Image.fromarray(tall), SIZE),
+                                  tall[2:2 + SIZE])
+    # A square image of the size (the Shapes world's 32 px pictures at 32): unchanged, and
+    # the same pixels the SigLIP path gives.
+    square = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(square).save(tmp_path / "square.png")
+    np.testing.assert_array_equal(images.load_image_crop(tmp_path / "square.png", SIZE),
+                                  images.load_image(tmp_path / "square.png", SIZE))
+    np.testing.assert_array_equal(images.resize_crop_uint8(Image.fromarray(square), SIZE), square)
