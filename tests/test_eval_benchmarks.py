@@ -38,10 +38,17 @@ def by_id(answers_by_id):
 @pytest.mark.parametrize("raw, expected", [
     ("B", "B"), ("(B)", "B"), ("B. dog", "B"), ("The answer is B.", "B"), ("Answer: C", "C"),
     ("dog", "B"), ("It is a dog.", "B"),          # option text, once
-    ("A or B", None),                             # two letters named
+    ("A or B", None),                             # two letters named, no option text
     ("cat and dog", None),                        # two option texts
     ("no idea", None),
     ("A dog", "A"),                               # the harness's rule: a leading "A" is the letter
+    ("A cat, I think", "A"),                      # ... when at most three words follow it
+    # VLMEvalKit's can_infer: several letters, or an "A" followed by more than three words
+    # (an article), fall back to the option texts
+    ("B or C: a dog", "B"),
+    ("A dog sits on a mat", "B"),
+    ("The answer is A because it has whiskers", None),  # too long for the option texts
+    ("B, because birds fly and a cat cannot", "B"),     # only "A" can be an article
 ])
 def test_letter_extraction(raw, expected):
     assert answers.extract_choice(raw, {"A": "cat", "B": "dog", "C": "bird"}) == expected
