@@ -60,7 +60,7 @@ def test_letter_extraction(raw, expected):
     ("A or maybe C is right", "C"),                # several "X " mentions: the last one
     ("I would say that it is a dog here", "B"),    # more than five words: the option text
     ("a dog", None),                               # five words or fewer: no text matching
-    ("cannot tell", None),                         # MMMU picks at random; here: unparsed
+    ("cannot tell", None),                         # unparsed: scoring picks at random
 ])
 def test_mmmu_extraction(raw, expected):
     assert answers.extract_choice_mmmu(raw, {"A": "cat", "B": "dog", "C": "bird"}) == expected
@@ -152,6 +152,29 @@ def test_mmmu_multi_image_and_skips(tmp_path):
     samples[0].question = "Compare <image 3>."
     with pytest.raises(ValueError, match=r"row 2: the question names images \[3\] but the row has 2"):
         prompts.build_prompt("mmmu", samples[0])
+
+
+def test_unparsable_mmmu_answers_get_mmmus_seeded_random_option(tmp_path):
+    """MMMU's eval_utils: random.seed(42) once, then random.choice(all_choices) for each
+    answer parse_multi_choice_response cannot parse, in order; reported as unparsed."""
+    import random
+    random.seed(42)   # MMMU's own calls, for the two unparsable answers below
+    draws = [random.choice(["A", "B", "C", "D"]) for _ in range(2)]
+    header = ["index", "question", "A", "B", "C", "D", "answer", "category", "split", "image"]
+    answers_of = {"v1": draws[0], "v2": "B", "v3": draws[1], "v4": "C"}
+    rows = [[key, f"Question {key}?", "red", "green", "blue", "black", answer, "Art",
+             "validation", png_b64("red")] for key, answer in answers_of.items()]
+    samples, _ = benchmarks.read("mmmu", write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", header, rows))
+    raw = {"v1": "cannot tell", "v2": "(B)", "v3": "no idea", "v4": "(A)"}
+    result = runner.run_benchmark("mmmu", samples, by_id(raw), tmp_path / "out")
+    # v1 and v3 take the draws (their answers), v2 is right, v4 wrong
+    assert result["score"] == 75.0
+    assert result["unparsed"] == 2 and result["unparsed_share"] == 50.0
+    # the other benchmarks' unparsable answers score 0 (and count as unparsed too)
+    mmbench = runner.run_benchmark("mmbench", benchmarks.read("mmbench", mmbench_file(tmp_path))[0],
+                                   lambda batch: ["no idea"] * len(batch), tmp_path / "out")
+    assert mmbench["vanilla"] == 0.0 and mmbench["unparsed"] == 4
+    assert mmbench["unparsed_share"] == 100.0
 
 
 def test_seed_scienceqa_realworldqa_vstar(tmp_path):

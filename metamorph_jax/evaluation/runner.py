@@ -117,7 +117,10 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
                       allow_missing: bool = False) -> dict:
     """Score an existing predictions file against the benchmark's samples, re-extracting each
     answer from its raw text (so the current rules apply). Samples without a prediction are
-    an error, or with `allow_missing` score 0 and are counted in "missing_predictions"."""
+    an error, or with `allow_missing` score 0 and are counted in "missing_predictions".
+    Answers no option could be extracted from are "unparsed": MMMU's get its harness's
+    seeded random option (scoring.UnparsedGuesser, drawn in sample order), others score 0.
+    (The per-line "extracted"/"score" of a predictions file are before that guess.)"""
     records, partial = read_predictions(path)
     known = {s.id for s in samples}
     unknown = [i for i in records if i not in known]
@@ -125,6 +128,7 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
         raise ValueError(f"{path}: {len(unknown)} predictions name ids the benchmark file does "
                          f"not have (first: {unknown[:3]}); wrong benchmark file?")
     scored, missing = {}, 0
+    guess = scoring.UnparsedGuesser(benchmark)
     for sample in samples:
         if sample.id not in records:
             missing += 1
@@ -133,6 +137,10 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
         rule = scoring.rule_for(benchmark, sample)
         extracted, score = scoring.score_sample(rule, sample, records[sample.id]["raw_answer"])
         scored[sample.id] = {"extracted": extracted, "score": score}
+        if sample.choices and extracted is None:
+            letter = guess(sample)   # MMMU's random option; elsewhere None (scored 0)
+            scored[sample.id] = {"extracted": letter, "unparsed": True,
+                                 "score": float(letter is not None and letter == sample.answer)}
     if missing and not allow_missing:
         raise ValueError(f"{path}: {missing} of {len(samples)} samples have no prediction"
                          + (f" (a partial last line of {partial} bytes was ignored)" if partial else ""))
