@@ -129,6 +129,27 @@ def test_mmbench_circular(tmp_path):
     assert result["categories"] == {"color": 100.0, "shape": 0.0}
 
 
+def test_limit_takes_whole_mmbench_groups(tmp_path):
+    """MMBench's files list the questions, then their rotations: --limit N answers the first
+    N questions with every rotation, so the circular score is over whole groups."""
+    red = png_b64("red")
+    rows = [[1, "Color?", "nan", "red", "blue", "", "", "A", "color", red],
+            [2, "Shape?", "nan", "box", "ball", "", "", "B", "shape", red],
+            [1000001, "Color?", "nan", "blue", "red", "", "", "B", "color", "1"],
+            [1000002, "Shape?", "nan", "ball", "box", "", "", "A", "shape", "2"]]
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", MMBENCH_HEADER, rows)
+    asked = []
+
+    def generate(batch):
+        asked.extend(request.id for request in batch)
+        return ["A" for _ in batch]  # right in question 1, wrong in its rotation
+    summary = runner.evaluate({"mmbench": path}, tmp_path / "out", generate=generate, limit=1)
+    assert asked == ["1", "1000001"]
+    result = summary["benchmarks"]["mmbench"]
+    assert result["questions"] == 1 and result["n"] == 2
+    assert result["score"] == 0.0 and result["vanilla"] == 50.0 and summary["limit"] == 1
+
+
 def test_mmmu_multi_image_and_skips(tmp_path):
     images = json.dumps([png_b64("red"), png_b64("green")])
     header = ["index", "question", "A", "B", "C", "answer", "category", "split", "image"]

@@ -147,6 +147,20 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
     return results.aggregate(benchmark, samples, scored, skipped=skipped, missing=missing)
 
 
+def limit_samples(benchmark: str, samples: list[Sample], limit: int) -> list[Sample]:
+    """The first `limit` samples in file order; for MMBench, whose score is over question
+    groups (circular evaluation), the first `limit` questions with every rotation of each
+    (the rotations sit further down the file), so a limited run scores whole groups."""
+    if benchmark != "mmbench":
+        return samples[:limit]
+    kept: list = []
+    for sample in samples:
+        if sample.group not in kept and len(kept) < limit:
+            kept.append(sample.group)
+    kept_groups = set(kept)
+    return [sample for sample in samples if sample.group in kept_groups]
+
+
 def evaluate(files: dict, out_dir, *, generate: GenerateFn | None = None, predictions_dir=None,
              allow_missing: bool = False, limit: int | None = None, write: bool = True,
              **run_kwargs) -> dict | None:
@@ -154,14 +168,15 @@ def evaluate(files: dict, out_dir, *, generate: GenerateFn | None = None, predic
     OUT/results.json. With `generate`, answers are produced (resuming OUT/predictions);
     with `predictions_dir` instead, its <benchmark>.jsonl files are scored as they are.
     limit: only the first N samples of each benchmark (in file order) are answered and
-    scored. write=False: see run_benchmark (returns None, writes nothing)."""
+    scored; MMBench's first N questions with all their rotations (limit_samples).
+    write=False: see run_benchmark (returns None, writes nothing)."""
     if (generate is None) == (predictions_dir is None):
         raise ValueError("give either generate (run a model) or predictions_dir (score existing)")
     per_benchmark = {}
     for benchmark, path in files.items():
         samples, skipped = benchmarks.read(benchmark, path)
         if limit is not None:
-            samples = samples[:limit]
+            samples = limit_samples(benchmark, samples, limit)
         if generate is not None:
             per_benchmark[benchmark] = run_benchmark(benchmark, samples, generate, out_dir,
                                                      skipped=skipped, write=write, **run_kwargs)
