@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -122,6 +123,18 @@ def build_optimizer(optim, steps: int, where: str = "optim"
                weight_decay=float(optim.get("weight_decay", 0.0)),
                grad_clip_norm=float(optim.get("grad_clip", 0.0) or 0.0) or None)
     return tx, schedule
+
+
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The count the optimizer's learning-rate schedule reads at its next update (optax's
+    ScaleByScheduleState): the updates applied so far. A skipped non-finite step leaves it
+    as it was, so it can lag the stage's step; the lr an update applies is schedule(count)."""
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)]
+    if len(states) != 1:
+        raise ValueError(f"the optimizer state holds {len(states)} learning-rate schedule "
+                         "counts; expected one (an optimizer from optim.build_optimizer)")
+    return states[0].count
 
 
 def schedule_by_name(kind: str, **kwargs) -> optax.Schedule:
