@@ -223,6 +223,29 @@ def test_schedule_warms_up_over_three_percent_then_decays():
         optim.build_optimizer(dict(fields, schedule="linear"), steps=10)
 
 
+def test_a_fractional_warmup_rounds_up_as_the_authors_trainer_does():
+    """The authors' LLaVA-style trainer: transformers' get_cosine_schedule_with_warmup with
+    num_warmup_steps = ceil(warmup_ratio * steps) (TrainingArguments.get_warmup_steps).
+    110 steps at 3% is 3.3: 4 warm-up steps (rounding would give 3)."""
+    import math
+
+    from transformers import get_cosine_schedule_with_warmup
+    steps, ratio, peak = 110, 0.03, 2e-5
+    assert optim.warmup_steps(ratio, steps) == 4
+    _, schedule = optim.build_optimizer(dict(lr=peak, schedule="warmup_cosine", warmup=ratio),
+                                        steps)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    sgd = torch.optim.SGD([weight], lr=peak)
+    reference = get_cosine_schedule_with_warmup(sgd, math.ceil(ratio * steps), steps)
+    expected = []
+    for _ in range(steps):            # the lr each update applies
+        expected.append(sgd.param_groups[0]["lr"])
+        sgd.step()
+        reference.step()
+    ours = [float(schedule(step)) for step in range(steps)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-12)
+
+
 class _LeastSquares:
     """A two-parameter least-squares objective over batches {"x": [k, B, 2]}: an x holding
     inf makes the loss and the gradient non-finite, as a bad batch does."""
