@@ -71,17 +71,18 @@ def test_benchmarks_resume_and_score_existing_predictions(folders, tmp_path, mon
     spec = ",".join(f"{name}={path}" for name, path in files.items())
     out = tmp_path / "out"
     counter = CountingGenerate(monkeypatch)
-    # An interrupted run: only the first 2 samples of each benchmark.
+    # An interrupted run: only the first sample of each benchmark (MMBench: the first
+    # question with its rotation).
     assert eval_cli.main(["--checkpoint", str(model_dir), "--benchmarks", spec, "--out", str(out),
-                          "--limit", "2", "--batch-size", "2", "--max-new-tokens", "4"]) == 0
-    assert counter.rows == 4
+                          "--limit", "1", "--batch-size", "2", "--max-new-tokens", "4"]) == 0
+    assert counter.rows == 3
     partial = {name: read_predictions(out / "predictions" / f"{name}.jsonl")[0] for name in files}
-    assert [list(p) for p in partial.values()] == [["q0", "q1"], ["1", "1000001"]]
-    # The rerun answers only the rest (3 + 2) and keeps the finished lines as they were.
+    assert [list(p) for p in partial.values()] == [["q0"], ["1", "1000001"]]
+    # The rerun answers only the rest (4 + 2) and keeps the finished lines as they were.
     counter.rows = 0
     assert eval_cli.main(["--checkpoint", str(model_dir), "--benchmarks", spec, "--out", str(out),
                           "--batch-size", "4", "--max-new-tokens", "4"]) == 0
-    assert counter.rows == 5
+    assert counter.rows == 6
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["benchmarks"]) == set(files) and "limit" not in summary
     assert summary["benchmarks"]["jsonl"]["n"] == 5 and summary["benchmarks"]["mmbench"]["n"] == 4
