@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="output folder (benchmarks; default eval_out) or JSON "
                                       "file (--data)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, help="only the first N samples / captions of each file")
+    parser.add_argument("--limit", type=int, help="only the first N samples / captions of each "
+                        "file (MMBench: the first N questions with all their rotations)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap")
     parser.add_argument("--allow-missing", action="store_true",
                         help="--predictions: score samples without a prediction as wrong")

@@ -169,7 +169,12 @@ def hf_to_flax(spec: ModelSpec, src_dir: str | Path, out_dir: str | Path,
         raise ConversionError(f"{src_dir / 'config.json'}: {e}") from None
     loaders, origin = open_checkpoint(src_dir, allow_pickle, spec.weights_name, variant)
     params = tensors_to_flax(spec, config, loaders, origin, progress, where=src_dir)
-    pretrained.save_pretrained(out_dir, spec.name, _config_dict(config), params, hf_config)
+    # A chat model was trained with its tokenizer's template: the folder says so, and
+    # generation and evaluation prompt with it (pretrained.chat_template).
+    template = ("tokenizer" if spec.name == "llama" and pretrained.tokenizer_has_chat_template(
+        src_dir) else None)
+    pretrained.save_pretrained(out_dir, spec.name, _config_dict(config), params, hf_config,
+                               chat_template=template)
 
 
 def state_dict_to_flax(spec: ModelSpec, config, state: dict) -> dict:

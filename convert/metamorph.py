@@ -95,4 +95,7 @@ def checkpoint_to_flax(src_dir: str | Path, out_dir: str | Path,
             print(f"note: {src_dir} holds its own vision tower; {vision_tower} gives only its "
                   f"config")
     params = tensors_to_flax(SPEC, config, loaders, origin, progress, where=src_dir)
-    pretrained.save_pretrained(out_dir, SPEC.name, config.to_dict(), params, hf_config)
+    # The authors trained MetaMorph with their LLaMA-3 template (one newline after each
+    # header), whatever template the folder's tokenizer carries.
+    pretrained.save_pretrained(out_dir, SPEC.name, config.to_dict(), params, hf_config,
+                               chat_template="llama3")

@@ -3,7 +3,9 @@ and the tokenizer files beside them.
 
 `model_config.json` holds {"model": name, "config": our config as a dict,
 "hf_config": the source config.json when there was one, "chat_template": the name of the
-conversation template (data/conversation.py TEMPLATES) the model was trained with}. The
+conversation template (data/conversation.py TEMPLATES) the model was trained with: the
+one its training here rendered with, or for a converted chat model "tokenizer" (its
+tokenizer's own template, which it was trained with elsewhere)}. The
 parameters restore as host numpy arrays, or straight onto a mesh when shardings are given.
 Training, evaluation and generation all read a folder through here, so they agree on the
 template and the tokenizer.
@@ -20,9 +22,12 @@ from metamorph_jax import config_io
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-# The template of a folder that does not name one (e.g. converted from Hugging Face):
-# the MetaMorph authors' variant of LLaMA-3's, which train.py uses by default.
+# The template of a folder that does not name one (converted before conversions recorded
+# the tokenizer's, or from a tokenizer without one): the MetaMorph authors' variant of
+# LLaMA-3's, which train.py uses by default.
 DEFAULT_CHAT_TEMPLATE = "llama3"
+# Files of a Hugging Face folder that carry its tokenizer's chat template.
+_TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.json")
 
 
 def save_pretrained(out_dir: str | Path, model: str, config: dict, params: Any,
@@ -93,9 +98,30 @@ def load_params(model_dir: str | Path, shardings: Any = None, dtype: Any = None)
 
 
 def chat_template(model_dir: str | Path) -> str:
-    """The conversation template a model folder was trained with (DEFAULT_CHAT_TEMPLATE
-    when the folder does not say)."""
-    return read_model_config(model_dir).get("chat_template") or DEFAULT_CHAT_TEMPLATE
+    """The conversation template a model folder was trained with; DEFAULT_CHAT_TEMPLATE,
+    with a warning naming the folder, when the folder does not say."""
+    recorded = read_model_config(model_dir).get("chat_template")
+    if recorded:
+        return recorded
+    import warnings
+    warnings.warn(f"{Path(model_dir) / CONFIG_FILE} names no chat template (a folder converted "
+                  f"before conversions recorded the tokenizer's, or from a tokenizer without "
+                  f"one): prompting with {DEFAULT_CHAT_TEMPLATE!r}. A chat model trained with "
+                  f"its tokenizer's template needs --template tokenizer (or convert it again)",
+                  stacklevel=2)
+    return DEFAULT_CHAT_TEMPLATE
+
+
+def tokenizer_has_chat_template(folder: str | Path) -> bool:
+    """Whether a Hugging Face folder's tokenizer carries a chat template (in
+    chat_template.jinja, or the "chat_template" field of tokenizer_config.json or
+    chat_template.json)."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    return any((folder / name).is_file() and bool(config_io.read_json(folder / name)
+                                                  .get("chat_template"))
+               for name in _TEMPLATE_FILES)
 
 
 def load_tokenizer(tokenizer_dir: str | Path):

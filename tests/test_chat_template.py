@@ -53,13 +53,78 @@ def test_train_eval_and_generate_prompt_the_same_tokens(tmp_path, template):
     assert trained == evaluated == generated
 
 
-def test_folders_without_a_template_use_the_training_default(tmp_path):
+def test_folders_without_a_template_use_the_training_default_and_say_so(tmp_path):
     tokenizer = tiny.tiny_tokenizer(tmp_path / "model")
     config = tiny.tiny_llama_config(tokenizer)
     pretrained.save_pretrained(tmp_path / "model", "llama", config.to_dict(),
                                {"unused": np.zeros(1, np.float32)})
-    assert pretrained.chat_template(tmp_path / "model") == "llama3"
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'model'}.* names no chat template.*"
+                                         "'llama3'"):
+        assert pretrained.chat_template(tmp_path / "model") == "llama3"
     # Meta's own template (the tokenizer's) puts two newlines after the header; ours one
     ours = text_cli.encode_prompt(tokenizer, QUESTION, chat=True, template="llama3")
     metas = text_cli.encode_prompt(tokenizer, QUESTION, chat=True, template="tokenizer")
     assert ours != metas
+
+
+CHATML = ("{% for message in messages %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml_tokenizer():
+    """The tiny word-level tokenizer with a ChatML template and its special tokens (as
+    e.g. a Qwen-style LLaMA-architecture chat model carries)."""
+    from tokenizers import AddedToken
+
+    from metamorph_jax.data.testing import build_tiny_tokenizer
+    tokenizer = build_tiny_tokenizer(chat_template=CHATML)
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)
+                          for token in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
+    tokenizer.eos_token = "<|im_end|>"
+    return tokenizer
+
+
+def test_a_converted_chat_model_chats_with_its_tokenizers_template(tmp_path):
+    """python -m convert to-flax llama on a chat model whose tokenizer carries its own
+    (ChatML) template records "tokenizer"; generate.py --llm DIR --tokenizer HF_DIR --chat
+    then prompts as transformers' apply_chat_template does and answers as transformers."""
+    import torch
+
+    from convert.__main__ import main as convert_main
+    from metamorph_jax.inference.generate import SamplingConfig
+    from tests.test_convert_llama import save_hf_model
+
+    hf, flax = tmp_path / "hf", tmp_path / "flax"
+    tokenizer = chatml_tokenizer()
+    reference = save_hf_model(hf, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(str(hf))
+    assert pretrained.tokenizer_has_chat_template(hf)
+    assert convert_main(["to-flax", "llama", str(hf), str(flax)]) == 0
+    assert pretrained.chat_template(flax) == "tokenizer"
+
+    loaded = pretrained.load_tokenizer(hf)
+    messages = [{"role": "user", "content": QUESTION}]
+    expected = loaded.apply_chat_template(messages, add_generation_prompt=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    ours = text_cli.encode_prompt(loaded, QUESTION, chat=True,
+                                  template=pretrained.chat_template(flax))
+    assert ours == expected and loaded.decode(ours).startswith("<|im_start|> user")
+
+    # what generate.py --llm flax --tokenizer hf --chat answers: transformers' greedy reply
+    [answer] = text_cli.run(flax, hf, [QUESTION], chat=True,
+                            sampling=SamplingConfig(max_new_tokens=6))
+    with torch.no_grad():
+        output = reference.generate(torch.tensor([expected]), max_new_tokens=6, do_sample=False,
+                                    eos_token_id=loaded.eos_token_id, pad_token_id=0)
+    assert answer == loaded.decode(output[0, len(expected):], skip_special_tokens=True)
+
+
+def test_a_tokenizer_without_a_template_records_none(tmp_path):
+    tokenizer = tiny.tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(tmp_path / "base"))
+    assert not pretrained.tokenizer_has_chat_template(tmp_path / "base")
+    chatml_tokenizer().save_pretrained(str(tmp_path / "chat"))
+    assert pretrained.tokenizer_has_chat_template(tmp_path / "chat")

@@ -38,10 +38,17 @@ def by_id(answers_by_id):
 @pytest.mark.parametrize("raw, expected", [
     ("B", "B"), ("(B)", "B"), ("B. dog", "B"), ("The answer is B.", "B"), ("Answer: C", "C"),
     ("dog", "B"), ("It is a dog.", "B"),          # option text, once
-    ("A or B", None),                             # two letters named
+    ("A or B", None),                             # two letters named, no option text
     ("cat and dog", None),                        # two option texts
     ("no idea", None),
     ("A dog", "A"),                               # the harness's rule: a leading "A" is the letter
+    ("A cat, I think", "A"),                      # ... when at most three words follow it
+    # VLMEvalKit's can_infer: several letters, or an "A" followed by more than three words
+    # (an article), fall back to the option texts
+    ("B or C: a dog", "B"),
+    ("A dog sits on a mat", "B"),
+    ("The answer is A because it has whiskers", None),  # too long for the option texts
+    ("B, because birds fly and a cat cannot", "B"),     # only "A" can be an article
 ])
 def test_letter_extraction(raw, expected):
     assert answers.extract_choice(raw, {"A": "cat", "B": "dog", "C": "bird"}) == expected
@@ -53,7 +60,7 @@ def test_letter_extraction(raw, expected):
     ("A or maybe C is right", "C"),                # several "X " mentions: the last one
     ("I would say that it is a dog here", "B"),    # more than five words: the option text
     ("a dog", None),                               # five words or fewer: no text matching
-    ("cannot tell", None),                         # MMMU picks at random; here: unparsed
+    ("cannot tell", None),                         # unparsed: scoring picks at random
 ])
 def test_mmmu_extraction(raw, expected):
     assert answers.extract_choice_mmmu(raw, {"A": "cat", "B": "dog", "C": "bird"}) == expected
@@ -122,6 +129,27 @@ def test_mmbench_circular(tmp_path):
     assert result["categories"] == {"color": 100.0, "shape": 0.0}
 
 
+def test_limit_takes_whole_mmbench_groups(tmp_path):
+    """MMBench's files list the questions, then their rotations: --limit N answers the first
+    N questions with every rotation, so the circular score is over whole groups."""
+    red = png_b64("red")
+    rows = [[1, "Color?", "nan", "red", "blue", "", "", "A", "color", red],
+            [2, "Shape?", "nan", "box", "ball", "", "", "B", "shape", red],
+            [1000001, "Color?", "nan", "blue", "red", "", "", "B", "color", "1"],
+            [1000002, "Shape?", "nan", "ball", "box", "", "", "A", "shape", "2"]]
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", MMBENCH_HEADER, rows)
+    asked = []
+
+    def generate(batch):
+        asked.extend(request.id for request in batch)
+        return ["A" for _ in batch]  # right in question 1, wrong in its rotation
+    summary = runner.evaluate({"mmbench": path}, tmp_path / "out", generate=generate, limit=1)
+    assert asked == ["1", "1000001"]
+    result = summary["benchmarks"]["mmbench"]
+    assert result["questions"] == 1 and result["n"] == 2
+    assert result["score"] == 0.0 and result["vanilla"] == 50.0 and summary["limit"] == 1
+
+
 def test_mmmu_multi_image_and_skips(tmp_path):
     images = json.dumps([png_b64("red"), png_b64("green")])
     header = ["index", "question", "A", "B", "C", "answer", "category", "split", "image"]
@@ -145,6 +173,29 @@ def test_mmmu_multi_image_and_skips(tmp_path):
     samples[0].question = "Compare <image 3>."
     with pytest.raises(ValueError, match=r"row 2: the question names images \[3\] but the row has 2"):
         prompts.build_prompt("mmmu", samples[0])
+
+
+def test_unparsable_mmmu_answers_get_mmmus_seeded_random_option(tmp_path):
+    """MMMU's eval_utils: random.seed(42) once, then random.choice(all_choices) for each
+    answer parse_multi_choice_response cannot parse, in order; reported as unparsed."""
+    import random
+    random.seed(42)   # MMMU's own calls, for the two unparsable answers below
+    draws = [random.choice(["A", "B", "C", "D"]) for _ in range(2)]
+    header = ["index", "question", "A", "B", "C", "D", "answer", "category", "split", "image"]
+    answers_of = {"v1": draws[0], "v2": "B", "v3": draws[1], "v4": "C"}
+    rows = [[key, f"Question {key}?", "red", "green", "blue", "black", answer, "Art",
+             "validation", png_b64("red")] for key, answer in answers_of.items()]
+    samples, _ = benchmarks.read("mmmu", write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", header, rows))
+    raw = {"v1": "cannot tell", "v2": "(B)", "v3": "no idea", "v4": "(A)"}
+    result = runner.run_benchmark("mmmu", samples, by_id(raw), tmp_path / "out")
+    # v1 and v3 take the draws (their answers), v2 is right, v4 wrong
+    assert result["score"] == 75.0
+    assert result["unparsed"] == 2 and result["unparsed_share"] == 50.0
+    # the other benchmarks' unparsable answers score 0 (and count as unparsed too)
+    mmbench = runner.run_benchmark("mmbench", benchmarks.read("mmbench", mmbench_file(tmp_path))[0],
+                                   lambda batch: ["no idea"] * len(batch), tmp_path / "out")
+    assert mmbench["vanilla"] == 0.0 and mmbench["unparsed"] == 4
+    assert mmbench["unparsed_share"] == 100.0
 
 
 def test_seed_scienceqa_realworldqa_vstar(tmp_path):

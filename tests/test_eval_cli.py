@@ -71,17 +71,18 @@ def test_benchmarks_resume_and_score_existing_predictions(folders, tmp_path, mon
     spec = ",".join(f"{name}={path}" for name, path in files.items())
     out = tmp_path / "out"
     counter = CountingGenerate(monkeypatch)
-    # An interrupted run: only the first 2 samples of each benchmark.
+    # An interrupted run: only the first sample of each benchmark (MMBench: the first
+    # question with its rotation).
     assert eval_cli.main(["--checkpoint", str(model_dir), "--benchmarks", spec, "--out", str(out),
-                          "--limit", "2", "--batch-size", "2", "--max-new-tokens", "4"]) == 0
-    assert counter.rows == 4
+                          "--limit", "1", "--batch-size", "2", "--max-new-tokens", "4"]) == 0
+    assert counter.rows == 3
     partial = {name: read_predictions(out / "predictions" / f"{name}.jsonl")[0] for name in files}
-    assert [list(p) for p in partial.values()] == [["q0", "q1"], ["1", "1000001"]]
-    # The rerun answers only the rest (3 + 2) and keeps the finished lines as they were.
+    assert [list(p) for p in partial.values()] == [["q0"], ["1", "1000001"]]
+    # The rerun answers only the rest (4 + 2) and keeps the finished lines as they were.
     counter.rows = 0
     assert eval_cli.main(["--checkpoint", str(model_dir), "--benchmarks", spec, "--out", str(out),
                           "--batch-size", "4", "--max-new-tokens", "4"]) == 0
-    assert counter.rows == 5
+    assert counter.rows == 6
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["benchmarks"]) == set(files) and "limit" not in summary
     assert summary["benchmarks"]["jsonl"]["n"] == 5 and summary["benchmarks"]["mmbench"]["n"] == 4
@@ -188,10 +189,45 @@ def test_generation_fid_and_clip(folders, tmp_path):
 def test_caption_prompts_always_generate_one_image(folders):
     from metamorph_jax.evaluation.eval_cli import load
     loaded = load(folders[0], render=False)
-    prompt = vpit_answers.caption_prompt("a red circle", loaded.generator, loaded.tokenizer, "llama3")
+    prompt = vpit_answers.caption_prompt("a red circle", loaded.tokenizer, "llama3",
+                                         loaded.generator.config, loaded.generator.pad_token_id)
     assert prompt.tokens[-1] == loaded.generator.config.image_start_id
     generation = loaded.generator.generate([prompt], vg.VPiTSampling(max_new_tokens=2))[0]
     assert generation.visual_tokens.shape[0] == 1
+
+
+@pytest.mark.parametrize("template", ["llama3", "tokenizer"])
+def test_caption_prompts_are_the_training_records_up_to_their_image(template):
+    """eval.py --generation asks for an image with the tokens a rendered text-to-image
+    training record (data/tasks.py) has before its image: the user turn, the assistant
+    header, the reply's text prefix and <image_start>."""
+    import dataclasses
+
+    from metamorph_jax.data import tasks
+    from metamorph_jax.data.testing import build_tiny_tokenizer
+    from tests.vpit_helpers import tiny_vpit_config
+
+    tokenizer = build_tiny_tokenizer(extra_words=["Generate", "Here"])  # no [UNK] below
+    ids = conv.add_image_tokens(tokenizer)
+    tiny = tiny_vpit_config()[1]
+    config = dataclasses.replace(tiny, llm=dataclasses.replace(tiny.llm, vocab_size=len(tokenizer)),
+                                 image_start_id=ids.image_start_id, image_end_id=ids.image_end_id)
+    caption = "a red circle."
+    request = tasks.text_to_image_request(caption)
+    # a training record drawn with the wording evaluation asks with
+    records = (tasks.text_to_image("t", "t.png", caption, np.random.default_rng(seed))
+               for seed in range(64))
+    record = next(r for r in records if r["conversations"][0]["value"] == request)
+    rendered = conv.render(conv.parse_record(record, image_root="/x"), tokenizer, ids,
+                           template=template, num_image_tokens=config.num_image_tokens)
+    start = int(np.flatnonzero(rendered["tokens"] == ids.image_start_id)[0])
+    expected = rendered["tokens"][:start + 1].tolist()
+    assert tokenizer.unk_token_id not in expected
+    assert tokenizer.decode(expected).endswith("request : <image_start>")
+
+    prompt = vpit_answers.caption_prompt(caption, tokenizer, template, config, ids.placeholder_id)
+    assert prompt.tokens.tolist() == expected
+    assert (prompt.image_index == -1).all() and prompt.images == ()
 
 
 def vpit_records(root):

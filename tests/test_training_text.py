@@ -223,6 +223,81 @@ def test_schedule_warms_up_over_three_percent_then_decays():
         optim.build_optimizer(dict(fields, schedule="linear"), steps=10)
 
 
+def test_a_fractional_warmup_rounds_up_as_the_authors_trainer_does():
+    """The authors' LLaVA-style trainer: transformers' get_cosine_schedule_with_warmup with
+    num_warmup_steps = ceil(warmup_ratio * steps) (TrainingArguments.get_warmup_steps).
+    110 steps at 3% is 3.3: 4 warm-up steps (rounding would give 3)."""
+    import math
+
+    from transformers import get_cosine_schedule_with_warmup
+    steps, ratio, peak = 110, 0.03, 2e-5
+    assert optim.warmup_steps(ratio, steps) == 4
+    _, schedule = optim.build_optimizer(dict(lr=peak, schedule="warmup_cosine", warmup=ratio),
+                                        steps)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    sgd = torch.optim.SGD([weight], lr=peak)
+    reference = get_cosine_schedule_with_warmup(sgd, math.ceil(ratio * steps), steps)
+    expected = []
+    for _ in range(steps):            # the lr each update applies
+        expected.append(sgd.param_groups[0]["lr"])
+        sgd.step()
+        reference.step()
+    ours = [float(schedule(step)) for step in range(steps)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-12)
+
+
+class _LeastSquares:
+    """A two-parameter least-squares objective over batches {"x": [k, B, 2]}: an x holding
+    inf makes the loss and the gradient non-finite, as a bad batch does."""
+
+    def normalizers(self, batch):
+        return {"count": jnp.asarray(batch["x"].size, jnp.float32)}
+
+    def model_params(self, trainable, frozen):
+        return trainable
+
+    def loss(self, params, batch, normalizers, rng):
+        total = jnp.sum((batch["x"] - params["w"]) ** 2)
+        return total / normalizers["count"], {"sum": total,
+                                              "count": jnp.asarray(batch["x"].size, jnp.float32)}
+
+    def summarize(self, sums):
+        loss = sums["sum"] / sums["count"]
+        return loss, {"loss": loss}
+
+
+def test_the_logged_lr_is_the_one_applied_after_a_skipped_step():
+    """skip_nonfinite drops a bad update and the optimizer's count with it: the next update
+    applies the lr the skipped one would have, and that is the lr logged. A run with a bad
+    batch in it logs and learns what the run without it does."""
+    optimizer, schedule = optim.build_optimizer(dict(lr=0.1, schedule="warmup_cosine", warmup=2),
+                                                steps=4)
+    step = jax.jit(steps_lib.make_train_step(_LeastSquares(), optimizer, schedule, True))
+    rng = np.random.default_rng(0)
+    good = [{"x": rng.normal(size=(1, 4, 2)).astype(np.float32)} for _ in range(3)]
+    bad = {"x": np.full((1, 4, 2), np.inf, np.float32)}
+
+    def run(batches):
+        state = state_lib.TrainState.create({"w": jnp.zeros(2)}, {}, optimizer,
+                                            state_lib.rng_data(0))
+        logged = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            logged.append((float(metrics["lr"]), float(metrics["skipped"])))
+        return state, logged
+
+    clean, clean_logged = run(good)
+    # linear warm-up over 2 steps to 0.1: the updates apply 0, 0.05, 0.1
+    assert [lr for lr, _ in clean_logged] == pytest.approx([0.0, 0.05, 0.1])
+    skipped, skipped_logged = run([good[0], bad, good[1], good[2]])
+    assert [s for _, s in skipped_logged] == [0.0, 1.0, 0.0, 0.0]
+    applied = [entry for entry in skipped_logged if entry[1] == 0.0]
+    assert applied == clean_logged
+    np.testing.assert_array_equal(np.asarray(skipped.trainable["w"]),
+                                  np.asarray(clean.trainable["w"]))
+    assert int(skipped.step) == 4 and int(clean.step) == 3
+
+
 # --- train.py end to end ------------------------------------------------------------------
 
 def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path, capsys):

@@ -59,6 +59,12 @@ IMG = conv.IMAGE_PLACEHOLDER
 KINDS = ("image_qa", "video_qa", "text_to_image", "image_to_image", "video", "visual_thinking")
 VIDEO_KINDS = ("forward", "reverse", "reorder", "next_n", "time_interval")
 
+# What the assistant says before the image in every text-to-image record. A generation
+# prompt ends with it (then `<image_start>`), so a model is asked for an image exactly
+# where training taught it to draw one (text_to_image_request, inference/vpit_generate's
+# image_prompt).
+TEXT_TO_IMAGE_RESPONSE_PREFIX = "Here is an image based on your request: "
+
 PROMPTS = {
     "text_to_image": (
         "Generate an image of {caption}",
@@ -67,7 +73,7 @@ PROMPTS = {
         "Show me a picture of {caption}",
     ),
     "text_to_image_response": (
-        "Here is an image based on your request: " + IMG,
+        TEXT_TO_IMAGE_RESPONSE_PREFIX + IMG,
     ),
     "image_to_image": (
         IMG + "\n{instruction}",
@@ -128,9 +134,20 @@ def _record(record_id, image_paths, turns, system=None) -> dict:
 
 # --- builders (one record each) -------------------------------------------------------
 
+def _caption_text(caption: str) -> str:
+    return caption.strip().rstrip(".")
+
+
+def text_to_image_request(caption: str) -> str:
+    """The user turn that asks for an image of `caption` at evaluation: the first
+    text-to-image wording of the training records, the caption trimmed as they trim it.
+    The reply starts with TEXT_TO_IMAGE_RESPONSE_PREFIX."""
+    return PROMPTS["text_to_image"][0].format(caption=_caption_text(caption))
+
+
 def text_to_image(record_id, image, caption: str, rng) -> dict:
     """(image, caption) -> a text-to-image record; the image is the response."""
-    caption = caption.strip().rstrip(".")
+    caption = _caption_text(caption)
     return _record(record_id, [image], [
         ("human", choose(rng, "text_to_image", caption=caption)),
         ("gpt", choose(rng, "text_to_image_response"))])

@@ -1,13 +1,15 @@
 """Answer extraction and normalisation rules of the evaluation harnesses.
 
 * `extract_choice`: the option letter of a free-form multiple-choice answer (VLMEvalKit's
-  exact-matching rule): after replacing the characters .()[],:;!*#{} by spaces, if exactly
-  one of the option letters appears as a whole word, that letter; otherwise, if the answer
-  is no longer than twice the options' text together and exactly one option's text occurs
-  in it (case-insensitive), that option's letter; otherwise None (scored wrong). Like
-  VLMEvalKit, a leading article "A" counts as the letter A. (VLMEvalKit's exact-matching
-  mode only tries answers shorter than 10 characters; longer ones it leaves to an LLM
-  judge. Here the rule is applied to every answer.)
+  `can_infer`: `can_infer_option`, then `can_infer_text`). Letters: after replacing the
+  characters .()[],:;!*#{} by spaces, if exactly one of the option letters appears as a
+  whole word, that letter, except an "A" followed by more than three words, which is read
+  as the article (VLMEvalKit keeps a letter only among an answer's last four words).
+  Otherwise (no letter, several letters, or the article) the option texts: if the answer is
+  no longer than twice the options' text together and exactly one option's text occurs in
+  it (case-insensitive), that option's letter; otherwise None (scored wrong). (VLMEvalKit's
+  exact-matching mode only tries answers shorter than 10 characters; longer ones it leaves
+  to an LLM judge. Here the rule is applied to every answer.)
 * `extract_choice_mmmu`: MMMU's own rule, for MMMU.
 * `normalize_vqa`: the VQA / TextVQA answer normalisation (EvalAI's answer processor):
   lower case, drop "," and "?", split "'s", strip punctuation (kept out of numbers like
@@ -28,16 +30,26 @@ _SPLIT_CHARS = ".()[],:;!*#{}"
 
 
 def extract_choice(answer: str, choices: dict) -> str | None:
-    text = str(answer)
+    letter = _choice_by_letter(str(answer), choices)
+    return letter if letter is not None else _choice_by_text(str(answer), choices)
+
+
+def _choice_by_letter(answer: str, choices: dict) -> str | None:
+    text = answer
     for char in _SPLIT_CHARS:
         text = text.replace(char, " ")
     words = text.split()
     present = [letter for letter in choices if letter in words]
-    if len(present) == 1:
-        return present[0]
-    if present:
-        return None  # several letters named: ambiguous
-    lowered = str(answer).lower()
+    if len(present) != 1:
+        return None  # no letter, or several named: left to the option texts
+    letter = present[0]
+    if letter == "A" and len(words) - 1 - words.index("A") > 3:
+        return None  # "A cat sits on the mat": an article, not an answer
+    return letter
+
+
+def _choice_by_text(answer: str, choices: dict) -> str | None:
+    lowered = answer.lower()
     if len(lowered) > 2 * sum(len(str(v)) for v in choices.values()):
         return None
     found = [letter for letter, option in choices.items() if str(option).lower() in lowered]

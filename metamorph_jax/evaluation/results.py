@@ -9,7 +9,8 @@ average over benchmarks. Scores are percentages.
 * Everything else: the mean over samples. Categories, where the benchmark has them, are
   means over the samples (MMBench: groups) of each category.
 Rows a benchmark's rule skipped are listed under "skipped"; answers no option letter could
-be extracted from are counted under "unparsed" (they score 0, inside the denominator).
+be extracted from are counted under "unparsed" (and "unparsed_share", percent of n; they
+score 0 inside the denominator, except MMMU's, which get its harness's random option).
 """
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ def aggregate(benchmark: str, samples: list[Sample], scored: dict, *, skipped: d
         raise ValueError(f"{benchmark}: {len(absent)} samples have no score (first: {absent[:3]})")
     rows = [(s.category, scored[s.id]["score"]) for s in samples]
     result = {"n": len(samples), "skipped": dict(skipped or {}), "missing_predictions": missing,
-              "unparsed": sum(1 for s in samples if s.choices and scored[s.id]["extracted"] is None
-                              and not scored[s.id].get("missing"))}
+              "unparsed": sum(1 for s in samples if s.choices and not scored[s.id].get("missing")
+                              and (scored[s.id].get("unparsed")
+                                   or scored[s.id]["extracted"] is None))}
+    result["unparsed_share"] = _mean([1.0] * result["unparsed"]
+                                     + [0.0] * (len(samples) - result["unparsed"]))
     if benchmark == "mmbench":
         units = []
         for group, members in _groups(samples, scored).items():
@@ -79,7 +83,7 @@ def summary_lines(summary: dict) -> list[str]:
     for name, entry in summary["benchmarks"].items():
         extra = f"  pairs {entry['pair_score']:.2f}" if "pair_score" in entry else ""
         lines.append(f"{name}: {entry['score']:.2f}{extra}  (n={entry['n']}, unparsed "
-                     f"{entry['unparsed']}, missing {entry['missing_predictions']}, skipped "
+                     f"{entry['unparsed']} ({entry['unparsed_share']:.1f}%), missing {entry['missing_predictions']}, skipped "
                      f"{entry['skipped']})")
         lines += [f"    {category}: {score:.2f}" for category, score in entry["categories"].items()]
     lines.append(f"average over {len(summary['benchmarks'])} benchmarks: {summary['average']:.2f}")

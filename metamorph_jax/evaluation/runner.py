@@ -117,7 +117,10 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
                       allow_missing: bool = False) -> dict:
     """Score an existing predictions file against the benchmark's samples, re-extracting each
     answer from its raw text (so the current rules apply). Samples without a prediction are
-    an error, or with `allow_missing` score 0 and are counted in "missing_predictions"."""
+    an error, or with `allow_missing` score 0 and are counted in "missing_predictions".
+    Answers no option could be extracted from are "unparsed": MMMU's get its harness's
+    seeded random option (scoring.UnparsedGuesser, drawn in sample order), others score 0.
+    (The per-line "extracted"/"score" of a predictions file are before that guess.)"""
     records, partial = read_predictions(path)
     known = {s.id for s in samples}
     unknown = [i for i in records if i not in known]
@@ -125,6 +128,7 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
         raise ValueError(f"{path}: {len(unknown)} predictions name ids the benchmark file does "
                          f"not have (first: {unknown[:3]}); wrong benchmark file?")
     scored, missing = {}, 0
+    guess = scoring.UnparsedGuesser(benchmark)
     for sample in samples:
         if sample.id not in records:
             missing += 1
@@ -133,10 +137,28 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
         rule = scoring.rule_for(benchmark, sample)
         extracted, score = scoring.score_sample(rule, sample, records[sample.id]["raw_answer"])
         scored[sample.id] = {"extracted": extracted, "score": score}
+        if sample.choices and extracted is None:
+            letter = guess(sample)   # MMMU's random option; elsewhere None (scored 0)
+            scored[sample.id] = {"extracted": letter, "unparsed": True,
+                                 "score": float(letter is not None and letter == sample.answer)}
     if missing and not allow_missing:
         raise ValueError(f"{path}: {missing} of {len(samples)} samples have no prediction"
                          + (f" (a partial last line of {partial} bytes was ignored)" if partial else ""))
     return results.aggregate(benchmark, samples, scored, skipped=skipped, missing=missing)
+
+
+def limit_samples(benchmark: str, samples: list[Sample], limit: int) -> list[Sample]:
+    """The first `limit` samples in file order; for MMBench, whose score is over question
+    groups (circular evaluation), the first `limit` questions with every rotation of each
+    (the rotations sit further down the file), so a limited run scores whole groups."""
+    if benchmark != "mmbench":
+        return samples[:limit]
+    kept: list = []
+    for sample in samples:
+        if sample.group not in kept and len(kept) < limit:
+            kept.append(sample.group)
+    kept_groups = set(kept)
+    return [sample for sample in samples if sample.group in kept_groups]
 
 
 def evaluate(files: dict, out_dir, *, generate: GenerateFn | None = None, predictions_dir=None,
@@ -146,14 +168,15 @@ def evaluate(files: dict, out_dir, *, generate: GenerateFn | None = None, predic
     OUT/results.json. With `generate`, answers are produced (resuming OUT/predictions);
     with `predictions_dir` instead, its <benchmark>.jsonl files are scored as they are.
     limit: only the first N samples of each benchmark (in file order) are answered and
-    scored. write=False: see run_benchmark (returns None, writes nothing)."""
+    scored; MMBench's first N questions with all their rotations (limit_samples).
+    write=False: see run_benchmark (returns None, writes nothing)."""
     if (generate is None) == (predictions_dir is None):
         raise ValueError("give either generate (run a model) or predictions_dir (score existing)")
     per_benchmark = {}
     for benchmark, path in files.items():
         samples, skipped = benchmarks.read(benchmark, path)
         if limit is not None:
-            samples = samples[:limit]
+            samples = limit_samples(benchmark, samples, limit)
         if generate is not None:
             per_benchmark[benchmark] = run_benchmark(benchmark, samples, generate, out_dir,
                                                      skipped=skipped, write=write, **run_kwargs)

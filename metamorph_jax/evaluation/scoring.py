@@ -4,13 +4,22 @@ Rules: "choice" (the extracted option letter equals the answer letter; MMMU extr
 its own rule, "choice_mmmu"), "vqa" (VQA
 accuracy over the human answers), "relaxed" (ChartQA's relaxed accuracy), "exact" (the
 VQA-normalised answer equals one of the references: the generic short-answer rule).
+
+An answer no option letter could be extracted from scores 0, except on MMMU, whose
+harness answers it with a random option (`UnparsedGuesser`); either way results count it
+as "unparsed".
 """
 from __future__ import annotations
+
+import random
 
 from metamorph_jax.evaluation import answers
 from metamorph_jax.evaluation.samples import Sample
 
 RULES = ("choice", "choice_mmmu", "vqa", "relaxed", "exact")
+# MMMU's eval_utils seeds Python's random module with 42 on import and, for each answer
+# parse_multi_choice_response cannot parse, takes random.choice(all_choices).
+MMMU_RANDOM_SEED = 42
 
 
 def score_sample(rule: str, sample: Sample, raw: str) -> tuple[str | None, float]:
@@ -40,3 +49,18 @@ def rule_for(benchmark: str, sample: Sample) -> str:
     if benchmark == "mmmu":
         return "choice_mmmu"
     return "choice" if sample.choices else "exact"
+
+
+class UnparsedGuesser:
+    """MMMU's rule for answers no option could be parsed from: a random option letter,
+    drawn with random.choice over the sample's letters from one random.Random(42), in the
+    order the unparsed answers are met (MMMU's order when the benchmark file is scored
+    whole and in file order). Other benchmarks: no guess (the answer scores 0)."""
+
+    def __init__(self, benchmark: str):
+        self.rng = random.Random(MMMU_RANDOM_SEED) if benchmark == "mmmu" else None
+
+    def __call__(self, sample: Sample) -> str | None:
+        if self.rng is None or not sample.choices:
+            return None
+        return self.rng.choice(list(sample.choices))

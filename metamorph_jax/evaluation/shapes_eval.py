@@ -18,8 +18,8 @@ Each comes with a prompt-blind chance level:
     oracle: guessing colour, shape and position uniformly, 1 / (6 * 3 * 9).
 
 Text-to-image prompts are the user turn followed by the assistant's fixed response prefix
-("Here is an image based on your request: ") and `<image_start>`: the image is always
-generated (the one response template of the world is given, not sampled).
+(data/tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX) and `<image_start>` (inference/vpit_generate's
+image_prompt, as eval.py --generation prompts): the image is always generated.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ from metamorph_jax.data import shapes
 QUESTION_KINDS = (("colour", r"^What colour is the "), ("shape", r"^What shape is the "),
                   ("count_all", r"^How many shapes are there"), ("count_shape", r"^How many "),
                   ("position", r"^Where is the "), ("yesno", r"^Is there "))
-RESPONSE_PREFIX = "Here is an image based on your request: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,18 +218,11 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
 
     # text to image
     t2i = _limit(_records(split_dir / "text_to_image.jsonl"), config.max_prompts)
-    prefix = tokenizer(RESPONSE_PREFIX, add_special_tokens=False)["input_ids"]
     image_sampling = vg.VPiTSampling(max_new_tokens=1, max_new_images=1)
     generated, true_tokens = [], []
     for part in _batches(t2i, config.batch_size):
-        prompts = []
-        for record in part:
-            base = vg.prompt_from_turns([conv.Turn("user", record["conversations"][0]["value"])],
-                                        [], tokenizer, template, mconfig, pad)
-            extra = np.asarray(list(prefix) + [mconfig.image_start_id], np.int32)
-            prompts.append(vg.VPiTPrompt(np.concatenate([base.tokens, extra]),
-                                         np.concatenate([base.image_index,
-                                                         np.full(len(extra), -1, np.int32)])))
+        prompts = [vg.image_prompt(record["conversations"][0]["value"], tokenizer, template,
+                                   mconfig, pad) for record in part]
         for generation in generator.generate(prompts, image_sampling):
             generated.append(generation.visual_tokens[0])
         true_tokens += [generator.encode_images(pixels(r["images"][0])) for r in part]

@@ -18,13 +18,10 @@ import numpy as np
 
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
+from metamorph_jax.data import tasks
 from metamorph_jax.evaluation.samples import decode_image
 from metamorph_jax.inference import vpit_generate as vg
 from metamorph_jax.inference.processes import barrier, gather_texts, process_rows
-
-# The first text-to-image wording the training records use (data/tasks.py PROMPTS).
-CAPTION_PROMPT = "Generate an image of {caption}"
-
 
 class VPiTAnswerer:
     """generate(requests) -> raw answer texts, for runner.evaluate. Each request is one
@@ -63,16 +60,13 @@ class VPiTAnswerer:
         return gather_texts(local, len(requests), self.process_index, self.process_count)
 
 
-def caption_prompt(caption: str, generator: vg.VPiTGenerator, tokenizer, template: str,
-                   wording: str = CAPTION_PROMPT) -> vg.VPiTPrompt:
-    """The user turn asking for an image of `caption`, with `<image_start>` appended after
-    the assistant header so the reply is an image (the generator continues a prompt that
-    ends on `<image_start>` with that image's visual tokens)."""
-    prompt = vg.prompt_from_turns([conv.Turn("user", wording.format(caption=caption.rstrip(".")))],
-                                  [], tokenizer, template, generator.config,
-                                  generator.pad_token_id)
-    return vg.VPiTPrompt(np.append(prompt.tokens, np.int32(generator.config.image_start_id)),
-                         np.append(prompt.image_index, np.int32(-1)), ())
+def caption_prompt(caption: str, tokenizer, template: str, config,
+                   placeholder_id: int = 0) -> vg.VPiTPrompt:
+    """The prompt asking for an image of `caption`, worded and laid out as the training
+    records' text-to-image turns (tasks.text_to_image_request; vpit_generate.image_prompt:
+    it ends on the reply's prefix and `<image_start>`, so the reply is an image)."""
+    return vg.image_prompt(tasks.text_to_image_request(caption), tokenizer, template, config,
+                           placeholder_id)
 
 
 def generate_caption_images(generator: vg.VPiTGenerator, renderer, tokenizer, template: str,
@@ -102,7 +96,8 @@ def generate_caption_images(generator: vg.VPiTGenerator, renderer, tokenizer, te
         batches = tqdm(batches, desc="generation", unit="batch")
     for start in batches:
         rows = todo[start:start + batch_size]
-        prompts = [caption_prompt(captions[i][1], generator, tokenizer, template) for i in rows]
+        prompts = [caption_prompt(captions[i][1], tokenizer, template, generator.config,
+                                  generator.pad_token_id) for i in rows]
         generations = generator.generate(prompts, sampling)
         for row, generation in zip(rows, generations):
             if len(generation.visual_tokens) != 1:

@@ -59,6 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metamorph_jax.data import conversation as conv
+from metamorph_jax.data import tasks
 from metamorph_jax.inference.generate import sample_tokens
 from metamorph_jax.models import layers, llama
 from metamorph_jax.models.metamorph import MetaMorph, MetaMorphConfig
@@ -139,6 +140,24 @@ def prompt_from_turns(turns: Sequence[conv.Turn], images: Sequence[np.ndarray], 
             index += [-1] + [number * per_image + k for k in range(per_image)] + [-1]
     return VPiTPrompt(np.asarray(tokens, np.int32), np.asarray(index, np.int32),
                       tuple(np.asarray(image) for image in images))
+
+
+def image_prompt(request: str, tokenizer, template: str, config: MetaMorphConfig,
+                 placeholder_id: int = 0) -> VPiTPrompt:
+    """A text-only prompt whose reply is an image: the user turn `request`, the assistant
+    header, the text every text-to-image training record's reply starts with
+    (tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX) and `<image_start>`; the tokens of a rendered
+    text-to-image record up to its image, so the generator continues with that image's
+    visual tokens as training taught it."""
+    prompt = prompt_from_turns([conv.Turn("user", request)], [], tokenizer, template, config,
+                               placeholder_id)
+    # The reply's text is its own piece in training (conversation.render cuts it at the
+    # image), so it is tokenized on its own here too.
+    prefix = tokenizer(tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX, add_special_tokens=False)["input_ids"]
+    extra = np.asarray(list(prefix) + [config.image_start_id], np.int32)
+    return VPiTPrompt(np.concatenate([prompt.tokens, extra]),
+                      np.concatenate([prompt.image_index, np.full(len(extra), -1, np.int32)]),
+                      ())
 
 
 class _State(NamedTuple):

@@ -5,7 +5,8 @@ A stage's `optim` fields (configs/*.py)::
     lr              peak learning rate
     schedule        "warmup_cosine" | "constant" | "log_warmup_linear_decay"
     warmup          warm-up length: a value below 1 is a fraction of the stage's steps (the
-                    paper's 0.03), 1 or more is a number of steps, 0 is none
+                    paper's 0.03; rounded up, as transformers' trainer does), 1 or more is
+                    a number of steps, 0 is none
     end_ratio       the lr at the end of the decay, as a fraction of lr
     decay_end_step  log_warmup_linear_decay: the step where the decay reaches end_ratio * lr
                     (0: the stage's last step)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -77,14 +79,15 @@ def adamw(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.
 
 
 def warmup_steps(warmup: float, steps: int) -> int:
-    """The `warmup` field in steps: below 1 a fraction of `steps` (at least one step when
-    positive), else a step count."""
+    """The `warmup` field in steps: below 1 a fraction of `steps`, rounded up as the
+    authors' trainer does (transformers' TrainingArguments.get_warmup_steps:
+    ceil(steps * warmup_ratio)), else a step count."""
     if warmup < 0:
         raise ValueError(f"optim field 'warmup' must be >= 0, got {warmup}")
     if warmup == 0:
         return 0
     if warmup < 1:
-        return max(1, int(round(warmup * steps)))
+        return math.ceil(steps * warmup)
     return int(warmup)
 
 
@@ -122,6 +125,18 @@ def build_optimizer(optim, steps: int, where: str = "optim"
                weight_decay=float(optim.get("weight_decay", 0.0)),
                grad_clip_norm=float(optim.get("grad_clip", 0.0) or 0.0) or None)
     return tx, schedule
+
+
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The count the optimizer's learning-rate schedule reads at its next update (optax's
+    ScaleByScheduleState): the updates applied so far. A skipped non-finite step leaves it
+    as it was, so it can lag the stage's step; the lr an update applies is schedule(count)."""
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)]
+    if len(states) != 1:
+        raise ValueError(f"the optimizer state holds {len(states)} learning-rate schedule "
+                         "counts; expected one (an optimizer from optim.build_optimizer)")
+    return states[0].count
 
 
 def schedule_by_name(kind: str, **kwargs) -> optax.Schedule:

@@ -4,7 +4,8 @@ A train step takes the state and a batch stacked over `grad_accum_steps` micro-b
 (every array [k, B, ...]); it scans the micro-batches adding the gradients of
 loss(micro-batch) = sum / normaliser-of-the-whole-batch, so the update equals the one of
 the single large batch. Metrics: loss and the objective's terms, grad_norm (before
-clipping), lr (the schedule at this update), skipped (1 when this update was skipped) and
+clipping), lr (the schedule at the optimizer's count, the lr this update applies: after a
+skipped step the count lags the step), skipped (1 when this update was skipped) and
 skipped_total.
 
 Non-finite loss or gradient: with `skip_nonfinite` the update is dropped (params, moments
@@ -27,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from metamorph_jax import sharding
+from metamorph_jax.training.optim import schedule_count
 from metamorph_jax.training.state import TrainState, rng_key
 
 Array = jax.Array
@@ -69,6 +71,7 @@ def make_train_step(objective, optimizer: optax.GradientTransformation,
             carry, _ = micro((None, None), (0, first))
             (grads, sums), _ = jax.lax.scan(micro, carry, (jnp.arange(1, count), rest))
         loss, metrics = objective.summarize(sums)
+        applied_lr = schedule(schedule_count(state.opt_state))  # the lr this update applies
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
@@ -81,7 +84,7 @@ def make_train_step(objective, optimizer: optax.GradientTransformation,
             opt_state = keep(opt_state, state.opt_state)
             skipped = skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         metrics = dict(metrics, grad_norm=grad_norm,
-                       lr=jnp.asarray(schedule(state.step), jnp.float32),
+                       lr=jnp.asarray(applied_lr, jnp.float32),
                        skipped=jnp.where(finite, 0.0, 1.0) if skip_nonfinite else jnp.zeros(()),
                        skipped_total=skipped.astype(jnp.float32))
         return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
