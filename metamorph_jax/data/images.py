@@ -265,8 +265,9 @@ def sample_frames(folder, fps: float = 1.0, source_fps: float | None = None,
     Sampling times are t0, t0 + 1/fps, ... up to the last frame's time (t0 = first
     frame's time); for each, the first frame at or after that time is taken (so the
     first frame always is). A clip that would give more than `max_frames` frames is
-    sampled to exactly `max_frames` frames spread evenly over its whole length instead
-    (first and last frame included), deterministically (`pick_frames`).
+    sampled to `max_frames` frames spread evenly over its whole length instead (first and
+    last frame included; fewer only where the clip lacks frames over a gap longer than
+    their spacing), deterministically (`pick_frames`).
     """
     if is_video_file(folder) and not os.path.isdir(folder):
         return sample_video(folder, fps, max_frames)
