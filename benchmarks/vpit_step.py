@@ -1,8 +1,10 @@
 """VPiT train step, ours (the runner's jitted step) against a PyTorch version of the authors'.
 
-  python -m benchmarks.vpit_step [--steps 2] [--batch 4] [--seq-len 256] [--batches 3]
+  python -m benchmarks.vpit_step [--repeats 3] [--batch 4] [--seq-len 256] [--batches 2]
+                                [--llm-layers 4]
 
-Both sides train the same MetaMorph shape: the ~100M LLaMA of llama_vs_torch.HF_CONFIG
+Both sides train the same MetaMorph shape: the LLaMA of llama_vs_torch.HF_CONFIG at 4 of
+its 12 layers by default (--llm-layers; our pad-to-longest side compiles every batch shape)
 (vocabulary ~32k: a word-level tokenizer over the Shapes words padded with unused words),
 a small SigLIP tower (frozen), the two-layer GELU adapter and vision head; fp32, AdamW
 (lr 1e-4, weight decay 0.01: torch's default) behind global-norm clipping at 1.0 (the
@@ -16,15 +18,21 @@ adapter(F.normalize(interpolate(SigLIP hidden_states[-1]))), a padding attention
 cross-entropy over the trained text targets plus vision_coef * mean(1 - cos) of the head
 against the next visual token, torch.optim.AdamW.
 
-Rows (ours, torch, ratio):
-  train step tokens/s  - both sides step the same packed [B, T] batches (torch sees them as
-                         one padded sequence per row: the authors' code has no segments).
-  useful tokens/s      - non-padding tokens per second, by actually stepping: ours on the
-                         packed batches, theirs on the authors' batching of the same sample
-                         stream (B samples per batch, each alone in its row, padded to the
-                         batch's longest), B rows per batch on both sides.
-Timings exclude compilation, come in blocks alternating between the sides (one untimed call
-each), and are medians (train row) or totals (useful row) over the timed calls.
+Both batchings carry the same rendered samples (the pipeline's stream, in order):
+  packed          - the pipeline's batches: first-fit packing into B rows of T tokens;
+  pad-to-longest  - the authors' collator: B samples per batch, each alone in its row,
+                    padded to the longest sample of the batch (widths vary batch to batch).
+A pass steps every batch of one batching once, so both passes train on the same samples.
+
+Rows:
+  packing vs pad-to-longest, our step - useful (non-padding) tokens/s of a pass, ours on
+      the packed batches against ours on the padded ones: the gain of packing alone.
+  our step vs torch, same padded batches - useful tokens/s of a pass over the identical
+      pad-to-longest batches, ours against the torch step: the framework ratio alone.
+Our step on padded batches is the same jitted function; each distinct batch shape is
+compiled once in the untimed warm-up pass (the runner's fixed [B, T] never recompiles).
+Timings exclude compilation; passes alternate between the three runs (one untimed pass
+each first) and each row's number is the median pass.
 """
 from __future__ import annotations
 
@@ -146,8 +154,9 @@ def sample_stream(objective, stage):
 
 # --- ours ---------------------------------------------------------------------------------
 
-def our_step(objective, stage, batches: list[dict]):
-    """The runner's jitted step (donated state); run(k) steps packed batch k and waits."""
+def our_steps(objective, stage, batch_lists: list[list[dict]]):
+    """The runner's jitted step (donated state), one trained state for all lists: per list,
+    run(k) steps batch k of that list and waits. A new batch shape compiles on first use."""
     import jax
     from metamorph_jax import sharding
     from metamorph_jax.training import optim
@@ -161,16 +170,19 @@ def our_step(objective, stage, batches: list[dict]):
     trainable, frozen = objective.load_parts(shardings.trainable, shardings.frozen)
     state = [state_lib.init_state(trainable, frozen, tx, state_lib.rng_data(0), shardings, mesh)]
     keys = objective.batch_keys
-    stacked = [steps_lib.stack_micro_batches([b], keys) for b in batches]
+    stacked = [[steps_lib.stack_micro_batches([b], keys) for b in batches]
+               for batches in batch_lists]
     step = steps_lib.jit_train_step(steps_lib.make_train_step(objective, tx, schedule, False),
                                     mesh, shardings, objective.rules,
-                                    {k: v.ndim for k, v in stacked[0].items()})
-    placed = [steps_lib.global_batch(s, mesh, objective.rules) for s in stacked]
+                                    {k: v.ndim for k, v in stacked[0][0].items()})
 
-    def run(k: int) -> None:
-        state[0], metrics = step(state[0], placed[k % len(placed)])
-        jax.block_until_ready(metrics["loss"])
-    return run
+    def runner(placed):
+        def run(k: int) -> None:
+            state[0], metrics = step(state[0], placed[k % len(placed)])
+            jax.block_until_ready(metrics["loss"])
+        return run
+    return [runner([steps_lib.global_batch(s, mesh, objective.rules) for s in lists])
+            for lists in stacked]
 
 
 # --- theirs -------------------------------------------------------------------------------
@@ -248,37 +260,48 @@ class TorchVPiT:
 
 # --- timing -------------------------------------------------------------------------------
 
-def alternating(runs: list, calls: int, blocks: int = 2) -> list[list[tuple[int, float]]]:
-    """(call index, seconds) of each side's timed calls, in blocks alternating between the
-    sides, each block after one untimed call (see llama_vs_torch.alternating_blocks)."""
-    done = [0] * len(runs)
-    times: list[list[tuple[int, float]]] = [[] for _ in runs]
-    for _ in range(blocks):
-        for i, run in enumerate(runs):
-            run(done[i])
-            done[i] += 1
-            for _ in range(calls):
-                start = time.perf_counter()
-                run(done[i])
-                times[i].append((done[i], time.perf_counter() - start))
-                done[i] += 1
+def alternating_passes(passes: list, repeats: int, names: list[str]) -> list[list[float]]:
+    """Seconds of each side's timed passes: one untimed pass per side (compiles, allocates),
+    then `repeats` rounds in which the sides take turns, one whole pass each, so every side
+    runs under the same machine conditions (on a shared machine they drift over minutes)."""
+    for run_pass, name in zip(passes, names):
+        start = time.perf_counter()
+        run_pass()
+        print(f"  warm-up pass, {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    times: list[list[float]] = [[] for _ in passes]
+    for round_index in range(repeats):
+        for run_pass, spent in zip(passes, times):
+            start = time.perf_counter()
+            run_pass()
+            spent.append(time.perf_counter() - start)
+        print(f"  round {round_index + 1}/{repeats}: "
+              + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in zip(names, times)), flush=True)
     return times
+
+
+def whole_pass(run, count: int):
+    """A callable stepping batches 0..count-1 once each."""
+    def run_pass() -> None:
+        for k in range(count):
+            run(k)
+    return run_pass
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2,
-                        help="timed steps per side and block (two blocks)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per side (the median is reported)")
     parser.add_argument("--batch", type=int, default=4, help="rows per batch, both batchings")
     parser.add_argument("--seq-len", type=int, default=256, help="T of the packed rows")
-    parser.add_argument("--batches", type=int, default=3,
-                        help="distinct batches each side cycles through")
+    parser.add_argument("--batches", type=int, default=2,
+                        help="packed batches in a pass (the padded pass holds their samples)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--image-tokens", type=int, default=16, help="visual tokens per image")
     parser.add_argument("--max-images", type=int, default=8, help="image slots per packed row")
-    parser.add_argument("--llm-layers", type=int, default=12,
-                        help="LLM layers (12: the ~100M config; fewer for a quick check)")
+    parser.add_argument("--llm-layers", type=int, default=4,
+                        help="LLM layers (default 4, ~75M with the 32k embeddings: every "
+                             "padded batch shape compiles; 12: llama_vs_torch's ~125M)")
     parser.add_argument("--scan-layers", action="store_true",
                         help="LLM layers under nn.scan (default unrolled, the faster on CPU)")
     args = parser.parse_args()
@@ -298,12 +321,10 @@ def main() -> None:
         stream = sample_stream(objective, stage)
         samples = [next(stream) for _ in range(consumed)]
         padded = list(pad_to_longest(samples, args.batch, args.image_tokens, args.image_size))
-        ours = our_step(objective, stage, packed)
+        ours_packed, ours_padded = our_steps(objective, stage, [packed, padded])
     theirs = TorchVPiT(paths["hf"], paths["tower"])
-    runs = [ours, lambda k: theirs.step(packed[k % len(packed)]),
-            lambda k: theirs.step(padded[k % len(padded)])]
-    for run in runs:   # compile, allocate
-        run(0)
+    passes = [whole_pass(ours_packed, len(packed)), whole_pass(ours_padded, len(padded)),
+              whole_pass(lambda k: theirs.step(padded[k]), len(padded))]
 
     llm_count = sum(p.numel() for p in theirs.llama.parameters())
     tower_count = sum(p.numel() for p in theirs.tower.parameters())
@@ -313,31 +334,26 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads, jax {jax.__version__} on "
           f"{jax.default_backend()}, torch {torch.__version__}")
     total = args.batch * args.seq_len
-    pack_useful = [useful_tokens(b) for b in packed]
-    pad_useful = [useful_tokens(b) for b in padded]
-    print(f"packing: {consumed} samples in {len(packed)} batches of {args.batch} x "
-          f"{args.seq_len}, {np.mean(pack_useful):.0f} useful tokens per batch "
-          f"({np.mean(pack_useful) / total:.0%} of the slots)")
+    useful = sum(useful_tokens(b) for b in packed)
+    assert useful == sum(useful_tokens(b) for b in padded)   # the same samples
+    print(f"packing: {consumed} samples ({useful} useful tokens) in {len(packed)} batches of "
+          f"{args.batch} x {args.seq_len} ({useful / (len(packed) * total):.0%} of the slots)")
     print(f"pad-to-longest: the same {consumed} samples in {len(padded)} batches of "
-          f"{args.batch} rows, widths {[b['tokens'].shape[1] for b in padded]}, "
-          f"{np.mean(pad_useful):.0f} useful tokens per batch "
-          f"({sum(pad_useful) / sum(b['tokens'].size for b in padded):.0%} of the slots)")
+          f"<= {args.batch} rows, widths {[b['tokens'].shape[1] for b in padded]} "
+          f"({useful / sum(b['tokens'].size for b in padded):.0%} of the slots)")
 
-    mine, same, pad = alternating(runs, args.steps)
-    step_ours = float(np.median([t for _, t in mine]))
-    step_theirs = float(np.median([t for _, t in same]))
-
-    def rate(timed, batches):
-        return (sum(useful_tokens(batches[k % len(batches)]) for k, _ in timed)
-                / sum(t for _, t in timed))
-
-    rows = [("train step tokens/s (same packed batch)", total / step_ours, total / step_theirs),
-            ("useful tokens/s, packing vs pad-to-longest", rate(mine, packed), rate(pad, padded))]
-    print("useful tokens/s: non-padding tokens of the batches stepped / seconds stepping them; "
-          "ours packs, torch pads each batch to its longest sample")
-    print(f"{'row':44s} {'ours':>10s} {'torch':>10s} {'ratio':>7s}")
-    for name, a, b in rows:
-        print(f"{name:44s} {a:10.1f} {b:10.1f} {a / b:6.2f}x")
+    packed_s, padded_s, torch_s = (float(np.median(t)) for t in alternating_passes(
+        passes, args.repeats, ["ours packed", "ours padded", "torch padded"]))
+    print(f"median pass, seconds: ours packed {packed_s:.2f}, ours padded {padded_s:.2f}, "
+          f"torch padded {torch_s:.2f} ({args.repeats} timed passes each)")
+    rows = [("packing vs pad-to-longest, our step", "packed", "padded",
+             useful / packed_s, useful / padded_s),
+            ("our step vs torch, same padded batches", "ours", "torch",
+             useful / padded_s, useful / torch_s)]
+    print("useful tokens/s: the pass's non-padding tokens / seconds of the pass")
+    print(f"{'row':40s} {'a':>6s} {'tokens/s':>10s} {'b':>6s} {'tokens/s':>10s} {'a/b':>7s}")
+    for name, a_name, b_name, a, b in rows:
+        print(f"{name:40s} {a_name:>6s} {a:10.1f} {b_name:>6s} {b:10.1f} {a / b:6.2f}x")
 
 
 if __name__ == "__main__":

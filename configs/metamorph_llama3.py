@@ -87,6 +87,10 @@ def vpit_data(sources: dict, batch_size: int) -> ml_collections.ConfigDict:
         sources=ml_collections.ConfigDict(sources), seq_len=4096, batch_size=batch_size,
         num_image_tokens=64, image_size=384, image_dtype="uint8", max_images_per_row=16,
         template="llama3", seed=0, num_epochs=1, worker_count=16, strict=False,
+        # Videos: 1 fps; no max_video_frames, so a clip is sampled to at most
+        # DataConfig.video_frame_budget() = min(16 slots, 4096 // 2 // 66) = 16 frames
+        # (1056 positions), spread evenly over the whole clip. A source losing more than
+        # max_bad_fraction (default 0.01) of its records stops the run, naming it.
         # a token store (python -m metamorph_jax.data.encode) to read instead of pixels
         visual_tokens=config_dict.placeholder(str)))
 

@@ -79,3 +79,36 @@ def test_a_bucket_url_work_dir_and_negative_data_shards_are_named():
     config = load("tiny.py", "--config.data_shards=-1")
     with pytest.raises(StageConfigError, match="'data_shards' must be 0 or more, got -1"):
         runner.check_config(config)
+
+
+def test_paper_recipe_reads_a_long_video_as_its_frame_budget(tmp_path):
+    """The paper's data fields (no max_video_frames): a 20 s clip at 1 fps is 20 frames, more
+    than a row's 16 slots; it is read as 16 frames spread over the whole clip, not dropped."""
+    import json
+
+    import numpy as np
+
+    from metamorph_jax.data import conversation, pipeline
+    from metamorph_jax.data.testing import build_tiny_tokenizer, write_test_video
+
+    data = load("metamorph_llama3_8b.py:v5p-256").stages.instruct.data.to_dict()
+    assert data.get("max_video_frames") is None
+    write_test_video(tmp_path / "clip.mp4", [np.full((16, 16, 3), 12 * i, np.uint8)
+                                              for i in range(20)], fps=1)
+    (tmp_path / "v.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]}))
+    data.update(sources=[dict(path=str(tmp_path / "v.jsonl"))], worker_count=0, batch_size=1,
+                shard_index=0, shard_count=1, visual_tokens=None)
+    sources, config = pipeline.from_config(data)
+    assert config.video_frame_budget() == config.max_images_per_row == 16
+    tokenizer = build_tiny_tokenizer(["what", "colour", "red"])
+    iterator = pipeline.make_iterator(sources, tokenizer, conversation.add_image_tokens(tokenizer),
+                                      config)
+    batches = list(iterator)
+    assert iterator.bad_records.total == 0 and len(batches) == 1
+    assert batches[0]["image_valid"][0].sum() == 16
+    # 16 of seconds 0..19, first and last included: round(19 k / 15), nearest, earlier on a tie
+    means = batches[0]["images"][0].reshape(16, -1).mean(-1)
+    seconds = np.floor(np.linspace(0, 19, 16) + 0.5 - 1e-9)
+    assert seconds[0] == 0 and seconds[-1] == 19
+    assert np.allclose(means, 12 * seconds, atol=6)

@@ -19,7 +19,9 @@ tower's size (from the original, not from the crop), as the authors' SigLIP proc
 Videos: `sample_frames(path, fps=1.0)` picks frames at the requested rate (MetaMorph: 1 fps)
 from a frame folder, whose files are named by timestamp (`t=1.50.png`, `000150ms.jpg`,
 `1.5s.png`) or, when the source rate is given, by frame number; or from a video file
-(mp4, webm, ...), decoded with PyAV (`av`), using the frames' presentation times.
+(mp4, webm, ...), decoded with PyAV (`av`), using the frames' presentation times. A clip
+longer than `max_frames` seconds at 1 fps is subsampled to `max_frames` frames spread evenly
+over the whole clip (first and last frame included), never cut short.
 """
 from __future__ import annotations
 
@@ -226,15 +228,46 @@ def _sampling_picks(times: np.ndarray, fps: float) -> list[int]:
     return picked
 
 
-def _spread(picked: list, max_frames: int | None) -> list:
+def _even_picks(times: np.ndarray, count: int) -> list[int]:
+    """Indices (into sorted `times`) of `count` frames evenly spaced in time over the whole
+    clip: the frames nearest to linspace(first time, last time, count) (earlier on a tie),
+    so the first and the last frame are always among them (one frame: the first)."""
+    targets = np.linspace(times[0], times[-1], count)
+    after = np.clip(np.searchsorted(times, targets, side="left"), 0, len(times) - 1)
+    before = np.clip(after - 1, 0, len(times) - 1)
+    nearer = np.where(np.abs(times[before] - targets) <= np.abs(times[after] - targets),
+                      before, after)
+    return sorted(set(int(i) for i in nearer))
+
+
+def pick_frames(times: np.ndarray, fps: float, max_frames: int | None) -> list[int]:
+    """Indices (into sorted `times`) of the frames a clip is sampled to: one per 1/fps
+    seconds (`_sampling_picks`); a clip that gives more than `max_frames` is instead
+    sampled to `max_frames` frames evenly spaced over its whole length (`_even_picks`)."""
+    picked = _sampling_picks(times, fps)
     if max_frames is not None and len(picked) > max_frames:
-        keep = np.linspace(0, len(picked) - 1, max_frames).round().astype(int)
-        picked = [picked[i] for i in keep]
+        picked = _even_picks(times, max_frames)
     return picked
 
 
+def _video_frames(path: str) -> tuple[np.ndarray, list[int] | None]:
+    """(presentation times in s, ascending; their pts) of the first video stream's frames,
+    read from the packets without decoding. Packets without pts: frames numbered at the
+    average rate, pts None (the decoder's k-th frame is then frame k)."""
+    import av
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+        if stamps and all(p is not None for p in stamps):
+            stamps = sorted(set(stamps))
+            return np.asarray(stamps, np.float64) * float(stream.time_base), stamps
+        return np.arange(len(stamps), dtype=np.float64) / float(stream.average_rate or 1), None
+
+
 def sample_video(path, fps: float = 1.0, max_frames: int | None = None) -> list[np.ndarray]:
-    """Decode a video file and pick frames at `fps` by presentation time: uint8 HWC RGB."""
+    """Decode a video file and pick frames by presentation time (`pick_frames`): uint8
+    HWC RGB. The times come from a pass over the packets, so only the picked frames are
+    converted and kept, however long the clip."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ImageError(path, "file does not exist")
@@ -243,25 +276,21 @@ def sample_video(path, fps: float = 1.0, max_frames: int | None = None) -> list[
     except ImportError:
         raise ImageError(path, "decoding video files needs PyAV (pip install av); "
                                "or pass a folder of frames") from None
-    # Streamed: only the picked frames are converted and kept (decode order is
-    # presentation order for the constant-frame-rate streams this is meant for).
-    picked: list[np.ndarray] = []
-    step = 1.0 / fps
-    next_time = None
     try:
+        times, stamps = _video_frames(path)
+        if not len(times):
+            raise ImageError(path, "video holds no frames")
+        chosen = pick_frames(times, fps, max_frames)
+        wanted = set(chosen) if stamps is None else {stamps[i] for i in chosen}
+        picked: list[np.ndarray] = []
         with av.open(path) as container:
             for index, frame in enumerate(container.decode(video=0)):
-                time = float(frame.time) if frame.time is not None else index / float(
-                    container.streams.video[0].average_rate or 1)
-                if next_time is None:
-                    next_time = time
-                if time + 1e-9 >= next_time:
+                if (index if stamps is None else frame.pts) in wanted:
                     picked.append(frame.to_ndarray(format="rgb24"))
-                    while next_time <= time + 1e-9:
-                        next_time += step
-        if not picked:
-            raise ImageError(path, "video holds no frames")
-        return _spread(picked, max_frames)
+        if len(picked) != len(chosen):
+            raise ImageError(path, f"corrupt video: {len(chosen)} frames picked from the "
+                                   f"packets' times, {len(picked)} of them decoded")
+        return picked
     except ImageError:
         raise
     except Exception as error:  # PyAV raises its own error types for broken files
@@ -275,7 +304,10 @@ def sample_frames(folder, fps: float = 1.0, source_fps: float | None = None,
 
     Sampling times are t0, t0 + 1/fps, ... up to the last frame's time (t0 = first
     frame's time); for each, the first frame at or after that time is taken (so the
-    first frame always is). `max_frames` keeps at most that many, spread evenly.
+    first frame always is). A clip that would give more than `max_frames` frames is
+    sampled to `max_frames` frames spread evenly over its whole length instead (first and
+    last frame included; fewer only where the clip lacks frames over a gap longer than
+    their spacing), deterministically (`pick_frames`).
     """
     if is_video_file(folder) and not os.path.isdir(folder):
         return sample_video(folder, fps, max_frames)
@@ -283,7 +315,7 @@ def sample_frames(folder, fps: float = 1.0, source_fps: float | None = None,
     times = np.asarray([frame_time(f, source_fps) for f in files], np.float64)
     order = np.argsort(times, kind="stable")
     files = [files[i] for i in order]
-    picked = _spread(_sampling_picks(times[order], fps), max_frames)
+    picked = pick_frames(times[order], fps, max_frames)
     return [files[i] for i in picked]
 
 

@@ -32,6 +32,10 @@ empty (only at the end of the data) are all padding.
 
 The iterator's state is the parent's state before the sample that will open the next
 batch, plus the bad-record counts: restoring it reproduces the following batches exactly.
+
+Bad-record markers are counted (per reason and per source, bad_records.py) as they are
+pulled, used samples per source as they are placed; a source that loses more than
+`max_bad_fraction` of its records stops the iterator (at a report, or at the end).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from metamorph_jax.data.bad_records import BadRecordLog, is_bad
+from metamorph_jax.data.bad_records import DEFAULT_MAX_BAD_FRACTION, BadRecordLog, is_bad
 
 TOKEN_KEYS = ("tokens", "text_targets", "text_mask", "vision_mask")
 INDEX_KEYS = ("image_index", "vision_target_index")
@@ -111,7 +115,8 @@ class PackedBatchDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int,
                  max_images_per_row: int, num_image_tokens: int, image_size: int,
                  image_dtype: str = "float32", token_shape: tuple | None = None,
-                 token_dtype=None, strict: bool = False, report_every: int = 100):
+                 token_dtype=None, strict: bool = False, report_every: int = 100,
+                 max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION):
         super().__init__(parent)
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -123,6 +128,7 @@ class PackedBatchDataset(grain.IterDataset):
         self.token_dtype = token_dtype
         self.strict = strict
         self.report_every = report_every
+        self.max_bad_fraction = max_bad_fraction
 
     def __iter__(self) -> "PackedBatchIterator":
         return PackedBatchIterator(self._parent.__iter__(), self)
@@ -135,7 +141,7 @@ class PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, spec: PackedBatchDataset):
         super().__init__(parent)
         self.spec = spec
-        self.bad_records = BadRecordLog(strict=spec.strict)
+        self.bad_records = BadRecordLog(strict=spec.strict, max_bad_fraction=spec.max_bad_fraction)
         self._pending: dict | None = None        # sample pulled but not yet placed
         self._pending_state: Any = None          # parent state before that sample
         self._batches = 0
@@ -182,10 +188,13 @@ class PackedBatchIterator(grain.DatasetIterator):
                 used_tokens.append(0)
                 used_images.append(0)
             rows[row].append(sample)
+            # counted when placed (a pending sample is in the next batch's state)
+            self.bad_records.used(sample.get("source", "?"))
             used_tokens[row] += length
             used_images[row] += count
         if not rows:
             self.bad_records.report(final=True)
+            self.bad_records.check(final=True)
             raise StopIteration
         batch = empty_batch(spec.batch_size, spec.seq_len, spec.max_images, spec.image_size,
                             spec.image_dtype, spec.token_shape, spec.token_dtype)
@@ -194,6 +203,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._batches += 1
         if spec.report_every and self._batches % spec.report_every == 0:
             self.bad_records.report()
+            self.bad_records.check()
         return batch
 
     def get_state(self) -> dict:

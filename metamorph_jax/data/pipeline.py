@@ -25,9 +25,15 @@ exactly once per epoch. Processes may end with different batch counts (packing d
 lengths); with `num_epochs=None` the data never ends. With several sources and a finite
 `num_epochs`, the mixture ends when its first source runs out (grain's mixing rule).
 
-Bad records are counted per reason, reported every `report_every` batches and at the end
-(`iterator.bad_records.summary()`); `strict=True` raises at the first one, naming its file
-and line.
+Bad records are counted per reason and per source, reported every `report_every` batches
+and at the end (`iterator.bad_records.summary()`); `strict=True` raises at the first one,
+naming its file and line. A source that loses more than `max_bad_fraction` of its records
+(default 1%) stops the pipeline with an error naming the source, the reasons and the counts
+(when it is judged: `bad_records.BadRecordLog.check`).
+
+Videos are sampled at `video_fps`; a clip that would give more frames than
+`video_frame_budget()` is subsampled to that many, spread evenly over the whole clip
+(images.sample_frames), so long clips are read, not refused as too_many_images.
 """
 from __future__ import annotations
 
@@ -71,14 +77,30 @@ class DataConfig:
     read_threads: int = 1                # threads per process running the render/load map
     read_buffer_size: int = 16
     strict: bool = False
+    max_bad_fraction: float = 0.01       # a source losing a larger share of its records is
+                                         # an error (bad_records.py: when it is judged);
+                                         # 1.0: never
     report_every: int = 100              # batches between bad-record reports
     video_fps: float = 1.0
     video_source_fps: float | None = None
-    max_video_frames: int | None = None
+    max_video_frames: int | None = None  # frames per clip; a longer clip is subsampled
+                                         # evenly over its whole length; None: see
+                                         # video_frame_budget()
     shard_index: int | None = None       # None: jax.process_index()
     shard_count: int | None = None       # None: jax.process_count()
     visual_tokens: str | None = None     # a token store (data/token_store.py): batches carry
                                          # its tokens [B, N, V, C] instead of images
+
+    def video_frame_budget(self) -> int:
+        """Frames a video is sampled to at most: `max_video_frames`, or by default as many
+        as fit a row while leaving at least half of it to the text: min(max_images_per_row,
+        seq_len // 2 // (num_image_tokens + 2)), at least 1 (each frame costs its visual
+        positions plus <image_start> and <image_end>). Paper recipe: min(16, 4096 // 2 // 66)
+        = 16 frames = 1056 of the 4096 positions."""
+        if self.max_video_frames is not None:
+            return self.max_video_frames
+        per_frame = self.num_image_tokens + 2
+        return max(1, min(self.max_images_per_row, self.seq_len // 2 // per_frame))
 
 
 class SampleMaker:
@@ -116,16 +138,17 @@ class SampleMaker:
     def __call__(self, element: dict) -> dict:
         config = self.config
         where = element["where"]
+        source = element.get("source", "?")   # the record file, for per-source accounting
         try:
             conversation = conv.parse_record(
                 element["raw"], where=where, image_root=element["image_root"],
                 video_fps=config.video_fps, video_source_fps=config.video_source_fps,
-                max_video_frames=config.max_video_frames)
+                max_video_frames=config.video_frame_budget())
             sample = conv.render(conversation, self.tokenizer, self.ids, template=config.template,
                                  num_image_tokens=config.num_image_tokens,
                                  max_length=config.seq_len, max_images=config.max_images_per_row)
         except conv.RecordError as error:
-            return bad_marker(error.reason, error.where, error.message)
+            return bad_marker(error.reason, error.where, error.message, source)
         record_id = f"{conversation.id} ({where})" if conversation.id != where else where
         if config.visual_tokens:
             sample["record_id"] = record_id
@@ -144,10 +167,12 @@ class SampleMaker:
                     pixels.append(images_lib.load_image(path, config.image_size, config.image_dtype))
             except (images_lib.ImageError, TypeError, ValueError) as error:
                 missing = isinstance(error, images_lib.ImageError) and error.reason == "file does not exist"
-                return bad_marker("missing_image" if missing else "corrupt_image", where, str(error))
+                return bad_marker("missing_image" if missing else "corrupt_image", where,
+                                  str(error), source)
         size = config.image_size
         # Host-side provenance, carried through packing into the batch's `record_ids`.
         sample["record_id"] = record_id
+        sample["source"] = source
         sample["images"] = (np.stack(pixels) if pixels
                             else np.zeros((0, size, size, 3), np.dtype(config.image_dtype)))
         return sample
@@ -207,6 +232,14 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
         raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
     if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
+    if not 0 < config.max_bad_fraction <= 1:
+        raise ValueError(f"data field max_bad_fraction must be in (0, 1], got "
+                         f"{config.max_bad_fraction!r} (1.0: bad records are never an error)")
+    if config.max_video_frames is not None and not (
+            1 <= config.max_video_frames <= max(1, config.max_images_per_row)):
+        raise ValueError(f"data field max_video_frames={config.max_video_frames} must be in "
+                         f"1..max_images_per_row ({config.max_images_per_row}): a clip of more "
+                         "frames never fits a row")
     token_shape = token_dtype = None
     if config.visual_tokens:
         store = token_store.TokenStore(config.visual_tokens)
@@ -229,6 +262,7 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
                               image_size=config.image_size, image_dtype=config.image_dtype,
                               token_shape=token_shape, token_dtype=token_dtype,
                               strict=config.strict,
+                              max_bad_fraction=config.max_bad_fraction,
                               report_every=config.report_every)
 
 

@@ -3,12 +3,14 @@
 Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whose
 elements are small dicts::
 
-    {"raw": <record: JSON bytes or a dict>, "where": "<file>:<line>", "image_root": "<dir>"}
+    {"raw": <record: JSON bytes or a dict>, "where": "<file>:<line>", "image_root": "<dir>",
+     "source": "<file>"}
 
 `where` is what error reports print: `file:line` for JSONL (1-based line numbers),
 `file:[index]` for a JSON list, `file#index` for ArrayRecord and `tfds:name/split#index`
-for TFDS. Parsing happens later, in the pipeline's worker processes, so a malformed line
-is counted there like any other bad record.
+for TFDS; `source` is the record file (or `tfds:name/split`), under which the pipeline
+counts records and bad records per source. Parsing happens later, in the pipeline's
+worker processes, so a malformed line is counted there like any other bad record.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ class JsonlSource:
         # pread has no shared file position, so grain's reader threads can share the fd.
         raw = os.pread(self._handle, end - start, start)
         return {"raw": raw, "where": f"{self.path}:{int(self._lines[index])}",
-                "image_root": self.image_root}
+                "image_root": self.image_root, "source": self.path}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -115,7 +117,7 @@ class JsonListSource:
 
     def __getitem__(self, index: int) -> dict:
         return {"raw": self._records[index], "where": f"{self.path}:[{index}]",
-                "image_root": self.image_root}
+                "image_root": self.image_root, "source": self.path}
 
     def __repr__(self) -> str:
         return f"JsonListSource({self.path!r}, {len(self)} records)"
@@ -135,7 +137,7 @@ class ArrayRecordSource:
 
     def __getitem__(self, index: int) -> dict:
         return {"raw": self._source[index], "where": f"{self.path}#{index}",
-                "image_root": self.image_root}
+                "image_root": self.image_root, "source": self.path}
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.path!r}, {len(self)} records)"
@@ -184,7 +186,8 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict:
         return {"raw": self._to_record(self._source[index]),
-                "where": f"tfds:{self.name}/{self.split}#{index}", "image_root": self.image_root}
+                "where": f"tfds:{self.name}/{self.split}#{index}", "image_root": self.image_root,
+                "source": f"tfds:{self.name}/{self.split}"}
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {self.split!r}, {len(self)} records)"

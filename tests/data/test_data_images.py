@@ -125,8 +125,27 @@ def test_sample_frames_by_source_fps(tmp_path):
     picked = images.sample_frames(tmp_path / "clip", fps=1.0, source_fps=4.0)
     assert [os.path.basename(p) for p in picked] == [
         "frame_0001.jpg", "frame_0005.jpg", "frame_0009.jpg"]
+    # over the whole clip: its first and last frame, not the last 1 fps pick (frame 9)
     two = images.sample_frames(tmp_path / "clip", fps=1.0, source_fps=4.0, max_frames=2)
-    assert [os.path.basename(p) for p in two] == ["frame_0001.jpg", "frame_0009.jpg"]
+    assert [os.path.basename(p) for p in two] == ["frame_0001.jpg", "frame_0010.jpg"]
+
+
+def test_long_clip_is_subsampled_evenly_over_its_whole_length(tmp_path):
+    # 4 fps, frames 0..82 at 0 .. 20.5 s: 21 picks at 1 fps, over a budget of 3. Even
+    # over the whole clip means targets 0, 10.25, 20.5 s = frames 0, 41, 82 (the 1 fps
+    # picks spread evenly would end at 20 s: frames 0, 40, 80).
+    write_frames(tmp_path / "clip", [f"frame_{i:04d}.jpg" for i in range(83)])
+    picked = images.sample_frames(tmp_path / "clip", fps=1.0, source_fps=4.0, max_frames=3)
+    assert [os.path.basename(p) for p in picked] == [
+        "frame_0000.jpg", "frame_0041.jpg", "frame_0082.jpg"]
+    # frames 0..80 (0 .. 20 s) to 5: every 5 s, exactly the budget
+    write_frames(tmp_path / "even", [f"frame_{i:04d}.jpg" for i in range(81)])
+    picked = images.sample_frames(tmp_path / "even", fps=1.0, source_fps=4.0, max_frames=5)
+    assert [os.path.basename(p) for p in picked] == [
+        f"frame_{i:04d}.jpg" for i in (0, 20, 40, 60, 80)]
+    # a clip within the budget keeps its 1 fps frames
+    assert len(images.sample_frames(tmp_path / "even", fps=1.0, source_fps=4.0,
+                                    max_frames=21)) == 21
 
 
 def test_frame_errors(tmp_path):
@@ -155,8 +174,8 @@ def test_uint8_path_normalised_later_matches(tmp_path):
 
 
 def grey_clip(count=10, side=32):
-    # frame i is uniformly grey at 25 * i
-    return [np.full((side, side, 3), 25 * i, np.uint8) for i in range(count)]
+    # frame i is uniformly grey at 25 * i (mod 256)
+    return [np.full((side, side, 3), 25 * i % 256, np.uint8) for i in range(count)]
 
 
 def test_sample_video_file_at_1fps(tmp_path):
@@ -167,9 +186,20 @@ def test_sample_video_file_at_1fps(tmp_path):
     assert len(frames) == 3 and all(f.dtype == np.uint8 and f.shape == (32, 32, 3) for f in frames)
     # frames 0, 4, 8 (t = 0, 1, 2 s); MPEG-4 is lossy, so compare means within 6 levels
     assert np.allclose([f.mean() for f in frames], [0, 100, 200], atol=6)
-    two = images.sample_frames(path, fps=1.0, max_frames=2)
-    assert np.allclose([f.mean() for f in two], [0, 200], atol=6)
+    two = images.sample_frames(path, fps=1.0, max_frames=2)   # first and last of the clip
+    assert np.allclose([f.mean() for f in two], [0, 225], atol=6)
     assert len(images.sample_frames(path, fps=2.0)) == 5
+
+
+def test_long_video_file_gives_the_budget_evenly(tmp_path):
+    from metamorph_jax.data.testing import write_test_video
+    path = tmp_path / "long.mp4"
+    write_test_video(path, grey_clip(21, side=16), fps=1)   # 21 s at 1 fps, grey 25 * i % 256
+    frames = images.sample_frames(path, fps=1.0, max_frames=5)
+    assert len(frames) == 5
+    # seconds 0, 5, 10, 15, 20: the first, every fifth and the last
+    expected = [25 * i % 256 for i in (0, 5, 10, 15, 20)]
+    assert np.allclose([f.mean() for f in frames], expected, atol=6)
 
 
 def test_bad_video_files(tmp_path):

@@ -368,6 +368,9 @@ def test_bad_counts_survive_resume(bad_file, tok):
     list(resumed)
     list(iterator)
     assert resumed.bad_records.counts == iterator.bad_records.counts == {r: 1 for r in BAD_LINES}
+    # per source: every record read once (6 used + 9 refused), whatever was pending at the save
+    assert resumed.bad_records.sources == iterator.bad_records.sources
+    assert iterator.bad_records.sources[str(path)]["records"] == 6 + len(BAD_LINES)
 
 
 def test_tfds_source(tmp_path, tok):
@@ -431,3 +434,85 @@ def test_video_file_record_through_pipeline(tmp_path, tok):
     assert batch["image_valid"][0].tolist() == [1, 1, 1, 0]
     means = images_lib.denormalize(batch["images"][0, :3]).reshape(3, -1).mean(-1)
     assert np.allclose(means, [0, 100, 200], atol=6)
+
+
+def test_video_longer_than_the_row_is_subsampled_not_dropped(tmp_path, tok):
+    """max_video_frames None: the budget is derived from the row (DataConfig.video_frame_budget),
+    so a clip of more 1 fps frames than a row holds gives exactly the budget, evenly."""
+    from metamorph_jax.data.testing import write_test_video
+    frames = [np.full((SIZE, SIZE, 3), 20 * i, np.uint8) for i in range(11)]   # 11 s at 1 fps
+    write_test_video(tmp_path / "clip.mp4", frames, fps=1)
+    write_jsonl(tmp_path / "v.jsonl", [{"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "r1"}]}])
+    cfg = config(max_images_per_row=3)        # seq_len 64 // 2 // (4 + 2) = 5 > 3 slots
+    assert cfg.video_frame_budget() == 3
+    batches, iterator = all_batches([P.Source(str(tmp_path / "v.jsonl"))], tok, cfg)
+    assert iterator.bad_records.total == 0 and len(batches) == 1
+    assert batches[0]["image_valid"][0].tolist() == [1, 1, 1]
+    means = images_lib.denormalize(batches[0]["images"][0]).reshape(3, -1).mean(-1)
+    assert np.allclose(means, [0, 100, 200], atol=6)   # seconds 0, 5 and 10
+    # the budget also bounds the text's share: at most half of seq_len goes to frames
+    assert config(max_images_per_row=16).video_frame_budget() == 64 // 2 // (V + 2)
+    assert config(max_video_frames=2).video_frame_budget() == 2
+    with pytest.raises(ValueError, match="max_video_frames=4 must be in 1..max_images_per_row"):
+        all_batches([P.Source(str(tmp_path / "v.jsonl"))], tok, config(max_video_frames=4))
+
+
+def mixed_file(path, good: int, bad: int):
+    """`good` usable text records, then `bad` that are too long; returns the path."""
+    rows = [{"conversations": [{"from": "human", "value": "hello"},
+                               {"from": "gpt", "value": f"r{i % N_RECORDS}"}]} for i in range(good)]
+    rows += [BAD_LINES["too_long"]] * bad
+    write_jsonl(path, rows)
+    return path
+
+
+def test_a_source_losing_more_than_the_share_is_an_error(tmp_path, tok):
+    # two sources of one size, so that every record of both is read whatever the mixture
+    good = mixed_file(tmp_path / "good.jsonl", 198, 2)      # 2 of 200: 1.0%, not more
+    lossy = mixed_file(tmp_path / "lossy.jsonl", 197, 3)    # 3 of 200: 1.5%
+    cfg = config(batch_size=8, max_images_per_row=0)
+    with pytest.raises(BadRecordError) as info:
+        all_batches([P.Source(str(good)), P.Source(str(lossy))], tok, cfg)
+    message = str(info.value)
+    assert message.startswith(f"{lossy}: 3 of the 200 records read were refused (1.50%)")
+    assert "max_bad_fraction=0.01" in message and "too_long 3" in message
+    assert any(f"(e.g. {lossy}:{line}: " in message for line in (198, 199, 200))  # file:line
+    # the same data within a larger share; the good source alone is within 1%
+    batches, iterator = all_batches([P.Source(str(good)), P.Source(str(lossy))], tok,
+                                    config(batch_size=8, max_images_per_row=0,
+                                           max_bad_fraction=0.02))
+    counted = iterator.bad_records.sources
+    assert (counted[str(lossy)]["records"], counted[str(lossy)]["bad"]) == (200, {"too_long": 3})
+    assert (counted[str(good)]["records"], counted[str(good)]["bad"]) == (200, {"too_long": 2})
+    all_batches([P.Source(str(good))], tok, cfg)
+
+
+def test_a_small_source_is_judged_only_from_1_over_the_share_records(tmp_path, tok):
+    # 1 bad of 5: a single record is already 20%; stopping at it is strict mode's job
+    small = mixed_file(tmp_path / "small.jsonl", 4, 1)
+    batches, iterator = all_batches([P.Source(str(small))], tok, config(max_images_per_row=0))
+    assert iterator.bad_records.total == 1 and iterator.bad_records.sources[str(small)]["records"] == 5
+    # at f = 0.25 a source is judged from 4 records on: 1 of 5 is within, 2 of 5 are not
+    all_batches([P.Source(str(small))], tok, config(max_images_per_row=0, max_bad_fraction=0.25))
+    lossy = mixed_file(tmp_path / "lossy.jsonl", 3, 2)
+    with pytest.raises(BadRecordError, match="2 of the 5 records read were refused"):
+        all_batches([P.Source(str(lossy))], tok, config(max_images_per_row=0, max_bad_fraction=0.25))
+    with pytest.raises(ValueError, match="max_bad_fraction must be in"):
+        all_batches([P.Source(str(small))], tok, config(max_bad_fraction=0.0))
+
+
+def test_a_lossy_source_stops_at_a_report_before_the_end(tmp_path, tok):
+    # f = 0.5: judged at a report from 100 / 0.5 = 200 records read on; 60% are bad
+    lossy = mixed_file(tmp_path / "lossy.jsonl", 120, 180)
+    tokenizer, ids = tok
+    iterator = P.make_iterator([P.Source(str(lossy))], tokenizer, ids,
+                               config(batch_size=4, report_every=1, max_images_per_row=0,
+                                      max_bad_fraction=0.5))
+    batches = 0
+    with pytest.raises(BadRecordError) as info:
+        for _ in iterator:
+            batches += 1
+    assert batches * 4 < 120 and "at the end of the data" not in str(info.value)
+    read = iterator.bad_records.sources[str(lossy)]["records"]
+    assert 200 <= read < 300 and str(info.value).startswith(f"{lossy}: ")
