@@ -13,13 +13,14 @@ import logging
 from typing import Any
 
 from metamorph_jax.data.conversation import REASONS
+from metamorph_jax.input_errors import InputError
 
 logger = logging.getLogger("metamorph_jax.data")
 
 EXAMPLES_PER_REASON = 3
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError, ValueError):
     """Strict mode: the first unusable record stops the pipeline."""
 
 

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from metamorph_jax import sharding
+from metamorph_jax import input_errors, sharding
 from metamorph_jax.training import objectives, optim, steps as steps_lib
 from metamorph_jax.training import state as state_lib
 from metamorph_jax.training.checkpoint import StageCheckpoints
@@ -535,6 +536,17 @@ def parse_flags(argv: Sequence[str]):
     return parse_command(argv)[0]
 
 
+def _config_load_error(argv: Sequence[str], error: OSError) -> str:
+    """One line for a config file ml_collections could not load (its own message lists
+    every path it tried, over several lines; the flag itself counts as not parsed)."""
+    values = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    path = values[-1].split(":", 1)[0] if values else "FILE"   # config.py:ARGUMENT
+    if not os.path.isfile(path):
+        return f"--config {path}: no such file"
+    return f"--config {path}: cannot load it ({input_errors.one_line(error)})"
+
+
 def parse_command(argv: Sequence[str]):
     """(config as parse_flags gives it, the absl registry with train.py's other flags:
     the multi-process ones, distributed.define_flags)."""
@@ -555,11 +567,18 @@ def parse_command(argv: Sequence[str]):
                         flag_values=registry)
     flags.DEFINE_string("plan-out", None, "with --plan: write the plan as JSON to this file",
                         flag_values=registry)
+    flags.DEFINE_boolean("debug", False, "show the traceback of any error (also of bad "
+                         "input; metamorph_jax/input_errors.py)", flag_values=registry)
     try:
         rest = registry(list(argv))
+        if registry.config is not None:
+            registry.config.keys()   # a config file that failed to load raises here
     except (AttributeError, KeyError) as error:  # ml_collections' word for an unknown field
-        raise flags.Error(f"a --config.* override names a field the config does not have: "
-                          f"{error}") from None
+        raise flags.Error(input_errors.unknown_override(error, argv)) from None
+    except OSError as error:   # ml_collections': the config file could not be loaded
+        raise flags.Error(_config_load_error(argv, error)) from None
+    except SyntaxError as error:   # in the config file
+        raise flags.Error(f"--config {error.filename}, line {error.lineno}: {error.msg}") from None
     if len(rest) > 1:
         raise flags.Error(f"unexpected arguments {rest[1:]}; overrides look like "
                           "--config.stages.adapter.steps=20")
