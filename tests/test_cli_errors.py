@@ -194,3 +194,22 @@ def test_unknown_override_message():
         '--config.stages.instruct.stepz: no such field; did you mean "steps"?')
     assert input_errors.unknown_override(KeyError("'nope'"), ["train.py"]) == (
         "a --config.* override (field 'nope'): no such field")
+
+
+@pytest.mark.parametrize("body, message", [
+    ('    raise ValueError("field x must be positive")\n', "ValueError: field x must be positive"),
+    ("    return undefined_name\n", "NameError: name 'undefined_name' is not defined"),
+    ('    return {}["stages"]\n', "KeyError: 'stages'"),
+])
+def test_a_failing_config_file_is_named_with_its_line(tmp_path, body, message):
+    """The config file's own code failing is the user's to fix: one line naming the file
+    and the line (ml_collections hands a ValueError's traceback over as text), not
+    mistaken for an unknown override."""
+    from absl import flags
+
+    from metamorph_jax.training import runner
+    path = tmp_path / "config.py"
+    path.write_text("def get_config():\n" + body)
+    with pytest.raises(flags.Error) as raised:
+        runner.parse_command(["train.py", "--config", str(path)])
+    assert str(raised.value) == f"--config {path}, line 2: {message}"
