@@ -120,7 +120,8 @@ def test_benchmarks_start_on_the_cpu_without_libtpu_noise():
     if platforms.has_accelerator():
         pytest.skip("an accelerator is attached: JAX chooses it")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    code = "import os, benchmarks, sys; print(os.environ.get('JAX_PLATFORMS'), 'jax' in sys.modules)"
+    code = ("import os, sys, benchmarks; "
+            "print(os.environ.get('JAX_PLATFORMS'), 'jax' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["cpu", "False"], done.stderr[-2000:]
