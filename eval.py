@@ -45,13 +45,14 @@ import sys
 
 from metamorph_jax import distributed
 from metamorph_jax.data.conversation import TEMPLATES
+from metamorph_jax.input_errors import ArgumentParser
 
 
 def main(argv=None) -> int:
     from metamorph_jax import platforms
     platforms.prefer_cpu_without_accelerator()   # before anything imports JAX
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="metamorph model folder or training work directory")
     source.add_argument("--llm", help="LLM model folder (text loss with --data)")
@@ -202,4 +203,5 @@ def loss_mode(args, parser) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from metamorph_jax.input_errors import run_command
+    sys.exit(run_command(main))

@@ -72,26 +72,17 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from metamorph_jax import platforms
     platforms.prefer_cpu_without_accelerator()   # before anything imports JAX
-    from absl import flags
-
     from metamorph_jax import distributed
     from metamorph_jax.training import runner
-    from metamorph_jax.training.objectives import StageConfigError
+    # Bad flags, configs and files raise input errors (metamorph_jax/input_errors.py):
+    # run_command prints them as one line and exits 2.
     argv = with_default_config(argv)
-    try:
-        config, options = runner.parse_command(argv)
-        if options.plan:
-            from metamorph_jax.training import plan
-            try:
-                return plan.plan(config, options.plan, options["plan-out"].value)
-            except plan.PlanError as error:
-                print(f"{argv[0]}: {error}", file=sys.stderr)
-                return 2
-        distributed.initialize(**distributed.from_flags(options))
-        results = runner.run(config)
-    except (flags.Error, StageConfigError, distributed.DistributedConfigError) as error:
-        print(f"{argv[0]}: {error}", file=sys.stderr)
-        return 2
+    config, options = runner.parse_command(argv)
+    if options.plan:
+        from metamorph_jax.training import plan
+        return plan.plan(config, options.plan, options["plan-out"].value)
+    distributed.initialize(**distributed.from_flags(options))
+    results = runner.run(config)
     import jax
     several = jax.process_count() > 1
     if jax.process_index() != 0:   # process 0 reports
@@ -116,4 +107,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from metamorph_jax.input_errors import run_command
+    sys.exit(run_command(main))

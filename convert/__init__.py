@@ -6,8 +6,12 @@ several sub-folders at once (sd15 = unet/ + vae/).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from convert.spec import ModelSpec
+from metamorph_jax.input_errors import BadInput
+
+if TYPE_CHECKING:   # convert.spec imports JAX; `python -m convert` decides the platform first
+    from convert.spec import ModelSpec
 
 SPEC_MODULES = {"llama": "convert.llama", "siglip": "convert.siglip",
                 "unet": "convert.unet", "vae": "convert.vae", "metamorph": "convert.metamorph"}
@@ -16,5 +20,5 @@ COMPOSITES = {"sd15": ("unet", "vae")}
 
 def get_spec(name: str) -> ModelSpec:
     if name not in SPEC_MODULES:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(SPEC_MODULES) + sorted(COMPOSITES)}")
+        raise BadInput(f"unknown model {name!r}; known: {sorted(SPEC_MODULES) + sorted(COMPOSITES)}")
     return importlib.import_module(SPEC_MODULES[name]).SPEC

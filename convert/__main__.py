@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from convert import COMPOSITES, SPEC_MODULES, get_spec
-from convert.core import DEFAULT_SHARD_BYTES, ConversionError, flax_to_hf, hf_to_flax
+from metamorph_jax.input_errors import ArgumentParser, run_command
 
 
 def parse_size(text: str) -> int:
@@ -30,8 +30,16 @@ def parse_size(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command: a bad argument, folder or checkpoint is one line `error: ...` and the
+    status 2 (metamorph_jax/input_errors.py)."""
+    return run_command(command, sys.argv[1:] if argv is None else list(argv))
+
+
+def command(argv) -> int:
+    # Imported here, after run_command has chosen the platform JAX starts on.
+    from convert.core import DEFAULT_SHARD_BYTES, flax_to_hf, hf_to_flax
+    parser = ArgumentParser(prog="python -m convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     models = sorted(SPEC_MODULES) + sorted(COMPOSITES)
     to_flax = sub.add_parser("to-flax", help="PyTorch checkpoint folder -> Flax/Orbax")
@@ -56,23 +64,19 @@ def main(argv=None) -> int:
         parser.error("--vision-tower is for metamorph only")
 
     parts = [(p, p) for p in COMPOSITES[args.model]] if args.model in COMPOSITES else [(args.model, None)]
-    try:
-        for name, subfolder in parts:
-            src = Path(args.src) / subfolder if subfolder else Path(args.src)
-            out = Path(args.out) / subfolder if subfolder else Path(args.out)
-            if args.command == "to-flax" and name == "metamorph":
-                from convert.metamorph import checkpoint_to_flax
-                checkpoint_to_flax(src, out, vision_tower=args.vision_tower,
-                                   allow_pickle=args.allow_pickle, variant=args.variant)
-            elif args.command == "to-flax":
-                hf_to_flax(get_spec(name), src, out, allow_pickle=args.allow_pickle,
-                           variant=args.variant)
-            else:
-                flax_to_hf(get_spec(name), src, out, tokenizer_dir=args.tokenizer,
-                           max_shard_bytes=args.max_shard_size)
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for name, subfolder in parts:
+        src = Path(args.src) / subfolder if subfolder else Path(args.src)
+        out = Path(args.out) / subfolder if subfolder else Path(args.out)
+        if args.command == "to-flax" and name == "metamorph":
+            from convert.metamorph import checkpoint_to_flax
+            checkpoint_to_flax(src, out, vision_tower=args.vision_tower,
+                               allow_pickle=args.allow_pickle, variant=args.variant)
+        elif args.command == "to-flax":
+            hf_to_flax(get_spec(name), src, out, allow_pickle=args.allow_pickle,
+                       variant=args.variant)
+        else:
+            flax_to_hf(get_spec(name), src, out, tokenizer_dir=args.tokenizer,
+                       max_shard_bytes=args.max_shard_size)
     print(f"wrote {args.out}")
     return 0
 

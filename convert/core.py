@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from convert import safetensors_io
 from convert.spec import ModelSpec, Rule, to_flax as rule_to_flax, to_hf as rule_to_hf
 from metamorph_jax import config_io, pretrained
+from metamorph_jax.input_errors import InputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -28,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError, ValueError):
     """A checkpoint that does not fit its model: the message names file and tensor."""
 
 

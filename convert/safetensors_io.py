@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from metamorph_jax.input_errors import InputError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
@@ -24,7 +26,7 @@ DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(InputError, ValueError):
     """A file that is not a well-formed safetensors file; the message names the file."""
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 
+from metamorph_jax.input_errors import InputError
+
 LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
@@ -45,8 +47,8 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-class UnknownArchitecture(KeyError):
-    pass
+class UnknownArchitecture(InputError, KeyError):
+    """A config names an architecture this table does not have."""
 
 
 def get(name: str) -> dict:

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from metamorph_jax.input_errors import InputError
 
-class ConfigFileError(ValueError):
+
+class ConfigFileError(InputError, ValueError):
     """A config file that is missing or not valid JSON (the message names the file)."""
 
 

@@ -24,6 +24,8 @@ import logging
 import os
 from typing import Mapping
 
+from metamorph_jax.input_errors import InputError
+
 logger = logging.getLogger("metamorph_jax.distributed")
 
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -32,7 +34,7 @@ FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes",
          "process_id": "--process-id"}
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(InputError, ValueError):
     """Incomplete or inconsistent multi-process settings (the message names the flag or
     variable)."""
 

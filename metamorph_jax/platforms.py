@@ -5,6 +5,11 @@ any accelerator, JAX first tries the TPU backend, prints libtpu's initialisation
 and then falls back to the CPU. `prefer_cpu_without_accelerator` asks for the CPU directly
 in that case, so the commands start quietly on the backend they would have used anyway.
 Compiling for a TPU topology (jax.experimental.topologies) works under it.
+
+`quiet_start` is what every command (and `python -m benchmarks.*`) does first: that, and
+no "PyTorch was not found" notice from transformers, which the commands use for
+tokenizers only (transformers prints it through its advisory-warning call, which
+TRANSFORMERS_NO_ADVISORY_WARNINGS turns off; no other message goes through that call).
 """
 from __future__ import annotations
 
@@ -35,3 +40,10 @@ def prefer_cpu_without_accelerator(environ: MutableMapping[str, str] = os.enviro
         return False
     environ["JAX_PLATFORMS"] = "cpu"
     return True
+
+
+def quiet_start(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Before JAX and transformers are imported: the platform (above) and no transformers
+    notice about a missing PyTorch. A value the user set is kept."""
+    prefer_cpu_without_accelerator(environ)
+    environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from metamorph_jax import config_io
+from metamorph_jax.input_errors import BadInput
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -68,7 +69,7 @@ def read_model_config(model_dir: str | Path) -> dict:
     data = config_io.read_json(path)
     for field in ("model", "config"):
         if field not in data:
-            raise ValueError(f"{path}: missing field {field!r}")
+            raise BadInput(f"{path}: missing field {field!r}")
     return data
 
 
@@ -135,9 +136,9 @@ def load_tokenizer(tokenizer_dir: str | Path):
 def check_vocab(vocab_size: int, tokenizer, model_dir, tokenizer_dir) -> None:
     """A tokenizer with more ids than the model has rows is an error naming both."""
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
-                         f"{Path(model_dir) / CONFIG_FILE} field 'config.vocab_size' is "
-                         f"{vocab_size}; use the tokenizer the model was made with")
+        raise BadInput(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
+                       f"{Path(model_dir) / CONFIG_FILE} field 'config.vocab_size' is "
+                       f"{vocab_size}; use the tokenizer the model was made with")
 
 
 def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "float32",
@@ -158,8 +159,8 @@ def load_llama(model_dir: str | Path, mesh=None, rules=None, *, dtype: str = "fl
 
     saved = read_model_config(model_dir)
     if saved["model"] != "llama":
-        raise ValueError(f"{Path(model_dir) / CONFIG_FILE}: field 'model' is "
-                         f"{saved['model']!r}, expected 'llama'")
+        raise BadInput(f"{Path(model_dir) / CONFIG_FILE}: field 'model' is "
+                       f"{saved['model']!r}, expected 'llama'")
     changes = dict(dtype=dtype, param_dtype="float32",
                    platform=None if mesh is None else sharding.mesh_platform(mesh))
     if remat_policy is not None:
@@ -195,8 +196,8 @@ def add_token_rows(src_dir: str | Path, out_dir: str | Path, count: int = 2) -> 
 
     saved = read_model_config(src_dir)
     if saved["model"] != "llama":
-        raise ValueError(f"{Path(src_dir) / CONFIG_FILE}: field 'model' is {saved['model']!r}; "
-                         f"vocabulary rows are added to a 'llama' folder")
+        raise BadInput(f"{Path(src_dir) / CONFIG_FILE}: field 'model' is {saved['model']!r}; "
+                       f"vocabulary rows are added to a 'llama' folder")
     config = LlamaConfig.from_dict(saved["config"])
     params = token_rows.grow_vocab(load_params(src_dir), count, config.tie_word_embeddings)
     config = config.replace(vocab_size=config.vocab_size + count)

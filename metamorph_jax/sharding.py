@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from metamorph_jax.input_errors import BadInput
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Data parallel over data x fsdp; parameters sharded ZeRO-3 style over fsdp on their
@@ -37,18 +39,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+        raise BadInput(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
+        raise BadInput(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1")
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices do not "
-                             f"divide by {known}")
+            raise BadInput(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices do not "
+                           f"divide by {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"{len(devices)} are available")
+        raise BadInput(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                       f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -68,9 +70,9 @@ def check_platform(platform: str | None, mesh: Mesh, what: str = "the model") ->
     another."""
     chosen = jax.default_backend() if platform is None else platform
     if chosen != mesh_platform(mesh):
-        raise ValueError(f"{what} is built for platform {chosen!r} (config field 'platform' = "
-                         f"{platform!r}) but the mesh's devices are {mesh_platform(mesh)!r}; "
-                         f"build it with platform=sharding.mesh_platform(mesh)")
+        raise BadInput(f"{what} is built for platform {chosen!r} (config field 'platform' = "
+                       f"{platform!r}) but the mesh's devices are {mesh_platform(mesh)!r}; "
+                       f"build it with platform=sharding.mesh_platform(mesh)")
 
 
 @contextlib.contextmanager

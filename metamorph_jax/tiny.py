@@ -6,6 +6,7 @@ special tokens and chat template.
 from __future__ import annotations
 
 from pathlib import Path
+from metamorph_jax.input_errors import BadInput
 
 def tiny_tokenizer(save_dir: str | Path | None = None):
     """The word-level LLaMA-3-style tokenizer of data/testing.py, optionally saved."""
@@ -108,18 +109,18 @@ def ensure_assets(assets) -> dict:
     from metamorph_jax.models.llama import LlamaForCausalLM
 
     if assets.get("kind") != "tiny_shapes":
-        raise ValueError(f"config field 'assets.kind' = {assets.get('kind')!r}: the only kind "
-                         "is 'tiny_shapes'")
+        raise BadInput(f"config field 'assets.kind' = {assets.get('kind')!r}: the only kind "
+                       "is 'tiny_shapes'")
     tower = assets.get("tower") or {}
     tower = dict(tower.to_dict() if hasattr(tower, "to_dict") else tower)
     zero_background = tower.pop("zero_background", False)
     if not isinstance(zero_background, bool):
-        raise ValueError(f"config field 'assets.tower.zero_background' = {zero_background!r}: "
-                         "must be true or false")
+        raise BadInput(f"config field 'assets.tower.zero_background' = {zero_background!r}: "
+                       "must be true or false")
     try:
         tiny_siglip_config(image_size=int(assets.image_size), **tower)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"config field 'assets.tower': {error}") from None
+        raise BadInput(f"config field 'assets.tower': {error}") from None
 
     root = Path(assets.root)
     root.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def test_pickles_are_refused_unless_allowed(tmp_path):
     torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(ConversionError, match="pytorch_model.bin.*--allow-pickle"):
         open_checkpoint(tmp_path / "hf")
-    assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "out")]) == 1
+    assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
     assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "out"),
                          "--allow-pickle"]) == 0
     params = pretrained.load_params(tmp_path / "out")
@@ -157,7 +157,7 @@ def test_damaged_safetensors_is_one_error_line(tmp_path, capsys, damage, message
     capsys.readouterr()
     code = convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
     assert re.search(message, err), err
     with pytest.raises(ConversionError, match=message):
@@ -231,4 +231,4 @@ def test_variant_files_are_chosen_not_mixed(tmp_path):
     np.testing.assert_array_equal(fp32, embed)
     np.testing.assert_array_equal(fp16, embed.astype(np.float16))
     assert convert_main(["to-flax", "llama", str(tmp_path / "hf"), str(tmp_path / "bf16"),
-                         "--variant", "bf16"]) == 1
+                         "--variant", "bf16"]) == 2

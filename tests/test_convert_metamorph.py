@@ -144,15 +144,16 @@ def test_a_missing_tower_is_a_clear_error(folders, tmp_path, capsys):
 def test_an_unknown_tower_config_is_a_clear_error(folders, tmp_path, capsys, tower_name, message):
     hf_config = {**folders["hf_config"], "mm_vision_tower": tower_name}
     write_authors_folder(tmp_path / "authors", folders["reference"], hf_config)
-    assert main(["to-flax", "metamorph", str(tmp_path / "authors"), str(tmp_path / "out")]) == 1
+    assert main(["to-flax", "metamorph", str(tmp_path / "authors"), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "config.json" in error
     assert re.search(message, error), error
 
 
-def test_vision_tower_flag_is_for_metamorph_only(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["to-flax", "llama", str(tmp_path), str(tmp_path / "o"), "--vision-tower", "x"])
+def test_vision_tower_flag_is_for_metamorph_only(tmp_path, capsys):
+    assert main(["to-flax", "llama", str(tmp_path), str(tmp_path / "o"),
+                 "--vision-tower", "x"]) == 2
+    assert capsys.readouterr().err == "error: --vision-tower is for metamorph only\n"
 
 
 def test_bf16_checkpoint_round_trips_bit_exact(folders, tmp_path):

@@ -159,7 +159,7 @@ def test_unet_and_vae_alone(tmp_path):
         assert all(original[n].tobytes() == back[n].tobytes() for n in original)
     # A VAE folder is not a UNet: the error names the file.
     assert convert_main(["to-flax", "unet", str(tmp_path / "sd" / "vae"),
-                         str(tmp_path / "wrong")]) == 1
+                         str(tmp_path / "wrong")]) == 2
 
 
 def test_errors_name_the_tensor(tmp_path):
@@ -191,6 +191,6 @@ def test_errors_name_the_tensor(tmp_path):
     (tmp_path / "u").mkdir()
     unet.save_config(str(tmp_path / "u"))
     torch.save(unet.state_dict(), tmp_path / "u" / "diffusion_pytorch_model.bin")
-    assert convert_main(["to-flax", "unet", str(tmp_path / "u"), str(tmp_path / "o")]) == 1
+    assert convert_main(["to-flax", "unet", str(tmp_path / "u"), str(tmp_path / "o")]) == 2
     assert convert_main(["to-flax", "unet", str(tmp_path / "u"), str(tmp_path / "o"),
                          "--allow-pickle"]) == 0

@@ -185,23 +185,23 @@ def test_bad_checkpoints_name_the_tensor(tmp_path, capsys):
     missing = dict(state)
     del missing["encoder.layers.1.mlp.fc1.weight"]
     code, err = attempt(missing)
-    assert code == 1 and "'encoder.layers.1.mlp.fc1.weight'" in err and "missing" in err
+    assert code == 2 and "'encoder.layers.1.mlp.fc1.weight'" in err and "missing" in err
 
     wrong = dict(state, **{"head.attention.in_proj_weight": torch.zeros(90, 32)})
     code, err = attempt(wrong)
-    assert code == 1 and "'head.attention.in_proj_weight'" in err and "(90, 32)" in err
+    assert code == 2 and "'head.attention.in_proj_weight'" in err and "(90, 32)" in err
 
     extra = dict(state, **{"encoder.layers.2.mlp.fc1.bias": torch.zeros(48)})
     code, err = attempt(extra)
-    assert code == 1 and "'encoder.layers.2.mlp.fc1.bias'" in err
+    assert code == 2 and "'encoder.layers.2.mlp.fc1.bias'" in err
 
     both = dict(state, **{"vision_model.post_layernorm.bias": state["post_layernorm.bias"].clone()})
     code, err = attempt(both)
-    assert code == 1 and "post_layernorm" in err and "twice" in err
+    assert code == 2 and "post_layernorm" in err and "twice" in err
 
     (folder / "config.json").write_text(json.dumps({**reference.config.to_dict(), "hidden_act": "relu"}))
     code, err = attempt(state)
-    assert code == 1 and "config.json" in err and "hidden_act" in err
+    assert code == 2 and "config.json" in err and "hidden_act" in err
 
 
 def test_pickle_needs_permission(tmp_path):
@@ -210,7 +210,7 @@ def test_pickle_needs_permission(tmp_path):
     folder.mkdir()
     reference.config.to_json_file(folder / "config.json")
     torch.save(reference.state_dict(), folder / "pytorch_model.bin")
-    assert convert_main(["to-flax", "siglip", str(folder), str(tmp_path / "refused")]) == 1
+    assert convert_main(["to-flax", "siglip", str(folder), str(tmp_path / "refused")]) == 2
     cli("to-flax", "siglip", folder, tmp_path / "flax", "--allow-pickle")
     cli("to-hf", "siglip", tmp_path / "flax", tmp_path / "back")
     original = {k: v.numpy() for k, v in reference.state_dict().items()}

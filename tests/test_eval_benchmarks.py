@@ -13,6 +13,7 @@ from PIL import Image
 from metamorph_jax.evaluation import answers, benchmarks, prompts, runner
 from metamorph_jax.evaluation.predictions import PredictionsWriter, read_predictions
 from metamorph_jax.evaluation.samples import BenchmarkFileError, sample_images
+from metamorph_jax.input_errors import UsageError
 
 
 def png_b64(color) -> str:
@@ -371,5 +372,5 @@ def test_score_cli(tmp_path, capsys):
     assert score_cli.main(argv + ["--allow-missing"]) == 0
     out = capsys.readouterr().out
     assert "mmbench: 50.00" in out and "missing 1" in out and "average over 1 benchmarks: 50.00" in out
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unknown benchmark 'nope'"):
         score_cli.main(["--bench", "nope=x", "--predictions", "p", "--out", "o"])

@@ -21,6 +21,7 @@ from metamorph_jax.data import images as images_lib
 from metamorph_jax.evaluation import benchmarks, fid, prompts, runner, scoring, vpit_answers
 from metamorph_jax.evaluation.predictions import read_predictions
 from metamorph_jax.inference import vpit_generate as vg
+from metamorph_jax.input_errors import UsageError
 from tests.test_eval_benchmarks import mmbench_file
 from tests.vpit_helpers import IMAGE_SIZE, save_tiny_folders
 
@@ -133,21 +134,22 @@ def test_no_benchmark_flags_evaluate_a_work_directory_s_shapes_world(folders, tm
         evaluate_shapes_world(tmp_path / "run", tmp_path / "out")
 
 
-def test_bad_flags(folders, capsys):
+def test_bad_flags(folders):
     model_dir, _ = folders
+    messages = []
     for flags in (["--benchmarks", "nope=x.tsv"], ["--benchmarks", "jsonl"],
                   ["--generation", "references=d"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError) as raised:
             eval_cli.main(["--checkpoint", str(model_dir), *flags])
-    assert "unknown name 'nope'" in capsys.readouterr().err
+        messages.append(str(raised.value))
+    assert "unknown name 'nope'" in messages[0]
     # Process and device flags: one clear error each, before any model is loaded.
     for flags, message in ((["--coordinator", "localhost:1"], "missing: --num-processes"),
                            (["--local-devices", "0"], "--local-devices must be at least 1"),
                            (["--local-devices", "99", "--benchmarks", "jsonl=x.jsonl"],
                             "--local-devices 99: this process has 8 devices")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match=message):
             eval_cli.main(["--checkpoint", str(model_dir), *flags])
-        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 
 import train
 from metamorph_jax import architectures
+from metamorph_jax.input_errors import run_command
 from metamorph_jax.training import plan, runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,8 +207,9 @@ def test_bad_topology_names_are_refused(name):
 
 def test_a_missing_architecture_is_one_error_naming_stage_and_field(tmp_path, capsys):
     argv = text_argv(tmp_path, "--plan", "v5e-4", arch="")
-    assert train.main(argv) == 2
+    assert run_command(train.main, argv) == 2   # as `python train.py` runs it
     err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "stage 'text': field 'init.llm_arch' is empty and init.llm_dir names no existing " \
         "folder" in err
     assert not (tmp_path / "work").exists()

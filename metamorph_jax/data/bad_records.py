@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 from metamorph_jax.data.conversation import REASONS
+from metamorph_jax.input_errors import InputError
 
 logger = logging.getLogger("metamorph_jax.data")
 
@@ -34,7 +35,7 @@ DEFAULT_MAX_BAD_FRACTION = 0.01
 RECORDS_PER_REPORT_JUDGEMENT = 100   # a source is judged at a report after 100 / f records
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError, ValueError):
     """Strict mode: the first unusable record stops the pipeline."""
 
 

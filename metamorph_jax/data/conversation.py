@@ -56,6 +56,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from metamorph_jax.data import images as images_lib
+from metamorph_jax.input_errors import InputError
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
@@ -83,7 +84,7 @@ REASONS = (
 )
 
 
-class RecordError(ValueError):
+class RecordError(InputError, ValueError):
     """A record that cannot be used: `reason` (one of REASONS), `where` ("file:line")."""
 
     def __init__(self, reason: str, where: str, message: str):

@@ -19,10 +19,11 @@ import argparse
 import sys
 
 from metamorph_jax import distributed
+from metamorph_jax.input_errors import ArgumentParser, run_command
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m metamorph_jax.data.encode",
         description="The frozen SigLIP tower's visual tokens of every image the records "
                     "refer to, written once into a token store (resumable).")
@@ -59,19 +60,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """The command: a bad flag, record file, image or store is one line `error: ...` and
+    the status 2 (metamorph_jax/input_errors.py)."""
+    return run_command(command, sys.argv[1:] if argv is None else list(argv))
+
+
+def command(argv) -> int:
     args = parse_args(argv)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from metamorph_jax.data.token_store import TokenStoreError
-    from metamorph_jax.inference.token_encoder import EncodeError, encode
-    try:
-        result = encode(args.checkpoint, args.input, args.output, image_root=args.image_root,
-                        dtype=args.dtype, batch_size=args.batch_size, part_size=args.part_size,
-                        read_threads=args.read_threads, compute_dtype=args.compute_dtype,
-                        image_size=args.image_size, num_image_tokens=args.num_image_tokens,
-                        progress=not args.no_progress)
-    except (EncodeError, TokenStoreError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from metamorph_jax.inference.token_encoder import encode
+    result = encode(args.checkpoint, args.input, args.output, image_root=args.image_root,
+                    dtype=args.dtype, batch_size=args.batch_size, part_size=args.part_size,
+                    read_threads=args.read_threads, compute_dtype=args.compute_dtype,
+                    image_size=args.image_size, num_image_tokens=args.num_image_tokens,
+                    progress=not args.no_progress)
     print(f"{args.output}: {result['images']} images; encoded {result['encoded']} now, "
           f"{result['already']} were already stored" + (" (index written)"
                                                        if result["index"] else ""))

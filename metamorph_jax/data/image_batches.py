@@ -31,9 +31,10 @@ from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
 from metamorph_jax.data import pipeline
 from metamorph_jax.data import token_store
+from metamorph_jax.input_errors import InputError
 
 
-class NoImageError(ValueError):
+class NoImageError(InputError, ValueError):
     """A record the decoder stage cannot use (it has no image, or the image is unreadable)."""
 
 

@@ -31,6 +31,8 @@ import re
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from metamorph_jax.input_errors import InputError
+
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 RESCALE_FACTOR = 1.0 / 255.0
@@ -41,7 +43,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageError(ValueError):
+class ImageError(InputError, ValueError):
     """An image (or video frame folder) that cannot be read; the message names the file."""
 
     def __init__(self, path, reason: str):

@@ -49,6 +49,7 @@ from metamorph_jax.data import token_store
 from metamorph_jax.data.bad_records import bad_marker
 from metamorph_jax.data.packing import PackedBatchDataset, PackedBatchIterator
 from metamorph_jax.data.sources import open_source
+from metamorph_jax.input_errors import BadInput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +189,13 @@ def _shard(config: DataConfig) -> tuple[int, int]:
 def record_dataset(sources: Sequence[Source], config: DataConfig) -> grain.MapDataset:
     """Shuffled, mixed, process-sharded record elements (before rendering)."""
     if not sources:
-        raise ValueError("no data sources given")
+        raise BadInput("no data sources given")
     datasets = []
     for index, source in enumerate(sources):
         kwargs = {"data_dir": source.tfds_data_dir} if source.path.startswith("tfds:") else {}
         dataset = grain.MapDataset.source(open_source(source.path, source.image_root, **kwargs))
         if len(dataset) == 0:
-            raise ValueError(f"{source.path}: the source holds no records")
+            raise BadInput(f"{source.path}: the source holds no records")
         dataset = dataset.shuffle(seed=(config.seed + 7919 * index) % 2**32)
         if len(sources) > 1 or config.num_epochs != 1:
             dataset = dataset.repeat(config.num_epochs)
@@ -204,11 +205,11 @@ def record_dataset(sources: Sequence[Source], config: DataConfig) -> grain.MapDa
     else:
         weights = [float(s.weight) for s in sources]
         if min(weights) <= 0:
-            raise ValueError(f"source weights must be positive, got {weights}")
+            raise BadInput(f"source weights must be positive, got {weights}")
         dataset = grain.MapDataset.mix(datasets, weights)
     shard_index, shard_count = _shard(config)
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
+        raise BadInput(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
     return dataset[shard_index::shard_count]
 
 
@@ -227,19 +228,19 @@ def build_dataset(sources: Sequence[Source], tokenizer, ids: conv.SpecialIds,
     record_check: optional map applied to each raw record before rendering (e.g. a stage
     that accepts only text records raises there, naming the file and line)."""
     if config.image_dtype not in ("float32", "uint8"):
-        raise ValueError(f"image_dtype must be float32 or uint8, got {config.image_dtype!r}")
+        raise BadInput(f"image_dtype must be float32 or uint8, got {config.image_dtype!r}")
     if config.template not in conv.TEMPLATES:
-        raise ValueError(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
+        raise BadInput(f"unknown template {config.template!r}; choose from {conv.TEMPLATES}")
     if config.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template='tokenizer' but the tokenizer has no chat_template")
+        raise BadInput("template='tokenizer' but the tokenizer has no chat_template")
     if not 0 < config.max_bad_fraction <= 1:
-        raise ValueError(f"data field max_bad_fraction must be in (0, 1], got "
-                         f"{config.max_bad_fraction!r} (1.0: bad records are never an error)")
+        raise BadInput(f"data field max_bad_fraction must be in (0, 1], got "
+                       f"{config.max_bad_fraction!r} (1.0: bad records are never an error)")
     if config.max_video_frames is not None and not (
             1 <= config.max_video_frames <= max(1, config.max_images_per_row)):
-        raise ValueError(f"data field max_video_frames={config.max_video_frames} must be in "
-                         f"1..max_images_per_row ({config.max_images_per_row}): a clip of more "
-                         "frames never fits a row")
+        raise BadInput(f"data field max_video_frames={config.max_video_frames} must be in "
+                       f"1..max_images_per_row ({config.max_images_per_row}): a clip of more "
+                       "frames never fits a row")
     token_shape = token_dtype = None
     if config.visual_tokens:
         store = token_store.TokenStore(config.visual_tokens)
@@ -280,5 +281,5 @@ def from_config(config) -> tuple[list[Source], DataConfig]:
     known = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown data config fields {unknown}; known: {sorted(known)}")
+        raise BadInput(f"unknown data config fields {unknown}; known: {sorted(known)}")
     return sources, DataConfig(**values)

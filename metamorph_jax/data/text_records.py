@@ -16,11 +16,12 @@ import numpy as np
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
 from metamorph_jax.data.packing import PackedBatchIterator
+from metamorph_jax.input_errors import InputError
 
 IMAGE_FIELDS = ("image", "images", "video")
 
 
-class TextStageError(ValueError):
+class TextStageError(InputError, ValueError):
     """A record the text stage cannot train on (it holds images or a video)."""
 
 

@@ -49,6 +49,8 @@ from typing import Iterable
 
 import numpy as np
 
+from metamorph_jax.input_errors import InputError
+
 FORMAT = "metamorph-visual-tokens"
 VERSION = 2     # 2: keys are absolute paths (1: relative to the image root)
 INDEX_FILE = "index.json"
@@ -64,7 +66,7 @@ def tower_fields(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in TOWER_RUNTIME_FIELDS}
 
 
-class TokenStoreError(ValueError):
+class TokenStoreError(InputError, ValueError):
     """A store that cannot be used (incomplete, other settings, a missing key); the message
     names the store's file and field."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 from metamorph_jax.evaluation import readers
+from metamorph_jax.input_errors import BadInput
 
 TSV_BENCHMARKS = ("mmbench", "seed", "scienceqa", "mmmu", "realworldqa", "vstar", "mmvp",
                   "textvqa", "chartqa")
@@ -32,5 +33,5 @@ NAMES = tuple(READERS)
 def read(benchmark: str, path):
     """(samples, skipped) of a benchmark file."""
     if benchmark not in READERS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {NAMES}")
+        raise BadInput(f"unknown benchmark {benchmark!r}; choose one of {NAMES}")
     return READERS[benchmark](path)

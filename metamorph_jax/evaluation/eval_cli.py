@@ -21,6 +21,7 @@ from pathlib import Path
 
 from metamorph_jax import pretrained
 from metamorph_jax.evaluation import benchmarks, results, runner
+from metamorph_jax.input_errors import BadInput
 
 GENERATION_KEYS = ("prompts", "references", "inception", "clip")
 
@@ -32,11 +33,11 @@ def parse_pairs(text: str, flag: str, allowed=None) -> dict:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not name or not value:
-            raise ValueError(f"{flag} {text!r}: give NAME=PATH[,NAME=PATH...]")
+            raise BadInput(f"{flag} {text!r}: give NAME=PATH[,NAME=PATH...]")
         if allowed is not None and name not in allowed:
-            raise ValueError(f"{flag}: unknown name {name!r}; choose from {tuple(allowed)}")
+            raise BadInput(f"{flag}: unknown name {name!r}; choose from {tuple(allowed)}")
         if name in out:
-            raise ValueError(f"{flag}: {name} given twice")
+            raise BadInput(f"{flag}: {name} given twice")
         out[name] = value
     return out
 
@@ -48,9 +49,9 @@ def parse_benchmarks(text: str) -> dict:
 def parse_generation(text: str) -> dict:
     spec = parse_pairs(text, "--generation", GENERATION_KEYS)
     if "prompts" not in spec:
-        raise ValueError("--generation needs prompts=FILE (the captions)")
+        raise BadInput("--generation needs prompts=FILE (the captions)")
     if ("references" in spec) != ("inception" in spec):
-        raise ValueError("--generation: FID needs both references=DIR and inception=FILE")
+        raise BadInput("--generation: FID needs both references=DIR and inception=FILE")
     return spec
 
 
@@ -70,7 +71,7 @@ def local_devices(count: int | None = None) -> list:
     if count is None:
         return devices
     if not 1 <= count <= len(devices):
-        raise ValueError(f"--local-devices {count}: this process has {len(devices)} devices")
+        raise BadInput(f"--local-devices {count}: this process has {len(devices)} devices")
     return devices[:count]
 
 
@@ -171,9 +172,9 @@ def evaluate_shapes_world(work_dir, out) -> dict:
                                 "evaluates the Shapes world of a train.py work directory")
     fields = dict(config_io.read_json(config_path).get("final_eval") or {})
     if "world" not in fields:
-        raise ValueError(f"{config_path}: field 'final_eval.world' is missing: this run has no "
-                         "Shapes world to evaluate; give --benchmarks NAME=PATH[,...] and/or "
-                         "--generation prompts=FILE,...")
+        raise BadInput(f"{config_path}: field 'final_eval.world' is missing: this run has no "
+                       "Shapes world to evaluate; give --benchmarks NAME=PATH[,...] and/or "
+                       "--generation prompts=FILE,...")
     world = fields.pop("world")
     return shapes_eval.evaluate_shapes(work_dir, world,
                                        shapes_eval.ShapesEvalConfig.from_config(fields),

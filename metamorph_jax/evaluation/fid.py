@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metamorph_jax.input_errors import BadInput
+
 FEATURES = 2048
 SIZE = 299
 BN_EPS = 1e-3
@@ -207,28 +209,28 @@ def params_from_state_dict(state_dict: dict, source: str = "state dict") -> dict
             continue
         parts = key.split(".")
         if len(parts) < 3 or parts[-2] not in ("conv", "bn"):
-            raise ValueError(f"{source}: unexpected tensor {key!r} (not a pytorch-fid Inception)")
+            raise BadInput(f"{source}: unexpected tensor {key!r} (not a pytorch-fid Inception)")
         value = np.asarray(tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else tensor,
                            np.float32)
         leaf = "kernel" if parts[-2] == "conv" else _BN_NAMES.get(parts[-1])
         if tuple(parts[:-1]) + (leaf,) not in flat_expected:
-            raise ValueError(f"{source}: tensor {key!r} has no place in the FID Inception")
+            raise BadInput(f"{source}: tensor {key!r} has no place in the FID Inception")
         if parts[-2] == "conv":
             if parts[-1] != "weight":
-                raise ValueError(f"{source}: unexpected tensor {key!r}")
+                raise BadInput(f"{source}: unexpected tensor {key!r}")
             if value.ndim != 4:
-                raise ValueError(f"{source}: {key!r} is not a 4-d conv weight ({value.shape})")
+                raise BadInput(f"{source}: {key!r} is not a 4-d conv weight ({value.shape})")
             leaf, value = "kernel", value.transpose(2, 3, 1, 0)
         else:
             if parts[-1] not in _BN_NAMES:
-                raise ValueError(f"{source}: unexpected tensor {key!r}")
+                raise BadInput(f"{source}: unexpected tensor {key!r}")
             leaf = _BN_NAMES[parts[-1]]
         path = tuple(parts[:-1]) + (leaf,)
         if path not in flat_expected:
-            raise ValueError(f"{source}: tensor {key!r} has no place in the FID Inception")
+            raise BadInput(f"{source}: tensor {key!r} has no place in the FID Inception")
         if value.shape != flat_expected[path].shape:
-            raise ValueError(f"{source}: {key!r} has shape {value.shape}, expected "
-                             f"{flat_expected[path].shape}")
+            raise BadInput(f"{source}: {key!r} has shape {value.shape}, expected "
+                           f"{flat_expected[path].shape}")
         node = params
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -236,7 +238,7 @@ def params_from_state_dict(state_dict: dict, source: str = "state dict") -> dict
     missing = [".".join(p) for p in flat_expected
                if _get(params, p) is None]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} tensors missing (first: {missing[:3]})")
+        raise BadInput(f"{source}: {len(missing)} tensors missing (first: {missing[:3]})")
     return params
 
 
@@ -257,7 +259,7 @@ def load_weights(path) -> dict:
         raise FileNotFoundError(f"Inception weights {path} do not exist")
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state_dict).__name__}")
+        raise BadInput(f"{path}: expected a state dict, got {type(state_dict).__name__}")
     return params_from_state_dict(state_dict, path)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from metamorph_jax.input_errors import BadInput
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -16,8 +18,8 @@ def reference_images(folder) -> list[Path]:
         raise FileNotFoundError(f"reference folder {folder} does not exist")
     found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(found) < 2:
-        raise ValueError(f"reference folder {folder}: FID needs at least 2 images, found "
-                         f"{len(found)} ({', '.join(IMAGE_SUFFIXES)})")
+        raise BadInput(f"reference folder {folder}: FID needs at least 2 images, found "
+                       f"{len(found)} ({', '.join(IMAGE_SUFFIXES)})")
     return found
 
 
@@ -29,7 +31,7 @@ def score_images(generated: Sequence[Path], captions: Sequence[str], *, referenc
         raise ValueError(f"{len(generated)} images for {len(captions)} captions")
     out: dict = {"n": len(generated)}
     if (references is None) != (inception is None):
-        raise ValueError("FID needs both the reference folder and the Inception weights file")
+        raise BadInput("FID needs both the reference folder and the Inception weights file")
     if references is not None:
         from metamorph_jax.evaluation import fid
         real = reference_images(references)

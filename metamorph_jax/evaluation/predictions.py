@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from metamorph_jax.input_errors import BadInput
+
 FIELDS = ("id", "prompt", "raw_answer", "extracted", "score")
 
 
@@ -36,15 +38,15 @@ def read_predictions(path, *, repair: bool = False) -> tuple[dict, int]:
         try:
             record = json.loads(line)
             if not isinstance(record, dict) or any(f not in record for f in FIELDS):
-                raise ValueError(f"a line needs the fields {FIELDS}")
+                raise BadInput(f"a line needs the fields {FIELDS}")
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
             if last:
                 break  # the line a killed run was writing
-            raise ValueError(f"{path}, line {number}: broken predictions line ({error})") from None
+            raise BadInput(f"{path}, line {number}: broken predictions line ({error})") from None
         if last:
             break  # complete JSON but no newline: still the interrupted write; redo it
         if record["id"] in records:
-            raise ValueError(f"{path}, line {number}: id {record['id']!r} written twice")
+            raise BadInput(f"{path}, line {number}: id {record['id']!r} written twice")
         records[record["id"]] = record
         good_end += len(line) + 1
     partial = len(data) - good_end

@@ -20,6 +20,7 @@ from metamorph_jax.data.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from metamorph_jax.evaluation import benchmarks, prompts, results, scoring
 from metamorph_jax.evaluation.predictions import PredictionsWriter, predictions_path, read_predictions
 from metamorph_jax.evaluation.samples import Sample, sample_video_frames
+from metamorph_jax.input_errors import BadInput
 
 
 @dataclasses.dataclass
@@ -125,8 +126,8 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
     known = {s.id for s in samples}
     unknown = [i for i in records if i not in known]
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} predictions name ids the benchmark file does "
-                         f"not have (first: {unknown[:3]}); wrong benchmark file?")
+        raise BadInput(f"{path}: {len(unknown)} predictions name ids the benchmark file does "
+                       f"not have (first: {unknown[:3]}); wrong benchmark file?")
     scored, missing = {}, 0
     guess = scoring.UnparsedGuesser(benchmark)
     for sample in samples:
@@ -142,8 +143,8 @@ def score_predictions(benchmark: str, samples: list[Sample], path, *, skipped: d
             scored[sample.id] = {"extracted": letter, "unparsed": True,
                                  "score": float(letter is not None and letter == sample.answer)}
     if missing and not allow_missing:
-        raise ValueError(f"{path}: {missing} of {len(samples)} samples have no prediction"
-                         + (f" (a partial last line of {partial} bytes was ignored)" if partial else ""))
+        raise BadInput(f"{path}: {missing} of {len(samples)} samples have no prediction"
+                       + (f" (a partial last line of {partial} bytes was ignored)" if partial else ""))
     return results.aggregate(benchmark, samples, scored, skipped=skipped, missing=missing)
 
 

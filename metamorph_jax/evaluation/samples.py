@@ -15,9 +15,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from metamorph_jax.data import images as images_lib
+from metamorph_jax.input_errors import InputError
 
 
-class BenchmarkFileError(ValueError):
+class BenchmarkFileError(InputError, ValueError):
     """A benchmark file that cannot be used as given; names the file, the row and the field."""
 
     def __init__(self, path, row, field: str | None, message: str):

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from metamorph_jax.evaluation import benchmarks, results, runner
+from metamorph_jax.input_errors import ArgumentParser, run_command
 
 
 def parse_benches(values: list[str], parser) -> dict:
@@ -32,8 +33,8 @@ def parse_benches(values: list[str], parser) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="append", required=True, help="NAME=FILE (repeat)")
     parser.add_argument("--predictions", required=True, help="folder of <benchmark>.jsonl files")
     parser.add_argument("--out", required=True, help="folder for results.json")
@@ -48,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -26,6 +26,7 @@ from metamorph_jax import pretrained, sharding
 from metamorph_jax.data import pipeline
 from metamorph_jax.data.sources import open_source
 from metamorph_jax.data.text_records import check_text_only, text_batches
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models.llama import abstract_boxed_params
 from metamorph_jax.training import text_step
 
@@ -45,11 +46,11 @@ def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path | None, data_paths: 
 
     process, processes = jax.process_index(), jax.process_count()
     if batch_size % processes:
-        raise ValueError(f"--batch-size {batch_size} does not split over {processes} "
-                         f"processes; give a multiple of {processes}")
+        raise BadInput(f"--batch-size {batch_size} does not split over {processes} "
+                       f"processes; give a multiple of {processes}")
     local_rows = slice(process * batch_size // processes, (process + 1) * batch_size // processes)
     if not data_paths:
-        raise ValueError("no data files given")
+        raise BadInput("no data files given")
     for path in data_paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"data file {path} does not exist")
@@ -90,8 +91,8 @@ def evaluate(llm_dir: str | Path, tokenizer_dir: str | Path | None, data_paths: 
     total_sum = sum(f["loss_sum"] for f in files.values())
     total_tokens = sum(f["tokens"] for f in files.values())
     if total_tokens == 0:
-        raise ValueError(f"no response tokens to score in {list(data_paths)} "
-                         "(every record was unusable or had no assistant turn)")
+        raise BadInput(f"no response tokens to score in {list(data_paths)} "
+                       "(every record was unusable or had no assistant turn)")
     bad: dict = {}
     for summary in files.values():
         for reason, entry in summary["bad_records"].items():

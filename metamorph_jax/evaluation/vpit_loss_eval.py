@@ -25,6 +25,7 @@ from metamorph_jax import pretrained
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
 from metamorph_jax.inference.processes import gather_rows
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.training.vpit_loss import SUM_KEYS, vpit_loss_sums
 
 
@@ -41,10 +42,10 @@ def evaluate(model_dir, data_paths: Sequence[str], *, template: str | None = Non
 
     process, processes = jax.process_index(), jax.process_count()
     if devices is not None and batch_size % len(devices):
-        raise ValueError(f"--batch-size {batch_size} does not split over {len(devices)} "
-                         f"devices; give a multiple of {len(devices)} (or --local-devices)")
+        raise BadInput(f"--batch-size {batch_size} does not split over {len(devices)} "
+                       f"devices; give a multiple of {len(devices)} (or --local-devices)")
     if not data_paths:
-        raise ValueError("no data files given")
+        raise BadInput("no data files given")
     for path in data_paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"data file {path} does not exist")
@@ -53,9 +54,9 @@ def evaluate(model_dir, data_paths: Sequence[str], *, template: str | None = Non
     ids = conv.add_image_tokens(tokenizer)
     config = model.config
     if (ids.image_start_id, ids.image_end_id) != (config.image_start_id, config.image_end_id):
-        raise ValueError(f"{model_dir}: the tokenizer's <image_start>/<image_end> ids "
-                         f"{ids.image_start_id}/{ids.image_end_id} are not the model's "
-                         f"{config.image_start_id}/{config.image_end_id}")
+        raise BadInput(f"{model_dir}: the tokenizer's <image_start>/<image_end> ids "
+                       f"{ids.image_start_id}/{ids.image_end_id} are not the model's "
+                       f"{config.image_start_id}/{config.image_end_id}")
     template = template or pretrained.chat_template(model_dir)
     data_config = pipeline.DataConfig(
         seq_len=seq_len, batch_size=batch_size, num_image_tokens=config.num_image_tokens,
@@ -91,8 +92,8 @@ def evaluate(model_dir, data_paths: Sequence[str], *, template: str | None = Non
         files[str(path)] = _summary(totals, records, batches.bad_records.as_dict())
     totals = {key: sum(f["sums"][key] for f in files.values()) for key in SUM_KEYS}
     if totals["text_tokens"] == 0 and totals["vision_tokens"] == 0:
-        raise ValueError(f"nothing to score in {list(data_paths)} (every record was unusable "
-                         "or had no response)")
+        raise BadInput(f"nothing to score in {list(data_paths)} (every record was unusable "
+                       "or had no response)")
     bad: dict = {}
     for entry in files.values():
         for reason, found in entry["bad_records"].items():

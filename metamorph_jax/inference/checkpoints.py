@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metamorph_jax import config_io, pretrained
+from metamorph_jax.input_errors import BadInput
 
 WORK_CONFIG = "config.json"
 DONE_FILE = "DONE"
@@ -33,7 +34,7 @@ def stage_exports(work_dir: str | Path) -> dict[str, Path]:
                                 f"nor a training work directory ({WORK_CONFIG})")
     order = config_io.read_json(config_path).get("order")
     if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
-        raise ValueError(f"{config_path}: field 'order' must be a list of stage names")
+        raise BadInput(f"{config_path}: field 'order' must be a list of stage names")
     found: dict[str, Path] = {}
     for name in order:
         final = work_dir / name / "final"
@@ -49,8 +50,8 @@ def _sibling_visualizer(model_dir: Path) -> Path | None:
                   if p != model_dir and p.is_dir() and is_model_folder(p)
                   and model_kind(p) == VISUALIZER]
     if len(candidates) > 1:
-        raise ValueError(f"several visualizer folders beside {model_dir}: "
-                         f"{[str(p) for p in candidates]}; choose one with --visualizer")
+        raise BadInput(f"several visualizer folders beside {model_dir}: "
+                       f"{[str(p) for p in candidates]}; choose one with --visualizer")
     if candidates:
         return candidates[0]
     work_dir = model_dir.parent.parent
@@ -69,8 +70,8 @@ def resolve(checkpoint: str | Path, visualizer: str | Path | None = None
     if is_model_folder(checkpoint):
         kind = model_kind(checkpoint)
         if kind != METAMORPH:
-            raise ValueError(f"{checkpoint / pretrained.CONFIG_FILE}: field 'model' is {kind!r}, "
-                             f"expected {METAMORPH!r}")
+            raise BadInput(f"{checkpoint / pretrained.CONFIG_FILE}: field 'model' is {kind!r}, "
+                           f"expected {METAMORPH!r}")
         model_dir = checkpoint
         found_visualizer = None if visualizer else _sibling_visualizer(checkpoint)
     else:
@@ -84,8 +85,8 @@ def resolve(checkpoint: str | Path, visualizer: str | Path | None = None
         visualizer = Path(visualizer)
         kind = model_kind(visualizer)
         if kind != VISUALIZER:
-            raise ValueError(f"{visualizer / pretrained.CONFIG_FILE}: field 'model' is {kind!r}, "
-                             f"expected {VISUALIZER!r}")
+            raise BadInput(f"{visualizer / pretrained.CONFIG_FILE}: field 'model' is {kind!r}, "
+                           f"expected {VISUALIZER!r}")
         return model_dir, visualizer
     return model_dir, found_visualizer
 
@@ -101,8 +102,8 @@ def load_metamorph(model_dir: str | Path, dtype: str = "float32"):
 
     saved = pretrained.read_model_config(model_dir)
     if saved["model"] != METAMORPH:
-        raise ValueError(f"{Path(model_dir) / pretrained.CONFIG_FILE}: field 'model' is "
-                         f"{saved['model']!r}, expected {METAMORPH!r}")
+        raise BadInput(f"{Path(model_dir) / pretrained.CONFIG_FILE}: field 'model' is "
+                       f"{saved['model']!r}, expected {METAMORPH!r}")
     config = MetaMorphConfig.from_dict(saved["config"])
     config = config.replace(llm=config.llm.replace(dtype=dtype, remat_policy="none"),
                             vision=config.vision.replace(dtype=dtype))
@@ -123,15 +124,15 @@ def load_visualizer(visualizer_dir: str | Path):
     path = Path(visualizer_dir) / pretrained.CONFIG_FILE
     saved = pretrained.read_model_config(visualizer_dir)
     if saved["model"] != VISUALIZER:
-        raise ValueError(f"{path}: field 'model' is {saved['model']!r}, expected {VISUALIZER!r}")
+        raise BadInput(f"{path}: field 'model' is {saved['model']!r}, expected {VISUALIZER!r}")
     for field in ("model", "noise"):
         if not isinstance(saved["config"].get(field), dict):
-            raise ValueError(f"{path}: field 'config.{field}' is missing or not an object")
+            raise BadInput(f"{path}: field 'config.{field}' is missing or not an object")
     try:
         config = VisualizerConfig.from_dict(saved["config"]["model"])
         schedule = NoiseSchedule(**saved["config"]["noise"])
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise BadInput(f"{path}: {error}") from None
     params = jax.tree.map(jnp.asarray, pretrained.load_params(visualizer_dir, dtype=np.float32))
     return Visualizer(config), params, schedule
 
@@ -148,8 +149,8 @@ def load_metamorph_for_decoding(model_dir: str | Path, dtype: str = "float32"):
     for name, expected in ((conv.IMAGE_START, model.config.image_start_id),
                            (conv.IMAGE_END, model.config.image_end_id)):
         if vocab.get(name) != expected:
-            raise ValueError(f"{model_dir}: the tokenizer has {name} = {vocab.get(name)}, the "
-                             f"model config's id is {expected}")
+            raise BadInput(f"{model_dir}: the tokenizer has {name} = {vocab.get(name)}, the "
+                           f"model config's id is {expected}")
     ends = {int(t) for t in model.config.llm.eos_token_ids}
     if tokenizer.eos_token_id is not None:
         ends.add(int(tokenizer.eos_token_id))

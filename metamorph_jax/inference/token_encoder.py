@@ -34,9 +34,10 @@ from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
 from metamorph_jax.data import token_store
 from metamorph_jax.data.sources import open_source
+from metamorph_jax.input_errors import InputError
 
 
-class EncodeError(ValueError):
+class EncodeError(InputError, ValueError):
     """Input the encoder cannot use (the message names the file, the record and the field)."""
 
 

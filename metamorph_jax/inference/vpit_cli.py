@@ -35,6 +35,7 @@ from metamorph_jax.inference import checkpoints
 from metamorph_jax.inference import vpit_generate as vg
 from metamorph_jax.inference.processes import barrier, gather_texts, process_rows
 from metamorph_jax.inference.render import ImageRenderer, RenderConfig
+from metamorph_jax.input_errors import BadInput
 
 
 @dataclasses.dataclass
@@ -69,9 +70,9 @@ def load_session(checkpoint: str | Path, visualizer: str | Path | None = None, *
         renderer = ImageRenderer(vis_model, vis_params, schedule, render_config)
         want = (model.config.num_image_tokens, model.config.mm_hidden_size)
         if renderer.token_shape != want:
-            raise ValueError(f"{visualizer_dir}: the visualizer takes visual tokens "
-                             f"{list(renderer.token_shape)} (num_tokens, token_dim), {model_dir} "
-                             f"makes {list(want)}")
+            raise BadInput(f"{visualizer_dir}: the visualizer takes visual tokens "
+                           f"{list(renderer.token_shape)} (num_tokens, token_dim), {model_dir} "
+                           f"makes {list(want)}")
     return Session(generator, tokenizer, template or pretrained.chat_template(model_dir),
                    renderer, model_dir, visualizer_dir)
 
@@ -84,8 +85,8 @@ def with_placeholders(text: str, image_count: int) -> str:
         return text
     if found == 0:
         return conv.IMAGE_PLACEHOLDER * image_count + "\n" + text
-    raise ValueError(f"the prompt has {found} {conv.IMAGE_PLACEHOLDER} placeholders for "
-                     f"{image_count} images")
+    raise BadInput(f"the prompt has {found} {conv.IMAGE_PLACEHOLDER} placeholders for "
+                   f"{image_count} images")
 
 
 def load_prompt_images(session: Session, paths: Sequence[str | Path]) -> list[np.ndarray]:
@@ -134,16 +135,16 @@ def read_prompts_file(path: str | Path) -> list[PromptSpec]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not JSON ({error})") from None
+            raise BadInput(f"{where}: not JSON ({error})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{where}: field 'prompt' must be a string")
+            raise BadInput(f"{where}: field 'prompt' must be a string")
         images = record.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise ValueError(f"{where}: field 'images' must be a list of paths")
+            raise BadInput(f"{where}: field 'images' must be a list of paths")
         specs.append(PromptSpec(record["prompt"], tuple(
             p if Path(p).is_absolute() else str(path.parent / p) for p in images)))
     if not specs:
-        raise ValueError(f"{path}: no prompts")
+        raise BadInput(f"{path}: no prompts")
     return specs
 
 

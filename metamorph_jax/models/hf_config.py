@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from metamorph_jax.input_errors import BadInput
+
 
 def check_fields(raw: dict, source: str, known: Sequence[str], fixed: dict, ignored=()) -> None:
     """Raise ValueError naming the file and field for unknown or unsupported config values."""
@@ -10,8 +12,8 @@ def check_fields(raw: dict, source: str, known: Sequence[str], fixed: dict, igno
         if key.startswith("_") or key in known or key in ignored:
             continue
         if key not in fixed:
-            raise ValueError(f"{source}: unsupported config field {key!r}={value!r}")
+            raise BadInput(f"{source}: unsupported config field {key!r}={value!r}")
         want = fixed[key]
         same = value == want or (isinstance(value, (list, tuple)) and all(v == want for v in value))
         if not same:
-            raise ValueError(f"{source}: field {key!r}={value!r} is not supported (only {want!r})")
+            raise BadInput(f"{source}: field {key!r}={value!r} is not supported (only {want!r})")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models import layers
 
 Array = jax.Array
@@ -79,7 +80,7 @@ class LlamaConfig:
         data = dict(data)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
+            raise BadInput(f"unknown LlamaConfig fields: {sorted(unknown)}")
         if data.get("rope_scaling") is not None:
             data["rope_scaling"] = tuple(sorted(data["rope_scaling"].items()))
         if "eos_token_ids" in data:
@@ -95,15 +96,15 @@ class LlamaConfig:
         """
         hf = dict(hf)
         if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"field 'model_type' is {hf.get('model_type')!r}, not 'llama'")
+            raise BadInput(f"field 'model_type' is {hf.get('model_type')!r}, not 'llama'")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"field 'hidden_act' = {hf['hidden_act']!r} is not supported (silu only)")
+            raise BadInput(f"field 'hidden_act' = {hf['hidden_act']!r} is not supported (silu only)")
         if hf.get("attention_dropout", 0.0):
-            raise ValueError("field 'attention_dropout' must be 0 (dropout is not implemented)")
+            raise BadInput("field 'attention_dropout' must be 0 (dropout is not implemented)")
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads"):
             if field not in hf:
-                raise ValueError(f"missing field {field!r}")
+                raise BadInput(f"missing field {field!r}")
         theta, scaling = _rope(hf)
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
@@ -148,15 +149,15 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"field 'rope_type' = {rope_type!r} is not supported "
-                         f"(supported: {SUPPORTED_ROPE_TYPES})")
+        raise BadInput(f"field 'rope_type' = {rope_type!r} is not supported "
+                       f"(supported: {SUPPORTED_ROPE_TYPES})")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("field 'partial_rotary_factor' != 1 is not supported")
+        raise BadInput("field 'partial_rotary_factor' != 1 is not supported")
     if rope_type == "default":
         return float(theta), None
     missing = [k for k in LLAMA3_ROPE_FIELDS if k not in params]
     if missing:
-        raise ValueError(f"llama3 rope scaling lacks field(s) {missing}")
+        raise BadInput(f"llama3 rope scaling lacks field(s) {missing}")
     return float(theta), tuple(sorted((k, params[k]) for k in LLAMA3_ROPE_FIELDS))
 
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models import layers
 from metamorph_jax.models import token_rows
 from metamorph_jax.models import visual_tokens as vt
@@ -63,9 +64,9 @@ def _hf_vision_config(hf: dict, vision: SiglipConfig | None) -> SiglipConfig:
     name = str(hf.get("mm_vision_tower", ""))
     if any(known in name for known in SO400M_NAMES):
         return SiglipConfig()
-    raise ValueError(f"field 'mm_vision_tower' = {hf.get('mm_vision_tower')!r} is not SigLIP "
-                     f"So400m/14@384 and there is no 'vision_config': pass --vision-tower "
-                     f"SIGLIP_DIR (a Hugging Face SigLIP folder) to give the tower's config")
+    raise BadInput(f"field 'mm_vision_tower' = {hf.get('mm_vision_tower')!r} is not SigLIP "
+                   f"So400m/14@384 and there is no 'vision_config': pass --vision-tower "
+                   f"SIGLIP_DIR (a Hugging Face SigLIP folder) to give the tower's config")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,49 +94,49 @@ class MetaMorphConfig:
         if self.mm_hidden_size is None:
             object.__setattr__(self, "mm_hidden_size", self.vision.hidden_size)
         if self.mm_projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"field 'mm_projector_type' = {self.mm_projector_type!r} is not "
-                             f"supported (supported: {PROJECTOR_TYPES})")
+            raise BadInput(f"field 'mm_projector_type' = {self.mm_projector_type!r} is not "
+                           f"supported (supported: {PROJECTOR_TYPES})")
         if self.vision_head_type not in VISION_HEAD_TYPES:
-            raise ValueError(f"field 'vision_head_type' = {self.vision_head_type!r} is not "
-                             f"supported (supported: {VISION_HEAD_TYPES})")
+            raise BadInput(f"field 'vision_head_type' = {self.vision_head_type!r} is not "
+                           f"supported (supported: {VISION_HEAD_TYPES})")
         if self.mm_hidden_size != self.vision.hidden_size:
-            raise ValueError(f"field 'mm_hidden_size' = {self.mm_hidden_size} differs from the "
-                             f"vision tower's hidden_size {self.vision.hidden_size}")
+            raise BadInput(f"field 'mm_hidden_size' = {self.mm_hidden_size} differs from the "
+                           f"vision tower's hidden_size {self.vision.hidden_size}")
         if self.num_image_tokens != self.vision.num_visual_tokens:
-            raise ValueError(f"field 'num_image_tokens' = {self.num_image_tokens} differs from "
-                             f"the vision config's num_visual_tokens "
-                             f"{self.vision.num_visual_tokens}")
+            raise BadInput(f"field 'num_image_tokens' = {self.num_image_tokens} differs from "
+                           f"the vision config's num_visual_tokens "
+                           f"{self.vision.num_visual_tokens}")
         if not self.normalize_vision:
-            raise ValueError("field 'normalize_vision' = False is not supported (the authors' "
-                             "unnormalised variant trains an L1 loss, which is not implemented)")
+            raise BadInput("field 'normalize_vision' = False is not supported (the authors' "
+                           "unnormalised variant trains an L1 loss, which is not implemented)")
         if self.vision.normalize_visual_tokens != self.normalize_vision:
-            raise ValueError(f"field 'normalize_vision' = {self.normalize_vision} but the vision "
-                             f"config's normalize_visual_tokens is "
-                             f"{self.vision.normalize_visual_tokens}")
+            raise BadInput(f"field 'normalize_vision' = {self.normalize_vision} but the vision "
+                           f"config's normalize_visual_tokens is "
+                           f"{self.vision.normalize_visual_tokens}")
         for name in ("image_start_id", "image_end_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.llm.vocab_size:
-                raise ValueError(f"field {name!r} = {value} is outside the LLM vocabulary "
-                                 f"(vocab_size {self.llm.vocab_size})")
+                raise BadInput(f"field {name!r} = {value} is outside the LLM vocabulary "
+                               f"(vocab_size {self.llm.vocab_size})")
 
     @classmethod
     def from_hf(cls, hf: dict, vision: SiglipConfig | None = None) -> "MetaMorphConfig":
         """From the authors' config.json dict (a LlamaConfig with model_type "metamorph_llama"
         and the mm_* fields); `vision` overrides the tower's config (see _hf_vision_config)."""
         if hf.get("model_type") != "metamorph_llama":
-            raise ValueError(f"field 'model_type' is {hf.get('model_type')!r}, not 'metamorph_llama'")
+            raise BadInput(f"field 'model_type' is {hf.get('model_type')!r}, not 'metamorph_llama'")
         llm = LlamaConfig.from_hf({**hf, "model_type": "llama"})
         for field in ("mm_hidden_size", "mm_projector_type", "vision_head_type", "num_image_tokens",
                       "mm_vision_select_layer"):
             if field not in hf:
-                raise ValueError(f"missing field {field!r}")
+                raise BadInput(f"missing field {field!r}")
         for field, allowed, default in _FIXED_FIELDS:
             if default is None and field not in hf:
-                raise ValueError(f"missing field {field!r}")
+                raise BadInput(f"missing field {field!r}")
             value = hf.get(field, default)
             if value not in allowed:
-                raise ValueError(f"field {field!r} = {value!r} is not supported (supported: "
-                                 f"{list(allowed)})")
+                raise BadInput(f"field {field!r} = {value!r} is not supported (supported: "
+                               f"{list(allowed)})")
         vision = _hf_vision_config(hf, vision).replace(
             visual_token_layer=hf["mm_vision_select_layer"],
             num_visual_tokens=hf["num_image_tokens"],
@@ -182,10 +183,10 @@ class MetaMorphConfig:
         data = dict(data)
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown MetaMorphConfig fields: {unknown}")
+            raise BadInput(f"unknown MetaMorphConfig fields: {unknown}")
         for name in ("llm", "vision"):
             if name not in data:
-                raise ValueError(f"MetaMorphConfig field {name!r} is missing")
+                raise BadInput(f"MetaMorphConfig field {name!r} is missing")
         data["llm"] = LlamaConfig.from_dict(data["llm"])
         data["vision"] = SiglipConfig.from_dict(data["vision"])
         return cls(**data)

@@ -19,6 +19,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models.hf_config import check_fields
 
 _SCHEDULE_IGNORED = ("clip_sample", "clip_sample_range", "skip_prk_steps", "trained_betas",
@@ -43,19 +44,19 @@ class NoiseSchedule:
 
     def __post_init__(self):
         if self.beta_schedule not in ("scaled_linear", "linear"):
-            raise ValueError(f"NoiseSchedule: beta_schedule {self.beta_schedule!r} not supported "
-                             "('scaled_linear' or 'linear')")
+            raise BadInput(f"NoiseSchedule: beta_schedule {self.beta_schedule!r} not supported "
+                           "('scaled_linear' or 'linear')")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"NoiseSchedule: prediction_type {self.prediction_type!r} not "
-                             f"supported {PREDICTION_TYPES}")
+            raise BadInput(f"NoiseSchedule: prediction_type {self.prediction_type!r} not "
+                           f"supported {PREDICTION_TYPES}")
         if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
             # At abar_T = 0 the sample is pure noise: an epsilon model says nothing of x0.
-            raise ValueError("NoiseSchedule: rescale_betas_zero_snr=True needs "
-                             "prediction_type='v_prediction' (epsilon cannot give x0 at zero "
-                             "SNR)")
+            raise BadInput("NoiseSchedule: rescale_betas_zero_snr=True needs "
+                           "prediction_type='v_prediction' (epsilon cannot give x0 at zero "
+                           "SNR)")
         if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(f"NoiseSchedule: timestep_spacing {self.timestep_spacing!r} not "
-                             "supported")
+            raise BadInput(f"NoiseSchedule: timestep_spacing {self.timestep_spacing!r} not "
+                           "supported")
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "<scheduler config>") -> "NoiseSchedule":
@@ -66,19 +67,19 @@ class NoiseSchedule:
         raw = dict(raw)
         for key in ("clip_sample", "thresholding"):
             if raw.get(key):
-                raise ValueError(f"{source}: field {key!r}={raw[key]!r} is not supported "
-                                 "(only False)")
+                raise BadInput(f"{source}: field {key!r}={raw[key]!r} is not supported "
+                               "(only False)")
         if raw.get("skip_prk_steps") is False:
-            raise ValueError(f"{source}: field 'skip_prk_steps'=False is not supported (PNDM "
-                             "here is PLMS only, as SD 1.5 runs it)")
+            raise BadInput(f"{source}: field 'skip_prk_steps'=False is not supported (PNDM "
+                           "here is PLMS only, as SD 1.5 runs it)")
         if raw.get("trained_betas") is not None:
-            raise ValueError(f"{source}: field 'trained_betas' is not supported")
+            raise BadInput(f"{source}: field 'trained_betas' is not supported")
         known = [f.name for f in dataclasses.fields(cls)]
         check_fields(raw, source, known, {}, _SCHEDULE_IGNORED)
         try:
             return cls(**{k: raw[k] for k in known if k in raw})
         except ValueError as e:
-            raise ValueError(str(e).replace("NoiseSchedule", source)) from None
+            raise BadInput(str(e).replace("NoiseSchedule", source)) from None
 
     def betas(self) -> np.ndarray:
         n = self.num_train_timesteps
@@ -100,7 +101,7 @@ class NoiseSchedule:
         """The descending timesteps of a num_steps trajectory (diffusers' spacing rules)."""
         n = self.num_train_timesteps
         if not 0 < num_steps <= n:
-            raise ValueError(f"num_steps={num_steps} must be in [1, {n}]")
+            raise BadInput(f"num_steps={num_steps} must be in [1, {n}]")
         if self.timestep_spacing == "leading":
             ts = np.arange(num_steps) * (n // num_steps) + self.steps_offset
         elif self.timestep_spacing == "trailing":

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models import layers
 from metamorph_jax.models import visual_tokens as vt
 
@@ -83,20 +84,20 @@ class SiglipConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise BadInput(
                 f"hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
             )
         # image_size need not be a multiple of patch_size (So400m: 384 / 14): the
         # stride-p VALID convolution drops the remainder, as in transformers.
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+            raise BadInput(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         if self.remat_policy != "none" and self.remat_policy not in layers.REMAT_POLICIES:
-            raise ValueError(
+            raise BadInput(
                 f"remat_policy={self.remat_policy!r} is not one of {['none', *layers.REMAT_POLICIES]}"
             )
         if not -(self.num_hidden_layers + 1) <= self.visual_token_layer <= self.num_hidden_layers:
-            raise ValueError(
+            raise BadInput(
                 f"visual_token_layer={self.visual_token_layer} is outside the "
                 f"{self.num_hidden_layers + 1} hidden states (embeddings + {self.num_hidden_layers} blocks)"
             )
@@ -133,7 +134,7 @@ class SiglipConfig:
         """Inverse of to_dict; unknown fields are an error."""
         unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown SiglipConfig fields: {unknown}")
+            raise BadInput(f"unknown SiglipConfig fields: {unknown}")
         return cls(**data)
 
     @classmethod
@@ -151,29 +152,29 @@ class SiglipConfig:
         config = dict(config)
         if config.get("model_type") == "siglip" or "vision_config" in config:
             if not isinstance(config.get("vision_config"), Mapping):
-                raise ValueError(f"{where}field 'vision_config' is missing from a full SigLIP config")
+                raise BadInput(f"{where}field 'vision_config' is missing from a full SigLIP config")
             config = dict(config["vision_config"])
             nest = "vision_config."
         elif config.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-            raise ValueError(
+            raise BadInput(
                 f"{where}field 'model_type' is {config['model_type']!r}, expected "
                 f"'siglip_vision_model' or 'siglip'"
             )
         values = {k: config.get(k, default) for k, default in HF_VISION_DEFAULTS.items()}
         if values["attention_dropout"]:
-            raise ValueError(
+            raise BadInput(
                 f"{where}field '{nest}attention_dropout'={values['attention_dropout']} is not supported "
                 f"(the tower is inference/frozen only; dropout is not implemented)"
             )
         if values["hidden_act"] not in _ACTIVATIONS:
-            raise ValueError(
+            raise BadInput(
                 f"{where}field '{nest}hidden_act'={values['hidden_act']!r} is not supported; "
                 f"use one of {sorted(_ACTIVATIONS)}"
             )
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_channels", "image_size", "patch_size"):
             if not isinstance(values[key], int) or values[key] <= 0:
-                raise ValueError(f"{where}field '{nest}{key}'={values[key]!r} must be a positive integer")
+                raise BadInput(f"{where}field '{nest}{key}'={values[key]!r} must be a positive integer")
         kwargs = dict(
             hidden_size=values["hidden_size"],
             intermediate_size=values["intermediate_size"],
@@ -190,7 +191,7 @@ class SiglipConfig:
         try:
             return cls(**kwargs)
         except ValueError as error:
-            raise ValueError(f"{where}{error}") from None
+            raise BadInput(f"{where}{error}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers loads as a SiglipVisionModel."""

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models.hf_config import check_fields
 from metamorph_jax.models.diffusion_blocks import (
     IMAGE_AXES, Downsample2D, ResnetBlock2D, Transformer2D, Upsample2D, conv, dense,
@@ -70,7 +71,7 @@ _IGNORED_UNET_FIELDS = ("upcast_attention",)
 def _per_block(value, n: int, name: str, source: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{source}: field {name!r} has {len(value)} entries, expected {n}")
+            raise BadInput(f"{source}: field {name!r} has {len(value)} entries, expected {n}")
         return tuple(value)
     return (value,) * n
 
@@ -111,23 +112,23 @@ class UNetConfig:
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "attention_head_dim"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"{source}: field {name!r} needs {n} entries (one per block)")
+                raise BadInput(f"{source}: field {name!r} needs {n} entries (one per block)")
         for t in self.down_block_types:
             if t not in DOWN_BLOCKS:
-                raise ValueError(f"{source}: down_block_types entry {t!r} not supported "
-                                 f"({DOWN_BLOCKS})")
+                raise BadInput(f"{source}: down_block_types entry {t!r} not supported "
+                               f"({DOWN_BLOCKS})")
         for t in self.up_block_types:
             if t not in UP_BLOCKS:
-                raise ValueError(f"{source}: up_block_types entry {t!r} not supported "
-                                 f"({UP_BLOCKS})")
+                raise BadInput(f"{source}: up_block_types entry {t!r} not supported "
+                               f"({UP_BLOCKS})")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"{source}: block_out_channels {c} not divisible by "
-                                 f"norm_num_groups={self.norm_num_groups}")
+                raise BadInput(f"{source}: block_out_channels {c} not divisible by "
+                               f"norm_num_groups={self.norm_num_groups}")
         for c, h in zip(self.block_out_channels, self.attention_head_dim):
             if c % h:
-                raise ValueError(f"{source}: block_out_channels {c} not divisible by "
-                                 f"attention_head_dim (heads) {h}")
+                raise BadInput(f"{source}: block_out_channels {c} not divisible by "
+                               f"attention_head_dim (heads) {h}")
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "<unet config>") -> "UNetConfig":
@@ -135,24 +136,24 @@ class UNetConfig:
         `source` names the file in error messages."""
         raw = dict(raw)
         if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            raise ValueError(f"{source}: _class_name {raw['_class_name']!r} is not "
-                             "UNet2DConditionModel")
+            raise BadInput(f"{source}: _class_name {raw['_class_name']!r} is not "
+                           "UNet2DConditionModel")
         known = [f.name for f in dataclasses.fields(cls)]
         check_fields(raw, source, known, _FIXED_UNET_FIELDS, _IGNORED_UNET_FIELDS)
         kwargs = {k: raw[k] for k in known if k in raw}
         for name in ("layers_per_block", "cross_attention_dim"):
             if isinstance(kwargs.get(name), (list, tuple)):
-                raise ValueError(f"{source}: per-block {name!r} is not supported (one int only)")
+                raise BadInput(f"{source}: per-block {name!r} is not supported (one int only)")
         n = len(kwargs.get("block_out_channels", cls.block_out_channels))
         if "attention_head_dim" in kwargs:
             kwargs["attention_head_dim"] = _per_block(kwargs["attention_head_dim"], n,
                                                       "attention_head_dim", source)
         if isinstance(kwargs.get("sample_size"), (list, tuple)):
-            raise ValueError(f"{source}: non-square sample_size is not supported")
+            raise BadInput(f"{source}: non-square sample_size is not supported")
         try:
             config = cls(**kwargs)
         except ValueError as e:
-            raise ValueError(str(e).replace("<UNetConfig>", source)) from None
+            raise BadInput(str(e).replace("<UNetConfig>", source)) from None
         return config
 
     def to_hf(self) -> dict:

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models.diffusion_blocks import (
     IMAGE_AXES, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv,
     norm_silu_conv_out)
@@ -59,26 +60,26 @@ class VAEConfig:
                            ("up_block_types", "UpDecoderBlock2D")):
             value = getattr(self, name)
             if len(value) != n or any(v != kind for v in value):
-                raise ValueError(f"{source}: field {name!r} must be {n} x {kind!r}, got {value!r}")
+                raise BadInput(f"{source}: field {name!r} must be {n} x {kind!r}, got {value!r}")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"{source}: block_out_channels {c} not divisible by "
-                                 f"norm_num_groups={self.norm_num_groups}")
+                raise BadInput(f"{source}: block_out_channels {c} not divisible by "
+                               f"norm_num_groups={self.norm_num_groups}")
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "<vae config>") -> "VAEConfig":
         """From a diffusers AutoencoderKL config dict; `source` names the file in errors."""
         raw = dict(raw)
         if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{source}: _class_name {raw['_class_name']!r} is not AutoencoderKL")
+            raise BadInput(f"{source}: _class_name {raw['_class_name']!r} is not AutoencoderKL")
         known = [f.name for f in dataclasses.fields(cls)]
         check_fields(raw, source, known, _FIXED_VAE_FIELDS, _IGNORED_VAE_FIELDS)
         if isinstance(raw.get("sample_size"), (list, tuple)):
-            raise ValueError(f"{source}: non-square sample_size is not supported")
+            raise BadInput(f"{source}: non-square sample_size is not supported")
         try:
             return cls(**{k: raw[k] for k in known if k in raw})
         except ValueError as e:
-            raise ValueError(str(e).replace("<VAEConfig>", source)) from None
+            raise BadInput(str(e).replace("<VAEConfig>", source)) from None
 
     def to_hf(self) -> dict:
         """A config dict diffusers' AutoencoderKL accepts."""

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metamorph_jax.input_errors import BadInput
 from metamorph_jax.models.diffusion_blocks import TOKEN_AXES, dense
 from metamorph_jax.models.layers import layer_norm
 from metamorph_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -56,29 +57,29 @@ class VisualizerConfig:
         if isinstance(self.vae, dict):
             object.__setattr__(self, "vae", VAEConfig(**self.vae))
         if self.context_length < self.num_tokens:
-            raise ValueError(f"VisualizerConfig: context_length {self.context_length} < "
-                             f"num_tokens {self.num_tokens}")
+            raise BadInput(f"VisualizerConfig: context_length {self.context_length} < "
+                           f"num_tokens {self.num_tokens}")
         if self.token_grid:
             side = math.isqrt(self.num_tokens)
             if side * side != self.num_tokens:
-                raise ValueError(f"VisualizerConfig: token_grid needs a square num_tokens, got "
-                                 f"{self.num_tokens}")
+                raise BadInput(f"VisualizerConfig: token_grid needs a square num_tokens, got "
+                               f"{self.num_tokens}")
             if self.vae is not None:
-                raise ValueError("VisualizerConfig: token_grid is for pixel-space decoders "
-                                 "(vae=None)")
+                raise BadInput("VisualizerConfig: token_grid is for pixel-space decoders "
+                               "(vae=None)")
             want = self.unet.out_channels + self.unet.cross_attention_dim
             if self.unet.in_channels != want:
-                raise ValueError(f"VisualizerConfig: with token_grid, unet.in_channels "
-                                 f"({self.unet.in_channels}) must be unet.out_channels + "
-                                 f"unet.cross_attention_dim ({want})")
+                raise BadInput(f"VisualizerConfig: with token_grid, unet.in_channels "
+                               f"({self.unet.in_channels}) must be unet.out_channels + "
+                               f"unet.cross_attention_dim ({want})")
         if self.vae is not None:
             if self.unet.in_channels != self.vae.latent_channels:
-                raise ValueError(f"VisualizerConfig: unet.in_channels {self.unet.in_channels} != "
-                                 f"vae.latent_channels {self.vae.latent_channels}")
+                raise BadInput(f"VisualizerConfig: unet.in_channels {self.unet.in_channels} != "
+                               f"vae.latent_channels {self.vae.latent_channels}")
             down = 2 ** (len(self.vae.block_out_channels) - 1)
             if self.image_size % down:
-                raise ValueError(f"VisualizerConfig: image_size {self.image_size} is not a multiple "
-                                 f"of the VAE's downsampling factor {down}")
+                raise BadInput(f"VisualizerConfig: image_size {self.image_size} is not a multiple "
+                               f"of the VAE's downsampling factor {down}")
 
     @property
     def pixel_space(self) -> bool:
@@ -109,7 +110,7 @@ class VisualizerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"decoder config: unknown field(s) {sorted(unknown)}")
+            raise BadInput(f"decoder config: unknown field(s) {sorted(unknown)}")
         return cls(unet=unet, vae=vae, **d)
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from metamorph_jax.input_errors import BadInput
+
 
 class _IteratorSnapshot:
     """The iterator state taken when `save` is called (grain's handler may write it later
@@ -47,7 +49,7 @@ class _IteratorSnapshot:
 class StageCheckpoints:
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
         if keep < 1:
-            raise ValueError(f"config field 'keep' must be at least 1, got {keep}")
+            raise BadInput(f"config field 'keep' must be at least 1, got {keep}")
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)

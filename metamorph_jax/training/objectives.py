@@ -40,6 +40,7 @@ import numpy as np
 from metamorph_jax import pretrained, sharding
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import pipeline
+from metamorph_jax.input_errors import InputError
 
 Array = jax.Array
 logger = logging.getLogger("metamorph_jax.training")
@@ -82,7 +83,7 @@ class Folders:
 RUN = Folders()
 
 
-class StageConfigError(ValueError):
+class StageConfigError(InputError, ValueError):
     """A stage config that cannot run (the message names the stage and the field)."""
 
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metamorph_jax.input_errors import BadInput
+
 SCHEDULES = ("warmup_cosine", "constant", "log_warmup_linear_decay")
 OPTIM_FIELDS = ("lr", "schedule", "warmup", "end_ratio", "decay_end_step", "weight_decay",
                 "b1", "b2", "eps", "grad_clip")
@@ -39,8 +41,8 @@ def log_warmup_linear_decay(peak_lr: float, warmup_steps: int, decay_end_step: i
     code, configs/decoder_sd15.py) or 1.1e-5 / 2000 / 14000 (paper's text).
     """
     if warmup_steps < 0 or decay_end_step < warmup_steps:
-        raise ValueError(f"schedule: need 0 <= warmup_steps ({warmup_steps}) <= decay_end_step "
-                         f"({decay_end_step})")
+        raise BadInput(f"schedule: need 0 <= warmup_steps ({warmup_steps}) <= decay_end_step "
+                       f"({decay_end_step})")
     log_norm = math.log1p(max(warmup_steps, 1))
     decay_len = max(decay_end_step - warmup_steps, 1)
 
@@ -83,7 +85,7 @@ def warmup_steps(warmup: float, steps: int) -> int:
     authors' trainer does (transformers' TrainingArguments.get_warmup_steps:
     ceil(steps * warmup_ratio)), else a step count."""
     if warmup < 0:
-        raise ValueError(f"optim field 'warmup' must be >= 0, got {warmup}")
+        raise BadInput(f"optim field 'warmup' must be >= 0, got {warmup}")
     if warmup == 0:
         return 0
     if warmup < 1:
@@ -104,10 +106,10 @@ def make_schedule(optim, steps: int, where: str = "optim") -> optax.Schedule:
     if kind == "log_warmup_linear_decay":
         decay_end = int(optim.get("decay_end_step", 0) or 0) or steps
         if decay_end < warm:
-            raise ValueError(f"{where}: field 'decay_end_step' = {decay_end} is before the end "
-                             f"of the warm-up ({warm} steps)")
+            raise BadInput(f"{where}: field 'decay_end_step' = {decay_end} is before the end "
+                           f"of the warm-up ({warm} steps)")
         return log_warmup_linear_decay(lr, warm, decay_end, end)
-    raise ValueError(f"{where}: field 'schedule' = {kind!r} is not one of {SCHEDULES}")
+    raise BadInput(f"{where}: field 'schedule' = {kind!r} is not one of {SCHEDULES}")
 
 
 def build_optimizer(optim, steps: int, where: str = "optim"
@@ -115,10 +117,10 @@ def build_optimizer(optim, steps: int, where: str = "optim"
     """(AdamW behind optional global-norm clipping, its schedule) from a stage's `optim`."""
     unknown = sorted(set(optim.keys()) - set(OPTIM_FIELDS))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {list(OPTIM_FIELDS)}")
+        raise BadInput(f"{where}: unknown field(s) {unknown}; known: {list(OPTIM_FIELDS)}")
     for field in ("lr", "schedule"):
         if field not in optim:
-            raise ValueError(f"{where}: field {field!r} is missing")
+            raise BadInput(f"{where}: field {field!r} is missing")
     schedule = make_schedule(optim, steps, where)
     tx = adamw(schedule, b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
                eps=float(optim.get("eps", 1e-8)),
@@ -146,5 +148,5 @@ def schedule_by_name(kind: str, **kwargs) -> optax.Schedule:
         "constant": lambda peak_lr: optax.constant_schedule(peak_lr),
     }
     if kind not in builders:
-        raise ValueError(f"optim: schedule {kind!r} is not one of {sorted(builders)}")
+        raise BadInput(f"optim: schedule {kind!r} is not one of {sorted(builders)}")
     return builders[kind](**kwargs)

@@ -52,6 +52,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from metamorph_jax.input_errors import InputError
+
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 3
 INSTALL = "pip install -r requirements-tpu.txt"
 
@@ -82,7 +84,7 @@ TWO_D_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 1
                 256: "16x16"}
 
 
-class PlanError(ValueError):
+class PlanError(InputError, ValueError):
     """A plan that cannot be made (bad topology, libtpu missing); the message says why."""
 
 

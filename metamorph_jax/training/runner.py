@@ -40,15 +40,18 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from metamorph_jax import sharding
+from metamorph_jax import input_errors, sharding
 from metamorph_jax.training import objectives, optim, steps as steps_lib
 from metamorph_jax.training import state as state_lib
 from metamorph_jax.training.checkpoint import StageCheckpoints
@@ -535,6 +538,42 @@ def parse_flags(argv: Sequence[str]):
     return parse_command(argv)[0]
 
 
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file of `--config FILE[:ARG]` as given (a flag that failed counts as unparsed)."""
+    values = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return values[-1].split(":", 1)[0] if values else None
+
+
+def _config_load_error(argv: Sequence[str], error: OSError) -> str:
+    """One line for a config file ml_collections could not load (its own message lists
+    every path it tried, over several lines)."""
+    path = _config_path(argv) or "FILE"
+    if not os.path.isfile(path):
+        return f"--config {path}: no such file"
+    return f"--config {path}: cannot load it ({input_errors.one_line(error)})"
+
+
+def _config_code_error(argv: Sequence[str], error: Exception) -> str | None:
+    """'--config FILE, line N: Type: message' when the config file's own code (its
+    get_config) raised `error`, else None. ml_collections re-raises a ValueError or
+    TypeError of get_config with the traceback as text, which absl wraps once more."""
+    path = _config_path(argv)
+    if path is None:
+        return None
+    here = os.path.abspath(path)
+    frames = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == here]
+    what = f"{type(error).__name__}: {error}"
+    text = str(error)
+    if not frames and "Error whilst parsing config file:" in text:
+        frames = [int(n) for n in re.findall(rf'File "{re.escape(path)}", line (\d+)', text)]
+        what = text.strip().splitlines()[-1]
+    if not frames:
+        return None
+    return f"--config {path}, line {frames[-1]}: {input_errors.one_line(Exception(what))}"
+
+
 def parse_command(argv: Sequence[str]):
     """(config as parse_flags gives it, the absl registry with train.py's other flags:
     the multi-process ones, distributed.define_flags)."""
@@ -555,11 +594,23 @@ def parse_command(argv: Sequence[str]):
                         flag_values=registry)
     flags.DEFINE_string("plan-out", None, "with --plan: write the plan as JSON to this file",
                         flag_values=registry)
+    flags.DEFINE_boolean("debug", False, "show the traceback of any error (also of bad "
+                         "input; metamorph_jax/input_errors.py)", flag_values=registry)
     try:
         rest = registry(list(argv))
-    except (AttributeError, KeyError) as error:  # ml_collections' word for an unknown field
-        raise flags.Error(f"a --config.* override names a field the config does not have: "
-                          f"{error}") from None
+        if registry.config is not None:
+            registry.config.keys()   # a config file that failed to load raises here
+    except SyntaxError as error:   # in the config file
+        raise flags.Error(f"--config {error.filename}, line {error.lineno}: {error.msg}") from None
+    except Exception as error:   # noqa: BLE001 -- classified below, re-raised if none fits
+        in_config = _config_code_error(argv, error)
+        if in_config is not None:   # the config file's own code failed: the user's to fix
+            raise flags.Error(in_config) from None
+        if isinstance(error, (AttributeError, KeyError)):   # ml_collections: unknown field
+            raise flags.Error(input_errors.unknown_override(error, argv)) from None
+        if isinstance(error, OSError):   # ml_collections: the config file could not load
+            raise flags.Error(_config_load_error(argv, error)) from None
+        raise
     if len(rest) > 1:
         raise flags.Error(f"unexpected arguments {rest[1:]}; overrides look like "
                           "--config.stages.adapter.steps=20")

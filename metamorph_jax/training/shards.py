@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from metamorph_jax.input_errors import BadInput
+
 
 def process_shards(data_shards: int = 0, process_index: int | None = None,
                    process_count: int | None = None) -> tuple[list[int], int]:
@@ -25,8 +27,8 @@ def process_shards(data_shards: int = 0, process_index: int | None = None,
     count = jax.process_count() if process_count is None else process_count
     shards = data_shards or count
     if shards % count:
-        raise ValueError(f"config field 'data_shards' = {data_shards} does not divide over "
-                         f"the run's {count} processes")
+        raise BadInput(f"config field 'data_shards' = {data_shards} does not divide over "
+                       f"the run's {count} processes")
     per = shards // count
     return list(range(index * per, (index + 1) * per)), shards
 
@@ -63,16 +65,16 @@ class ShardedBatches:
     def set_state(self, state) -> None:
         if len(self.iterators) == 1:
             if isinstance(state, dict) and "shards" in state:
-                raise ValueError(f"the checkpoint's data state is of shards {state['shards']}, "
-                                 f"this process reads shard {self.shards}: resume with the "
-                                 "same number of processes and config field 'data_shards'")
+                raise BadInput(f"the checkpoint's data state is of shards {state['shards']}, "
+                               f"this process reads shard {self.shards}: resume with the "
+                               "same number of processes and config field 'data_shards'")
             self.iterators[0].set_state(state)
             return
         if not isinstance(state, dict) or state.get("shards") != self.shards:
             saved = state.get("shards") if isinstance(state, dict) else "one shard"
-            raise ValueError(f"the checkpoint's data state is of shards {saved}, this process "
-                             f"reads shards {self.shards}: resume with the same number of "
-                             "processes and config field 'data_shards'")
+            raise BadInput(f"the checkpoint's data state is of shards {saved}, this process "
+                           f"reads shards {self.shards}: resume with the same number of "
+                           "processes and config field 'data_shards'")
         for iterator, part in zip(self.iterators, state["states"]):
             iterator.set_state(part)
 
