@@ -33,10 +33,13 @@ NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 def shapes_data(root: str, split: str, kinds, batch_size: int = 8,
                 num_epochs=None) -> ml_collections.ConfigDict:
-    """Data fields for the Shapes world's `split`, one source per kind."""
+    """Data fields for the Shapes world's `split`, one source per kind. The weights are
+    sampling shares of data repeated forever; finite data (num_epochs k) reads every record
+    k times, so its sources all keep weight 1."""
     data = ml_collections.ConfigDict()
     data.sources = ml_collections.ConfigDict({
-        kind: dict(path=f"{root}/shapes/{split}/{kind}.jsonl", weight=weight,
+        kind: dict(path=f"{root}/shapes/{split}/{kind}.jsonl",
+                   weight=weight if num_epochs is None else 1.0,
                    image_root=f"{root}/shapes") for kind, weight in kinds})
     data.seq_len = 128
     data.batch_size = batch_size         # rows per process; must divide over data x fsdp
