@@ -105,6 +105,7 @@ def vpit_stage(kind: str, size: str, topology: dict, mesh: dict, sources: dict,
     # steps counted from the records' lengths before the stage starts (epoch_steps.py);
     # `python train.py --config ... --dry-run` prints them
     stage.steps = 0
+    stage.allow_short = False   # finite data ending before `steps` is an error
     # llm_arch / vision_arch: what a plan (train.py --plan) builds where the folders are
     # absent (metamorph_jax/architectures.py); a run reads the folders.
     stage.init = ml_collections.ConfigDict(dict(
