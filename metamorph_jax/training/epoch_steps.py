@@ -39,18 +39,13 @@ def count_shard_batches(kind: str, data, tokenizer, ids, shard: int, shard_count
     from metamorph_jax.data import counting
     sources, config = data_from_config(shard_data(data, shard, shard_count), f"{where}: data")
     description = f"{where}: counting shard {shard}"
-    try:
-        if kind in VPIT_KINDS:
-            return counting.count_packed_batches(sources, tokenizer, ids, config,
-                                                 description=description)
-        if kind == "text":
-            from metamorph_jax.data.text_records import count_text_batches
-            return count_text_batches(sources, tokenizer, config)
-        return counting.count_image_batches(sources, config)
-    except ValueError as error:   # the data fields, named (the records' errors are not)
-        if "field" in str(error):
-            raise StageConfigError(f"{where}: data: {error}") from None
-        raise
+    if kind in VPIT_KINDS:
+        return counting.count_packed_batches(sources, tokenizer, ids, config,
+                                             description=description)
+    if kind == "text":
+        from metamorph_jax.data.text_records import count_text_batches
+        return count_text_batches(sources, tokenizer, config)
+    return counting.count_image_batches(sources, config)
 
 
 def count_steps(kind: str, data, tokenizer, ids, shards: list[int], shard_count: int,

@@ -30,6 +30,11 @@ Each process reads its data shards (`data_shards`, default one per process) and
 contributes their rows to the global batch, so the global batch is data.batch_size x
 data_shards rows.
 
+Finite data (data.num_epochs set): `steps` 0 trains one pass, counted before the stage
+(epoch_steps.py); data that ends before `steps` is DataExhaustedError naming the stage,
+the step and the sources (its checkpoint kept), or with the stage's `allow_short` the
+stage finishes marked incomplete (DONE: "complete": false, "steps", "planned_steps").
+
 A non-finite loss stops the run with NonFiniteLossError naming the stage, the step and the
 record ids of the batch; with `skip_nonfinite` the update is skipped and counted instead
 (`skipped`, `skipped_total` in the metrics).
