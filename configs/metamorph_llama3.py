@@ -145,6 +145,9 @@ def recipe(size: str, topology_name: str) -> ml_collections.ConfigDict:
     config.eval_every = 500
     config.eval_batches = 8
     config.skip_nonfinite = False
+    # One data shard per process of the topology, fixed: `train.py --dry-run` (one process)
+    # counts the steps of the run's shards.
+    config.data_shards = topology["processes"]
     config.assets = ml_collections.ConfigDict(dict(kind=""))
     checkpoints = f"checkpoints/llama3_{size}"
     config.stages = ml_collections.ConfigDict()

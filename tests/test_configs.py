@@ -39,6 +39,7 @@ def test_paper_configs_carry_the_recipe(size, topology):
         batch, lr = RECIPE[size][name]
         # one counted pass over every record of every source (epoch_steps.py)
         assert stage.steps == 0 and stage.data.num_epochs == 1
+        assert config.data_shards == processes   # the dry run counts the run's shards
         assert len({s.weight for s in stage.data.sources.values()}) == 1
         global_batch = stage.data.batch_size * processes * stage.grad_accum_steps
         # rounded up to whole micro-batch rows per device: less than one row per device

@@ -146,6 +146,8 @@ def stage_report(config, name: str, out=print) -> None:
     one_pass = count_steps(stage.kind, stage.data, tokenizer, ids, shards, shard_count, accum,
                            where)
     on = f"{shard_count} data shard(s) of {int(data.batch_size)} rows, {accum} per step"
+    if not int(config.get("data_shards", 0) or 0):
+        on += "; data_shards 0 is one per process: counted for one process"
     if int(stage.steps) == 0:
         out(f"  steps: 0 -> {one_pass} (one counted pass; {on})")
     elif int(stage.steps) <= one_pass:
