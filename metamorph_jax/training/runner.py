@@ -524,9 +524,11 @@ class Stage:
         sources = ", ".join(f"{name}={path}" for name, path in self.sources.items())
         return (f"stage {self.name!r}: the data ran out at step {step} of the {self.steps} in "
                 f"field 'steps' (data.num_epochs = {self.stage.data.get('num_epochs')}; "
-                f"sources: {sources}); the checkpoint of step {step} is kept. Set steps to 0 "
-                "to train one counted pass, lower steps, add data, or set the stage's "
-                "allow_short=True to finish it marked incomplete")
+                f"sources: {sources}); the checkpoint of step {step} is kept. "
+                + ("The counted pass read no image; one that only decoding finds corrupt "
+                   "drops its record here alone. Set" if int(self.stage.steps) == 0 else
+                   "Set steps to 0 to train one counted pass, lower steps, add data, or set")
+                + " the stage's allow_short=True to finish it marked incomplete")
 
     def export(self, state, result: StageResult | None = None) -> None:
         """Every process takes part (each writes its shards of the parameters); process 0
