@@ -5,6 +5,7 @@ the config's final evaluation (if it has `final_eval`).
   python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
   python train.py ... --coordinator HOST:PORT --num-processes N --process-id I   # one per host
   python train.py --config CONFIG --plan v5p-128 [--plan-out plan.json]   # compile only
+  python train.py --config CONFIG --dry-run    # the records and steps of each stage; no training
 
 `--plan TOPOLOGY` compiles every stage's train step for a TPU topology on this host (needs
 libtpu: pip install -r requirements-tpu.txt) and prints memory per chip against the HBM,
@@ -15,6 +16,13 @@ Multi-process runs join with metamorph_jax/distributed.py before anything touche
 (found by JAX on Cloud TPU and SLURM; docs/pods.md is the launch guide); process 0 prints,
 writes the metrics; the final evaluation runs in single-process runs only (eval.py
 --checkpoint WORK_DIR scores the same).
+
+`--dry-run` prints per stage and source the records that will be read and the steps
+(counted where the data is finite: `steps=0` is one pass), reading the record files and
+tokenizers but no weights (metamorph_jax/training/epoch_steps.py). A stage whose finite
+data ends before its steps stops the run with an error naming the stage, the step and
+the sources (exit status 2), unless it sets allow_short=True: then it finishes marked
+incomplete (its DONE file, the log, final_metrics.json's "incomplete_stages").
 
 `--config` defaults to configs/shapes.py (the Shapes recipe with its held-out evaluation,
 which writes WORK_DIR/final_metrics.json and samples.png), `--workdir` to the config's
@@ -47,14 +55,18 @@ def final_evaluation(config, results) -> dict:
     stage_seconds = {r.name: {"seconds": round(r.seconds, 1), "cpu_seconds": round(r.cpu_seconds, 1),
                               **({} if r.ran else {"earlier_run": True})}
                      for r in results if r.ran or r.cpu_seconds}
+    incomplete = {r.name: {"steps": r.steps, "planned_steps": r.planned_steps}
+                  for r in results if not r.complete}
     metrics = shapes_eval.evaluate_shapes(
         config.work_dir, world, shapes_eval.ShapesEvalConfig.from_config(fields),
-        stage_seconds=stage_seconds)
+        stage_seconds=stage_seconds, incomplete_stages=incomplete)
     for name in ("vqa_accuracy", "visual_token_cosine", "generation_oracle_accuracy"):
         chance = metrics[shapes_eval.CHANCE_FIELDS[name]]
         print(f"{name}: {metrics[name]:.3f} (chance {chance:.3f})")
     print(f"seconds: {json.dumps(metrics['stage_seconds'])}; evaluation "
           f"{json.dumps({k: round(v, 1) for k, v in metrics['eval_seconds'].items()})}")
+    for name, counts in metrics["incomplete_stages"].items():
+        print(f"stage {name} is INCOMPLETE: {counts['steps']} of {counts['planned_steps']} steps")
     print(f"wrote {Path(config.work_dir) / 'final_metrics.json'} and {metrics['samples']}")
     return metrics
 
@@ -78,6 +90,9 @@ def main(argv=None) -> int:
     # run_command prints them as one line and exits 2.
     argv = with_default_config(argv)
     config, options = runner.parse_command(argv)
+    if options["dry-run"].value:
+        from metamorph_jax.training import epoch_steps
+        return epoch_steps.dry_run(config)
     if options.plan:
         from metamorph_jax.training import plan
         return plan.plan(config, options.plan, options["plan-out"].value)
@@ -88,14 +103,17 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:   # process 0 reports
         return 0
     for result in results:
+        short = ("" if result.complete else
+                 f" INCOMPLETE: the data ran out after {result.steps} of "
+                 f"{result.planned_steps} steps (allow_short);")
         if not result.ran:
-            print(f"stage {result.name}: already done ({result.final_dir})")
+            print(f"stage {result.name}: already done ({result.final_dir}){short}")
             continue
         resumed = ("" if result.resumed_from is None
                    else f" resumed at step {result.resumed_from},")
         losses = (f", loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
                   if result.losses else "")
-        print(f"stage {result.name}:{resumed} {result.steps} steps{losses}, "
+        print(f"stage {result.name}:{resumed}{short} {result.steps} steps{losses}, "
               f"{result.seconds:.0f} s; model folder {result.final_dir}")
     if config.get("final_eval") and several:
         # Process 0 alone would outlive its peers' shutdown wait; eval.py scores the same.

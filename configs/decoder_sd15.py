@@ -36,6 +36,7 @@ def decoder_stage(steps: int = 16000) -> ml_collections.ConfigDict:
     stage = ml_collections.ConfigDict()
     stage.kind = "decoder"
     stage.steps = steps
+    stage.allow_short = False   # finite data ending before `steps` is an error
     stage.init = ml_collections.ConfigDict(dict(
         vision_dir="", unet_dir="", vae_dir="", model_dir="", from_previous=False, seed=0,
         vision_arch="siglip_so400m"))   # the tower a plan builds when vision_dir is absent

@@ -12,8 +12,11 @@ Topologies: "v5p-N" (N TensorCores: N/2 chips, 4 chips and one process per host)
 grad_accum_steps); where a device cannot hold its share of the batch at 4096 tokens, the
 batch is accumulated over micro-batches; where the batch does not divide over the devices
 it is rounded up to the next multiple and the lr scaled by sqrt(batch / recipe batch), the
-authors' rule (their 448 at 3.74e-5 is the paper's 768 at 4.90e-5 under it). Steps: one epoch of your data (records / global
-batch): set `--config.stages.NAME.steps`. Where the paper and the authors' code disagree
+authors' rule (their 448 at 3.74e-5 is the paper's 768 at 4.90e-5 under it). Steps: the
+VPiT stages read every record of every source once (num_epochs=1; the instruct stage's six
+sources as one shuffled concatenation, as the paper trains), and `steps=0` sizes the
+schedule from a counting pass over the data before each stage (training/epoch_steps.py;
+`train.py ... --dry-run` prints the records and steps per stage and source). Where the paper and the authors' code disagree
 the code's value is the default and the paper's is kept under the stage's `reference`.
 """
 import importlib.util
@@ -102,7 +105,11 @@ def vpit_stage(kind: str, size: str, topology: dict, mesh: dict, sources: dict,
     lr = recipe["lr"] * (global_batch / recipe["batch"]) ** 0.5
     stage = ml_collections.ConfigDict()
     stage.kind = kind
-    stage.steps = 1000        # one epoch of your data: records / global batch (set it)
+    # 0: one pass over the data (num_epochs=1: every record of every source once), the
+    # steps counted from the records' lengths before the stage starts (epoch_steps.py);
+    # `python train.py --config ... --dry-run` prints them
+    stage.steps = 0
+    stage.allow_short = False   # finite data ending before `steps` is an error
     # llm_arch / vision_arch: what a plan (train.py --plan) builds where the folders are
     # absent (metamorph_jax/architectures.py); a run reads the folders.
     stage.init = ml_collections.ConfigDict(dict(
@@ -142,6 +149,9 @@ def recipe(size: str, topology_name: str) -> ml_collections.ConfigDict:
     config.eval_every = 500
     config.eval_batches = 8
     config.skip_nonfinite = False
+    # One data shard per process of the topology, fixed: `train.py --dry-run` (one process)
+    # counts the steps of the run's shards.
+    config.data_shards = topology["processes"]
     config.assets = ml_collections.ConfigDict(dict(kind=""))
     checkpoints = f"checkpoints/llama3_{size}"
     config.stages = ml_collections.ConfigDict()

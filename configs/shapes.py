@@ -63,9 +63,8 @@ def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
             data.batch_size = 16
             data.num_image_tokens = TOKENS
             data.seq_len = SEQ_LEN
-    for data in (config.stages.instruct.data, config.stages.instruct.eval_data):
-        for kind, weight in KIND_WEIGHTS:
-            data.sources[kind].weight = weight
+    for kind, weight in KIND_WEIGHTS:   # sampling shares (its eval data is read once)
+        config.stages.instruct.data.sources[kind].weight = weight
     decoder = config.stages.decoder
     decoder.steps = 800
     for data in (decoder.data, decoder.eval_data):

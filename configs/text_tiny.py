@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     stage = ml_collections.ConfigDict()
     stage.kind = "text"
     stage.steps = 100
+    stage.allow_short = False   # finite data ending before `steps` is an error
     stage.init = ml_collections.ConfigDict(dict(
         llm_dir="/tmp/demo/flax",                # a converted model folder (python -m convert to-flax llama)
         tokenizer_dir="/tmp/demo/hf", from_previous=False,

@@ -14,10 +14,17 @@ The schema (one for every stage; runner.RUN_FIELDS and runner.STAGE_FIELDS):
     work_dir, seed, mesh{data, fsdp, tensor}, order, checkpoint_every, keep,
     async_checkpoints, log_every, eval_every, eval_batches, skip_nonfinite, data_shards,
     assets
-    stages.<name>: kind, steps, init{...}, data{sources{name: {path, weight, image_root}},
-        DataConfig fields}, eval_data{same}, optim{lr, schedule, warmup, end_ratio,
-        decay_end_step, weight_decay, b1, b2, eps, grad_clip}, grad_accum_steps, dtype,
-        remat_policy, scan_layers, vision_coef, model, noise, cfg_prob
+    stages.<name>: kind, steps, allow_short, init{...}, data{sources{name: {path, weight,
+        image_root}}, DataConfig fields}, eval_data{same}, optim{lr, schedule, warmup,
+        end_ratio, decay_end_step, weight_decay, b1, b2, eps, grad_clip}, grad_accum_steps,
+        dtype, remat_policy, scan_layers, vision_coef, model, noise, cfg_prob
+
+Data: `num_epochs` None repeats the sources forever, each drawn by its `weight` (a sampling
+share); `num_epochs` k reads every record of every source exactly k times, the sources
+concatenated and shuffled together each epoch, and their weights must then be equal.
+`steps` 0 trains one pass over such finite data, counted before the stage (`train.py
+--dry-run` prints the records and steps per stage); finite data that ends before `steps`
+is an error, or with `allow_short` True a stage marked incomplete.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -33,10 +40,13 @@ NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 def shapes_data(root: str, split: str, kinds, batch_size: int = 8,
                 num_epochs=None) -> ml_collections.ConfigDict:
-    """Data fields for the Shapes world's `split`, one source per kind."""
+    """Data fields for the Shapes world's `split`, one source per kind. The weights are
+    sampling shares of data repeated forever; finite data (num_epochs k) reads every record
+    k times, so its sources all keep weight 1."""
     data = ml_collections.ConfigDict()
     data.sources = ml_collections.ConfigDict({
-        kind: dict(path=f"{root}/shapes/{split}/{kind}.jsonl", weight=weight,
+        kind: dict(path=f"{root}/shapes/{split}/{kind}.jsonl",
+                   weight=weight if num_epochs is None else 1.0,
                    image_root=f"{root}/shapes") for kind, weight in kinds})
     data.seq_len = 128
     data.batch_size = batch_size         # rows per process; must divide over data x fsdp
@@ -64,6 +74,7 @@ def vpit_stage(kind: str, steps: int, lr: float, kinds, root: str, **init):
     stage = ml_collections.ConfigDict()
     stage.kind = kind
     stage.steps = steps
+    stage.allow_short = False   # finite data ending before `steps` is an error
     stage.init = ml_collections.ConfigDict(dict(
         dict(llm_dir="", vision_dir="", tokenizer_dir="", model_dir="", from_previous=False,
              seed=0), **init))
@@ -81,6 +92,7 @@ def decoder_stage(root: str, steps: int) -> ml_collections.ConfigDict:
     stage = ml_collections.ConfigDict()
     stage.kind = "decoder"
     stage.steps = steps
+    stage.allow_short = False   # finite data ending before `steps` is an error
     stage.init = ml_collections.ConfigDict(dict(
         vision_dir=f"{root}/siglip", model_dir="", unet_dir="", vae_dir="",
         from_previous=False, seed=0))

@@ -37,6 +37,10 @@ def test_paper_configs_carry_the_recipe(size, topology):
     for name in ("adapter", "instruct"):
         stage = config.stages[name]
         batch, lr = RECIPE[size][name]
+        # one counted pass over every record of every source (epoch_steps.py)
+        assert stage.steps == 0 and stage.data.num_epochs == 1
+        assert config.data_shards == processes   # the dry run counts the run's shards
+        assert len({s.weight for s in stage.data.sources.values()}) == 1
         global_batch = stage.data.batch_size * processes * stage.grad_accum_steps
         # rounded up to whole micro-batch rows per device: less than one row per device
         # and accumulation step over the recipe
@@ -59,9 +63,17 @@ def test_paper_configs_carry_the_recipe(size, topology):
 def test_a_bad_field_is_named(tmp_path):
     config = load("tiny.py")
     with config.unlocked():
-        config.stages.instruct.steps = 0
-    with pytest.raises(StageConfigError, match="stage 'instruct': field 'steps' must be at least 1"):
+        config.stages.instruct.steps = -1
+    with pytest.raises(StageConfigError, match="stage 'instruct': field 'steps' must be 0"):
         runner.check_config(config)
+    with config.unlocked():   # one pass over data that never ends
+        config.stages.instruct.steps = 0
+    with pytest.raises(StageConfigError, match="stage 'instruct': field 'steps' = 0 .* "
+                                               "'data.num_epochs' is None"):
+        runner.check_config(config)
+    config = load("tiny.py", "--config.stages.instruct.data.num_epochs=1")
+    with pytest.raises(StageConfigError, match="stage 'instruct': data: field 'weight' differs"):
+        runner.check_config(config)   # tiny's instruct weights are sampling shares
     config = load("tiny.py", "--config.order=('adapter','nope')")
     with pytest.raises(StageConfigError, match="names stage 'nope'"):
         runner.check_config(config)

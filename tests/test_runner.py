@@ -5,6 +5,7 @@ batch, resume after SIGKILL replays the uninterrupted losses, the NaN guard name
 One tiny run (adapter, instruct, decoder on the Shapes world) is shared by the module.
 """
 import json
+import logging
 import os
 import random
 import signal
@@ -22,6 +23,7 @@ from metamorph_jax import pretrained
 from metamorph_jax.training import objectives, runner, steps as steps_lib
 from metamorph_jax.training import state as state_lib
 from metamorph_jax.training.checkpoint import StageCheckpoints
+from metamorph_jax.input_errors import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"
@@ -355,9 +357,22 @@ def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(ti
     from PIL import Image
     from metamorph_jax.evaluation import shapes_eval
     config, _, assets, work = tiny_run
-    assert train.main(["train.py", "--config", f"{TINY}:{assets}", "--workdir", str(work)]) == 0
+    # A stage whose data ran out under allow_short: its DONE file says so (as Stage.export
+    # writes it), and so must the final metrics.
+    done_file = work / "instruct" / "final" / runner.DONE_FILE
+    recorded = done_file.read_text()
+    assert json.loads(recorded)["complete"] is True
+    done_file.write_text(json.dumps(dict(json.loads(recorded), complete=False, steps=5,
+                                         planned_steps=8)) + "\n")
+    try:
+        assert train.main(["train.py", "--config", f"{TINY}:{assets}", "--workdir",
+                           str(work)]) == 0
+    finally:
+        done_file.write_text(recorded)
     printed = capsys.readouterr().out
     metrics = json.loads((work / "final_metrics.json").read_text())
+    assert metrics["incomplete_stages"] == {"instruct": {"steps": 5, "planned_steps": 8}}
+    assert "stage instruct is INCOMPLETE: 5 of 8 steps" in printed
     for name, chance in shapes_eval.CHANCE_FIELDS.items():
         assert -1.0 <= metrics[chance] <= 1.0 and -1.0 <= metrics[name] <= 1.0
         assert f"{name}: {metrics[name]:.3f} (chance {metrics[chance]:.3f})" in printed
@@ -381,3 +396,68 @@ def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(ti
         side = 4 * config.assets.image_size
         assert image.size[1] == 14 + 6 + config.final_eval.samples * (side + 6)
     assert metrics["samples"] == str(work / "samples.png")
+
+
+ONE_PASS = ("--config.order=('adapter',)", "--config.stages.adapter.data.num_epochs=1",
+            "--config.eval_every=0")
+
+
+def _lines(path) -> int:
+    return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
+
+
+@pytest.mark.slow
+def test_finite_data_is_read_once_counted_and_never_silently_short(tiny_assets, tmp_path,
+                                                                   capsys, caplog):
+    """The adapter stage over its two sources with num_epochs=1: steps=50 stops with one
+    error line naming the stage, the step and the sources (exit status 2); re-run with
+    allow_short it finishes marked incomplete; steps=0 trains exactly the counted pass,
+    which reads every record of both files once; --dry-run prints the same."""
+    import re
+
+    import train
+    base = ["train.py", "--config", f"{TINY}:{tiny_assets}", *ONE_PASS]
+    sources = {name: Path(tiny_assets) / "shapes" / "train" / f"{name}.jsonl"
+               for name in ("image_qa", "text_to_image")}
+
+    short = tmp_path / "short"
+    assert run_command(train.main, [*base, "--workdir", str(short),
+                                    "--config.stages.adapter.steps=50"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    found = re.search(r"stage 'adapter': the data ran out at step (\d+) of the 50 in field "
+                      r"'steps' \(data.num_epochs = 1; sources: image_qa=(\S+), "
+                      r"text_to_image=(\S+)\);", err)
+    assert found, err
+    ran_out = int(found.group(1))
+    assert (found.group(2), found.group(3)) == tuple(str(p) for p in sources.values())
+    # allow_short: the kept checkpoint resumes, and the stage is marked incomplete
+    config = tiny_config(tiny_assets, short, *ONE_PASS, "--config.stages.adapter.steps=50",
+                         "--config.stages.adapter.allow_short=True")
+    with caplog.at_level(logging.WARNING, logger="metamorph_jax.training"):
+        (result,) = runner.run(config)
+    assert (result.resumed_from, result.steps, result.complete) == (ran_out, ran_out, False)
+    assert f"stage adapter is INCOMPLETE: the data ran out after {ran_out} of 50" in caplog.text
+    assert json.loads((short / "adapter" / "final" / runner.DONE_FILE).read_text())[
+        "complete"] is False
+    done = runner.recorded_completion(short / "adapter" / "final")
+    assert done == {"complete": False, "steps": ran_out, "planned_steps": 50}
+    (again,) = runner.run(config)   # finished: not run again, still incomplete
+    assert (again.ran, again.complete, again.planned_steps) == (False, False, 50)
+
+    # steps=0: one pass, counted before the stage, is exactly the steps the data makes
+    assert train.main([*base, "--dry-run", "--workdir", str(tmp_path / "dry"),
+                       "--config.stages.adapter.steps=0"]) == 0
+    printed = capsys.readouterr().out
+    for name, path in sources.items():
+        assert f"  {name}: {_lines(path)} records x 1 = {_lines(path)} read  {path}" in printed
+    assert f"  steps: 0 -> {ran_out} (one counted pass;" in printed
+    one_pass = tmp_path / "one_pass"
+    (result,) = runner.run(tiny_config(tiny_assets, one_pass, *ONE_PASS,
+                                       "--config.stages.adapter.steps=0"))
+    assert (result.steps, result.complete, result.planned_steps) == (ran_out, True, ran_out)
+    assert json.loads((one_pass / "adapter" / "counted_steps.json").read_text())["steps"] == ran_out
+    lines = [line for line in read_metrics(one_pass) if "loss" in line]
+    assert [line["step"] for line in lines] == list(range(1, ran_out + 1))
+    for name, path in sources.items():   # every record of each source, once
+        assert sum(line[f"records/{name}"] for line in lines) == _lines(path)

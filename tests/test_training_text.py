@@ -17,6 +17,7 @@ from metamorph_jax.training import objectives, optim, runner, text_step
 from metamorph_jax.training import state as state_lib
 from metamorph_jax.training import steps as steps_lib
 from metamorph_jax.training.losses import masked_cosine_loss, masked_cross_entropy
+from metamorph_jax.input_errors import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -345,11 +346,11 @@ def test_train_cli_loss_falls_and_the_final_folder_decodes(tmp_path, capsys):
     assert "stage text: already done" in capsys.readouterr().out
     assert len((work / "metrics.jsonl").read_text().splitlines()) == 10
     # bad configs: one error naming the field
-    assert train_cli.main(argv + ["--config.no_such_field=1"]) == 2
+    assert run_command(train_cli.main, argv + ["--config.no_such_field=1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
-    assert train_cli.main(argv + ["--config.stages.text.kind=vision"]) == 2
+    assert run_command(train_cli.main, argv + ["--config.stages.text.kind=vision"]) == 2
     assert "stage 'text': field 'kind' = 'vision'" in capsys.readouterr().err
-    assert train_cli.main(argv + ["--workdir", str(tmp_path / "other"),
+    assert run_command(train_cli.main, argv + ["--workdir", str(tmp_path / "other"),
                                   "--config.stages.text.optim.schedule=linear"]) == 2
     assert "stage 'text': optim: field 'schedule' = 'linear'" in capsys.readouterr().err
 
@@ -401,7 +402,8 @@ def test_training_unrolled_from_a_scanned_folder_matches_scanned_training(tmp_pa
 
 def test_steps_cut_short_by_the_data_are_still_logged_and_checked(tmp_path, capsys):
     """log_every > 1 and data that runs out before `steps`: the pending steps are flushed
-    (logged, NaN-checked) and train.py prints its summary."""
+    (logged, NaN-checked), the run stops with one error line naming the stage and the step;
+    re-run with allow_short it finishes marked incomplete and train.py says so."""
     import importlib
     train_cli = importlib.import_module("train")
     tokenizer = tiny.tiny_tokenizer(tmp_path / "tok")
@@ -413,13 +415,18 @@ def test_steps_cut_short_by_the_data_are_still_logged_and_checked(tmp_path, caps
     data = text_records.write_text_records(tmp_path / "text.jsonl", count=6)
     work = tmp_path / "run"
     # 6 records, 2 per 64-token row: one epoch is one batch of 8 rows, fewer than 10 steps
-    assert train_cli.main([
-        "train.py", "--config", str(REPO / "configs" / "text_tiny.py"),
-        "--config.stages.text.steps=10", "--config.log_every=4",
-        f"--config.stages.text.init.llm_dir={tmp_path / 'llm'}",
-        f"--config.stages.text.init.tokenizer_dir={tmp_path / 'tok'}", "--workdir", str(work),
-        f"--config.stages.text.data.sources.text.path={data}", "--config.stages.text.data.seq_len=64",
-        "--config.stages.text.data.num_epochs=1"]) == 0
+    argv = ["train.py", "--config", str(REPO / "configs" / "text_tiny.py"),
+            "--config.stages.text.steps=10", "--config.log_every=4",
+            f"--config.stages.text.init.llm_dir={tmp_path / 'llm'}",
+            f"--config.stages.text.init.tokenizer_dir={tmp_path / 'tok'}", "--workdir", str(work),
+            f"--config.stages.text.data.sources.text.path={data}",
+            "--config.stages.text.data.seq_len=64", "--config.stages.text.data.num_epochs=1"]
+    assert run_command(train_cli.main, argv) == 2
     steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert 0 < len(steps) < 4 and steps == list(range(1, len(steps) + 1))
-    assert f"stage text: {len(steps)} steps" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert f"stage 'text': the data ran out at step {len(steps)} of the 10" in err
+    assert "Traceback" not in err
+    assert train_cli.main([*argv, "--config.stages.text.allow_short=True"]) == 0
+    assert (f"stage text: resumed at step {len(steps)}, INCOMPLETE: the data ran out after "
+            f"{len(steps)} of 10 steps (allow_short); {len(steps)} steps") in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """The grain pipeline: record files -> packed, per-process batches with resumable state.
 
     sources (JSONL / JSON / ArrayRecord / TFDS)                       sources.py
-      -> per source: seeded shuffle (reshuffled each epoch), repeat
-      -> weighted mixture of the sources (when more than one)
+      -> num_epochs k: the sources concatenated, seeded shuffle (reshuffled each epoch),
+                       k epochs: every record of every source read exactly k times
+         num_epochs None: per source a seeded shuffle repeated forever, the sources
+                       sampled by `weight` (grain's weighted mixture)
       -> this process's shard: elements process_index, +process_count, ...
       -> parse + render + load images  (worker processes)            conversation.py, images.py
       -> count bad records, first-fit pack, batch                    packing.py, bad_records.py
@@ -22,8 +24,9 @@ A restored iterator yields exactly the batches the saved one would have yielded 
 Epochs and processes: with `num_epochs=k` each process reads elements i, i+P, i+2P, ...
 of the k shuffled epochs laid end to end, so across P processes every record is read
 exactly once per epoch. Processes may end with different batch counts (packing depends on
-lengths); with `num_epochs=None` the data never ends. With several sources and a finite
-`num_epochs`, the mixture ends when its first source runs out (grain's mixing rule).
+lengths); with `num_epochs=None` the data never ends. `weight` applies only there: with a
+finite `num_epochs` the sources are read as one concatenation (the paper trains on the
+concatenation), and unequal weights are an error naming the field.
 
 Bad records are counted per reason and per source, reported every `report_every` batches
 and at the end (`iterator.bad_records.summary()`); `strict=True` raises at the first one,
@@ -56,7 +59,8 @@ from metamorph_jax.input_errors import BadInput
 class Source:
     """One record file (or `tfds:name/split`) and its share of the mixture."""
     path: str
-    weight: float = 1.0
+    weight: float = 1.0              # sampling share where num_epochs is None; with a finite
+                                     # num_epochs all sources must have the same weight
     image_root: str | None = None   # default: the record file's folder
     tfds_data_dir: str | None = None  # for "tfds:name/split" paths
 
@@ -72,7 +76,8 @@ class DataConfig:
     max_images_per_row: int = 16
     template: str = "llama3"             # see conversation.TEMPLATES
     seed: int = 0
-    num_epochs: int | None = 1           # None: repeat forever
+    num_epochs: int | None = 1           # k: every record of every source read k times;
+                                         # None: repeat forever, sources sampled by weight
     worker_count: int = 0                # processes decoding images; 0 = in this process
     worker_buffer_size: int = 4          # samples buffered per worker
     read_threads: int = 1                # threads per process running the render/load map
@@ -109,6 +114,7 @@ class SampleMaker:
 
     Runs inside grain's worker processes (it pickles: tokenizer, ids and config only).
     """
+    lengths_only = False   # counting.SlotSampleMaker: placeholders in place of images
 
     def __init__(self, tokenizer, ids: conv.SpecialIds, config: DataConfig):
         self.tokenizer = tokenizer
@@ -151,6 +157,8 @@ class SampleMaker:
         except conv.RecordError as error:
             return bad_marker(error.reason, error.where, error.message, source)
         record_id = f"{conversation.id} ({where})" if conversation.id != where else where
+        if self.lengths_only:   # a counting pass (counting.py): image slots, no pixels
+            return self.image_slots(sample, conversation, record_id, where)
         if config.visual_tokens:
             sample["record_id"] = record_id
             sample["visual_tokens"] = self.stored_tokens(element, conversation)
@@ -186,31 +194,69 @@ def _shard(config: DataConfig) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def finite_mixture_error(sources: Sequence[Source], config: DataConfig) -> str | None:
+    """Why `sources` cannot be read as a finite concatenation, or None: with a finite
+    `num_epochs` every record is read `num_epochs` times, so unequal weights (a sampling
+    ratio) would be ignored; saying so beats ignoring them."""
+    if config.num_epochs is None or len(sources) < 2:
+        return None
+    weights = [float(s.weight) for s in sources]
+    if len(set(weights)) == 1:
+        return None
+    listed = ", ".join(f"{s.path}: {w:g}" for s, w in zip(sources, weights))
+    return (f"field 'weight' differs between the sources ({listed}) while field "
+            f"'num_epochs' = {config.num_epochs}: a finite stage reads every record of every "
+            "source num_epochs times (weights do not apply); give every source the same "
+            "weight, or set num_epochs to None to sample the sources by weight forever")
+
+
 def record_dataset(sources: Sequence[Source], config: DataConfig) -> grain.MapDataset:
-    """Shuffled, mixed, process-sharded record elements (before rendering)."""
+    """Shuffled, mixed, process-sharded record elements (before rendering).
+
+    num_epochs None: each source shuffled and repeated forever, sampled by `weight`.
+    num_epochs k: the sources concatenated, shuffled as one (reshuffled each epoch) and
+    read k times, so every record of every source is read exactly k times."""
     if not sources:
         raise BadInput("no data sources given")
-    datasets = []
-    for index, source in enumerate(sources):
+    problem = finite_mixture_error(sources, config)
+    if problem:
+        raise BadInput(problem)
+    opened = []
+    for source in sources:
         kwargs = {"data_dir": source.tfds_data_dir} if source.path.startswith("tfds:") else {}
         dataset = grain.MapDataset.source(open_source(source.path, source.image_root, **kwargs))
         if len(dataset) == 0:
             raise BadInput(f"{source.path}: the source holds no records")
-        dataset = dataset.shuffle(seed=(config.seed + 7919 * index) % 2**32)
-        if len(sources) > 1 or config.num_epochs != 1:
+        opened.append(dataset)
+    if len(opened) == 1:
+        dataset = opened[0].shuffle(seed=config.seed % 2**32)
+        if config.num_epochs != 1:
             dataset = dataset.repeat(config.num_epochs)
-        datasets.append(dataset)
-    if len(datasets) == 1:
-        dataset = datasets[0]
+    elif config.num_epochs is not None:
+        # The concatenation, shuffled before repeat: a fresh order each epoch.
+        dataset = grain.MapDataset.concatenate(opened).shuffle(seed=config.seed % 2**32)
+        if config.num_epochs != 1:
+            dataset = dataset.repeat(config.num_epochs)
     else:
         weights = [float(s.weight) for s in sources]
         if min(weights) <= 0:
             raise BadInput(f"source weights must be positive, got {weights}")
-        dataset = grain.MapDataset.mix(datasets, weights)
+        dataset = grain.MapDataset.mix(
+            [d.shuffle(seed=(config.seed + 7919 * index) % 2**32).repeat(None)
+             for index, d in enumerate(opened)], weights)
     shard_index, shard_count = _shard(config)
     if not 0 <= shard_index < shard_count:
         raise BadInput(f"shard_index {shard_index} is outside 0..{shard_count - 1}")
     return dataset[shard_index::shard_count]
+
+
+def source_records(sources: Sequence[Source]) -> list[int]:
+    """The number of records in each source (opens them; reads no record)."""
+    counts = []
+    for source in sources:
+        kwargs = {"data_dir": source.tfds_data_dir} if source.path.startswith("tfds:") else {}
+        counts.append(len(open_source(source.path, source.image_root, **kwargs)))
+    return counts
 
 
 def _absl_flags_ready() -> None:

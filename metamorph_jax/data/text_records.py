@@ -54,13 +54,24 @@ def text_special_ids(tokenizer) -> conv.SpecialIds:
                            vocab_size=len(tokenizer))
 
 
+def _text_config(config: pipeline.DataConfig) -> pipeline.DataConfig:
+    return dataclasses.replace(config, max_images_per_row=0, image_size=1)
+
+
 def text_batches(sources: Sequence[pipeline.Source], tokenizer,
                  config: pipeline.DataConfig) -> PackedBatchIterator:
     """Packed batches of text-only records: pipeline.build_dataset with the TextOnlyCheck
     in front of rendering and no image slots (so no image buffers are allocated)."""
-    config = dataclasses.replace(config, max_images_per_row=0, image_size=1)
-    return pipeline.make_iterator(sources, tokenizer, text_special_ids(tokenizer), config,
-                                  record_check=TextOnlyCheck())
+    return pipeline.make_iterator(sources, tokenizer, text_special_ids(tokenizer),
+                                  _text_config(config), record_check=TextOnlyCheck())
+
+
+def count_text_batches(sources: Sequence[pipeline.Source], tokenizer,
+                       config: pipeline.DataConfig) -> int:
+    """The number of batches text_batches yields (counting.count_packed_batches)."""
+    from metamorph_jax.data import counting
+    return counting.count_packed_batches(sources, tokenizer, text_special_ids(tokenizer),
+                                         _text_config(config), record_check=TextOnlyCheck())
 
 
 def check_text_only(batch: dict) -> None:

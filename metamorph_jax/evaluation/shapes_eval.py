@@ -161,10 +161,11 @@ def _batches(items: list, size: int):
 def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
                     config: ShapesEvalConfig = ShapesEvalConfig(),
                     stage_seconds: dict | None = None, out_dir: str | Path | None = None,
-                    log=print) -> dict:
+                    log=print, incomplete_stages: dict | None = None) -> dict:
     """Evaluate the work directory's latest MetaMorph (and visualiser) on the world's
     held-out split; writes final_metrics.json and samples.png into out_dir (default:
-    work_dir) and returns the metrics."""
+    work_dir) and returns the metrics. incomplete_stages: {stage: {"steps",
+    "planned_steps"}} of stages whose data ran out early (allow_short), recorded as such."""
     import jax
 
     from metamorph_jax.inference import checkpoints
@@ -262,6 +263,7 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
                    "single_shape_prompts": len(single), "rendered": len(drawn)},
         "split": config.split,
         "stage_seconds": dict(stage_seconds or {}),
+        "incomplete_stages": dict(incomplete_stages or {}),
         "eval_seconds": {"vqa": vqa_seconds, "visual_tokens": t2i_seconds,
                          "render_and_oracle": render_seconds},
         "samples": str(samples_path),

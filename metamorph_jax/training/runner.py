@@ -30,6 +30,11 @@ Each process reads its data shards (`data_shards`, default one per process) and
 contributes their rows to the global batch, so the global batch is data.batch_size x
 data_shards rows.
 
+Finite data (data.num_epochs set): `steps` 0 trains one pass, counted before the stage
+(epoch_steps.py); data that ends before `steps` is DataExhaustedError naming the stage,
+the step and the sources (its checkpoint kept), or with the stage's `allow_short` the
+stage finishes marked incomplete (DONE: "complete": false, "steps", "planned_steps").
+
 A non-finite loss stops the run with NonFiniteLossError naming the stage, the step and the
 record ids of the batch; with `skip_nonfinite` the update is skipped and counted instead
 (`skipped`, `skipped_total` in the metrics).
@@ -52,7 +57,8 @@ import jax
 import numpy as np
 
 from metamorph_jax import input_errors, sharding
-from metamorph_jax.training import objectives, optim, steps as steps_lib
+from metamorph_jax.data import pipeline
+from metamorph_jax.training import epoch_steps, objectives, optim, steps as steps_lib
 from metamorph_jax.training import state as state_lib
 from metamorph_jax.training.checkpoint import StageCheckpoints
 from metamorph_jax.training.objectives import StageConfigError
@@ -82,7 +88,10 @@ RUN_FIELDS = {
 }
 STAGE_FIELDS = {
     "kind": "adapter | instruct | decoder | text",
-    "steps": "optimizer updates in the stage",
+    "steps": "optimizer updates in the stage; 0: one pass over finite data (data.num_epochs "
+             "epochs), the steps counted before the stage starts (epoch_steps.py)",
+    "allow_short": "finite data that ends before `steps` finishes the stage marked incomplete "
+                   "(DONE, the log, final_metrics) instead of stopping with an error",
     "init": "where the parameters come from (see objectives.py)",
     "data": "pipeline.DataConfig fields + sources (name -> path, weight, image_root)",
     "eval_data": "the held-out data, same fields (empty sources: no evaluation)",
@@ -102,6 +111,11 @@ STAGE_FIELDS = {
     "reference": "values from the paper or the authors' code kept for comparison (unused)",
 }
 DONE_FILE = "DONE"
+
+
+class DataExhaustedError(StageConfigError):
+    """Finite data ended before the stage's steps (the message names the stage, the step
+    and the sources); a stage with allow_short=True finishes marked incomplete instead."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -150,8 +164,18 @@ def check_config(config) -> None:
         if stage.kind not in objectives.KINDS:
             raise StageConfigError(f"{where}: field 'kind' = {stage.kind!r} is not one of "
                                    f"{objectives.KINDS}")
-        if int(stage.steps) < 1:
-            raise StageConfigError(f"{where}: field 'steps' must be at least 1, got {stage.steps}")
+        if int(stage.steps) < 0:
+            raise StageConfigError(f"{where}: field 'steps' must be 0 (one pass over the "
+                                   f"data) or more, got {stage.steps}")
+        if int(stage.steps) == 0 and stage.data.get("num_epochs", 1) is None:
+            raise StageConfigError(f"{where}: field 'steps' = 0 trains one pass over the data, "
+                                   "but field 'data.num_epochs' is None (the data never ends)")
+        for field in ("data", "eval_data"):
+            if stage.get(field) and stage[field].get("sources"):
+                sources, data = objectives.data_from_config(stage[field], f"{where}: {field}")
+                problem = pipeline.finite_mixture_error(sources, data)
+                if problem:
+                    raise StageConfigError(f"{where}: {field}: {problem}")
         if int(stage.get("grad_accum_steps", 1)) < 1:
             raise StageConfigError(f"{where}: field 'grad_accum_steps' must be at least 1, got "
                                    f"{stage.get('grad_accum_steps')}")
@@ -253,6 +277,8 @@ class StageResult:
     skipped: int = 0
     resumed_from: int | None = None
     ran: bool = True
+    complete: bool = True      # False: the data ended before planned_steps (allow_short)
+    planned_steps: int = 0
     seconds: float = 0.0   # wall-clock of the stage in this run (compiles included)
     cpu_seconds: float = 0.0   # CPU time of this process during the stage (all threads)
 
@@ -280,8 +306,17 @@ class Stage:
             folders = objectives.Folders(platform=sharding.mesh_platform(mesh))
         self.objective = objectives.build(self.stage, name, previous_dir, folders)
         self.rules = self.objective.rules
-        self.steps = int(self.stage.steps)
         self.accum = int(self.stage.get("grad_accum_steps", 1))
+        try:
+            self.shards, self.shard_count = process_shards(
+                int(config.get("data_shards", 0) or 0),
+                process_index=None if process_count is None else 0, process_count=process_count)
+        except ValueError as error:
+            raise StageConfigError(str(error)) from None
+        self.steps = int(self.stage.steps)
+        if self.steps == 0:   # one pass over the data
+            # a plan compiles one step and never reads the data: any length will do
+            self.steps = 1 if folders.plan else self.count_steps()
         try:
             self.optimizer, self.schedule = optim.build_optimizer(
                 self.stage.optim, self.steps, f"stage {name!r}: optim")
@@ -292,12 +327,20 @@ class Stage:
         self.shardings = state_lib.state_shardings(boxed, mesh, self.rules)
         self.abstract = state_lib.unboxed(boxed)
         self.sources = _source_paths(self.stage.data)
-        try:
-            self.shards, self.shard_count = process_shards(
-                int(config.get("data_shards", 0) or 0),
-                process_index=None if process_count is None else 0, process_count=process_count)
-        except ValueError as error:
-            raise StageConfigError(str(error)) from None
+
+    def count_steps(self) -> int:
+        """The optimizer steps of one pass over the data (epoch_steps.py), counted once
+        per work directory; every process takes part."""
+        where = f"stage {self.name!r}"
+        key = epoch_steps.count_key(self.stage.kind, self.stage.data, self.shard_count,
+                                    self.accum)
+        steps = epoch_steps.counted_steps(
+            self.dir, key, lambda: epoch_steps.count_steps(
+                self.stage.kind, self.stage.data, getattr(self.objective, "tokenizer", None),
+                getattr(self.objective, "ids", None), self.shards, self.shard_count,
+                self.accum, where), self.is_main)
+        logger.info("%s: one pass over the data is %d steps", where, steps)
+        return steps
 
     def batches(self, data):
         """This process's shards of `data` as one iterator of its rows of the global batch."""
@@ -392,6 +435,7 @@ class Stage:
         eval_every = int(self.config.get("eval_every", 0) or 0)
         skip = bool(self.config.get("skip_nonfinite", False))
         pending: list[PendingStep] = []
+        saved = restored   # the newest checkpoint's step
         clock = [time.time()]
         self.train_step = None
         bar = tqdm(total=self.steps, initial=step, desc=self.name, unit="step",
@@ -436,7 +480,16 @@ class Stage:
                 # small collective, only then, as it waits for the previous step).
                 have = len(micro) == self.accum
                 if not (all_processes(have) if finite else have):
-                    logger.warning("stage %s: the data ran out after %d steps", self.name, step)
+                    if not self.stage.get("allow_short", False):
+                        flush()
+                        if step != saved:   # kept: a re-run resumes here
+                            checkpoints.save(step, state, batches, self.meta(step))
+                        checkpoints.wait()
+                        checkpoints.close()
+                        raise DataExhaustedError(self.short_message(step))
+                    logger.warning("stage %s is INCOMPLETE: the data ran out after %d of %d "
+                                   "steps (allow_short)", self.name, step, self.steps)
+                    result.complete = False
                     break
                 stacked = steps_lib.stack_micro_batches(micro, self.objective.batch_keys)
                 if self.train_step is None:
@@ -457,18 +510,30 @@ class Stage:
                 if step % ckpt_every == 0 and step < self.steps:
                     flush()
                     checkpoints.save(step, state, batches, self.meta(step))
+                    saved = step
             flush()
-            if step != restored:
+            if step != saved:
                 checkpoints.save(step, state, batches, self.meta(step))
             checkpoints.wait()
         finally:
             bar.close()
         result.steps = step
-        self.export(state)
+        result.planned_steps = self.steps
+        self.export(state, result)
         checkpoints.close()
         return result
 
-    def export(self, state) -> None:
+    def short_message(self, step: int) -> str:
+        sources = ", ".join(f"{name}={path}" for name, path in self.sources.items())
+        return (f"stage {self.name!r}: the data ran out at step {step} of the {self.steps} in "
+                f"field 'steps' (data.num_epochs = {self.stage.data.get('num_epochs')}; "
+                f"sources: {sources}); the checkpoint of step {step} is kept. "
+                + ("The counted pass read no image; one that only decoding finds corrupt "
+                   "drops its record here alone. Set" if int(self.stage.steps) == 0 else
+                   "Set steps to 0 to train one counted pass, lower steps, add data, or set")
+                + " the stage's allow_short=True to finish it marked incomplete")
+
+    def export(self, state, result: StageResult | None = None) -> None:
         """Every process takes part (each writes its shards of the parameters); process 0
         writes the rest and, last, the DONE file."""
         if self.is_main and self.final_dir.exists():   # an export cut short: write it again
@@ -477,7 +542,11 @@ class Stage:
         self.objective.export(self.final_dir, state.trainable, state.frozen)
         barrier(f"{self.name}: export end")
         if self.is_main:
-            (self.final_dir / DONE_FILE).write_text(json.dumps({"stage": self.name}) + "\n")
+            done = {"stage": self.name}
+            if result is not None:
+                done.update(complete=result.complete, steps=result.steps,
+                            planned_steps=result.planned_steps)
+            (self.final_dir / DONE_FILE).write_text(json.dumps(done) + "\n")
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -505,7 +574,8 @@ def run(config) -> list[StageResult]:
             if (final_dir / DONE_FILE).exists():
                 logger.info("stage %s is done (%s); skipping it", name, final_dir)
                 results.append(StageResult(name, final_dir, ran=False,
-                                           **recorded_seconds(final_dir)))
+                                           **recorded_seconds(final_dir),
+                                           **recorded_completion(final_dir)))
             else:
                 wall, cpu = time.time(), time.process_time()
                 result = Stage(config, index, name, previous, mesh, metrics).run()
@@ -529,6 +599,13 @@ def recorded_seconds(final_dir: Path) -> dict:
     finished it); {} for a DONE file written before it recorded them."""
     done = json.loads((final_dir / DONE_FILE).read_text())
     return {key: float(done[key]) for key in ("seconds", "cpu_seconds") if key in done}
+
+
+def recorded_completion(final_dir: Path) -> dict:
+    """{"complete", "steps", "planned_steps"} that a finished stage's DONE file records ({}
+    for a DONE file written before it recorded them)."""
+    done = json.loads((final_dir / DONE_FILE).read_text())
+    return {key: done[key] for key in ("complete", "steps", "planned_steps") if key in done}
 
 
 def parse_flags(argv: Sequence[str]):
@@ -592,6 +669,9 @@ def parse_command(argv: Sequence[str]):
                         "v5e-N, v6e-N) on this host and report memory, FLOPs and the "
                         "estimated step time; nothing runs (training/plan.py)",
                         flag_values=registry)
+    flags.DEFINE_bool("dry-run", False, "print per stage and source the records that will "
+                      "be read and the stage's steps (counted where the data is finite); "
+                      "nothing trains (training/epoch_steps.py)", flag_values=registry)
     flags.DEFINE_string("plan-out", None, "with --plan: write the plan as JSON to this file",
                         flag_values=registry)
     flags.DEFINE_boolean("debug", False, "show the traceback of any error (also of bad "

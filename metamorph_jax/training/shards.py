@@ -33,7 +33,8 @@ def process_shards(data_shards: int = 0, process_index: int | None = None,
     return list(range(index * per, (index + 1) * per)), shards
 
 
-def _with_shard(data, index: int, count: int) -> dict:
+def shard_data(data, index: int, count: int) -> dict:
+    """The data fields of shard `index` of `count`."""
     values = data.to_dict() if hasattr(data, "to_dict") else dict(data)
     return dict(values, shard_index=index, shard_count=count)
 
@@ -48,7 +49,7 @@ class ShardedBatches:
 
     def __init__(self, objective, data, shards: list[int], count: int):
         self.shards = list(shards)
-        self.iterators = [objective.batches(_with_shard(data, s, count)) for s in self.shards]
+        self.iterators = [objective.batches(shard_data(data, s, count)) for s in self.shards]
 
     def __iter__(self):
         return self
@@ -86,6 +87,15 @@ def all_processes(flag: bool) -> bool:
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))
     return bool(np.all(flags))
+
+
+def all_processes_min(value: int) -> int:
+    """The smallest `value` over the processes (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    values = multihost_utils.process_allgather(np.asarray(int(value), np.int32))
+    return int(np.min(values))
 
 
 def barrier(name: str) -> None:

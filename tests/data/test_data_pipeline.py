@@ -195,6 +195,43 @@ def test_every_record_once_per_epoch_across_processes(data, tok, processes):
         assert sorted(wheres) == sorted(f"{root / 'records.jsonl'}:{line}" for line in range(1, N_RECORDS + 1))
 
 
+def text_records(path, count, word):
+    write_jsonl(path, [{"id": f"{word}{i}", "conversations": [
+        {"from": "human", "value": "hello " * (1 + i % 3)}, {"from": "gpt", "value": word}]}
+        for i in range(count)])
+    return str(path)
+
+
+@pytest.mark.parametrize("epochs,processes", [(1, 1), (2, 1), (1, 3)])
+def test_finite_epochs_read_every_record_of_every_source(tmp_path, epochs, processes):
+    """A 1000-record and a 10-record source with num_epochs=k: all 1010 records are read
+    exactly k times (grain's weighted mixture stopped after 20), interleaved, each epoch in
+    a fresh order, and the process shards split each epoch."""
+    sources = [P.Source(text_records(tmp_path / "big.jsonl", 1000, "red")),
+               P.Source(text_records(tmp_path / "small.jsonl", 10, "blue"))]
+    reads = []
+    for index in range(processes):
+        reads += [e["where"] for e in P.record_dataset(sources, config(
+            num_epochs=epochs, shard_index=index, shard_count=processes))]
+    expected = [f"{s.path}:{line}" for s, n in zip(sources, (1000, 10)) for line in range(1, n + 1)]
+    assert sorted(reads) == sorted(expected * epochs)
+    if processes == 1:
+        first = reads[:1010]
+        small = [k for k, where in enumerate(first) if where.startswith(sources[1].path)]
+        assert small[-1] - small[0] > 500   # shuffled together, not one source after the other
+        if epochs == 2:
+            assert sorted(reads[1010:]) == sorted(first) and reads[1010:] != first
+
+
+def test_finite_epochs_with_unequal_weights_is_an_error_naming_the_field(tmp_path):
+    sources = [P.Source(text_records(tmp_path / "a.jsonl", 5, "red"), weight=3.0),
+               P.Source(text_records(tmp_path / "b.jsonl", 5, "blue"), weight=1.0)]
+    with pytest.raises(ValueError, match="field 'weight' differs.*a.jsonl: 3.*'num_epochs' = 1"):
+        P.record_dataset(sources, config(num_epochs=1))
+    # repeating forever, the weights are the sampling shares
+    assert len(P.record_dataset(sources, config(num_epochs=None))) > 10
+
+
 def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
@@ -516,3 +553,29 @@ def test_a_lossy_source_stops_at_a_report_before_the_end(tmp_path, tok):
     assert batches * 4 < 120 and "at the end of the data" not in str(info.value)
     read = iterator.bad_records.sources[str(lossy)]["records"]
     assert 200 <= read < 300 and str(info.value).startswith(f"{lossy}: ")
+
+
+@pytest.mark.parametrize("epochs,processes,batch_size,seq_len", [
+    (1, 1, 3, 64), (2, 1, 2, 40), (1, 3, 3, 64)])
+def test_counting_pass_gives_the_real_pipelines_batch_count(data, tok, tmp_path, epochs,
+                                                            processes, batch_size, seq_len):
+    """counting.count_packed_batches, which renders text and image slots but reads no
+    pixels, equals the number of batches the real pipeline yields, shard by shard, with
+    images, two sources, epochs and missing images (a record skipped in both passes)."""
+    from metamorph_jax.data import counting
+    tokenizer, ids = tok
+    root, _ = data
+    missing = [{"id": f"m{i}", "image": "nope.png", "conversations": [
+        {"from": "human", "value": "<image> what ?"}, {"from": "gpt", "value": "r1"}]}
+        for i in range(2)]
+    write_jsonl(tmp_path / "more.jsonl", [make_record(i) for i in range(7)] + missing)
+    sources = [P.Source(str(root / "records.jsonl")),
+               P.Source(str(tmp_path / "more.jsonl"), image_root=str(root))]
+    for index in range(processes):
+        cfg = config(num_epochs=epochs, batch_size=batch_size, seq_len=seq_len,
+                     shard_index=index, shard_count=processes)
+        real = len(all_batches(sources, tok, cfg)[0])
+        assert counting.count_packed_batches(sources, tokenizer, ids, cfg) == real
+        assert real > 1
+    with pytest.raises(ValueError, match="'num_epochs' is None"):
+        counting.count_packed_batches(sources, tokenizer, ids, config(num_epochs=None))
