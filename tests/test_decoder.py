@@ -245,8 +245,10 @@ def test_sharded_latent_step_equals_single_device_step_and_keeps_vae_frozen(sigl
     single-device step computes; the VAE and SigLIP are frozen, the projector and UNet move."""
     objective = decoder_objective(latent_tiny_config(), siglip_dir)
     assert objective.model.config.sample_shape == (8, 8, 4)
-    tx = optax.sgd(0.1)  # plain SGD: the update shows any gradient difference directly
+    # plain SGD: the update shows any gradient difference directly; the lr as a schedule,
+    # whose count the step reads for the lr it logs (optim.schedule_count)
     schedule = optax.constant_schedule(0.1)
+    tx = optax.sgd(schedule)
     rs = np.random.RandomState(0)
     batch = {"images": rs.uniform(-1, 1, (8, 8, 8, 3)).astype(np.float32),
              "tokens": rs.randn(8, 4, 16).astype(np.float32)}
