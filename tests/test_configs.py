@@ -124,3 +124,43 @@ def test_paper_recipe_reads_a_long_video_as_its_frame_budget(tmp_path):
     seconds = np.floor(np.linspace(0, 19, 16) + 0.5 - 1e-9)
     assert seconds[0] == 0 and seconds[-1] == 19
     assert np.allclose(means, 12 * seconds, atol=6)
+
+
+def test_paper_recipe_dry_run_reads_every_stage_2_source_once(tmp_path, capsys):
+    """`train.py --config configs/metamorph_llama3_8b.py:v5p-16 --dry-run`, its six stage-2
+    files replaced by small text record files of different sizes: every source is listed
+    as read once, and steps=0 is counted from them (issue 22: the recipe read ~6x the
+    smallest source under grain's mixture)."""
+    import json
+
+    from metamorph_jax.data.testing import build_tiny_tokenizer
+    from metamorph_jax.input_errors import run_command
+
+    import train
+
+    words = ["what", "is", "it", "a", "red", "circle", "blue", "square"]
+    build_tiny_tokenizer(words).save_pretrained(str(tmp_path / "tok"))
+    kinds = ("image_qa", "video_qa", "text_to_image", "image_to_image", "video",
+             "visual_thinking")
+    overrides = []
+    for count, kind in zip((40, 3, 17, 5, 9, 11), kinds):
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"{kind}{i}", "conversations": [
+            {"from": "human", "value": "what is it ?"},
+            {"from": "gpt", "value": words[4 + i % 4]}]}) + "\n" for i in range(count)))
+        overrides.append(f"--config.stages.instruct.data.sources.{kind}.path={path}")
+    argv = ["train.py", "--config", str(REPO / "configs" / "metamorph_llama3_8b.py:v5p-16"),
+            "--dry-run", "--workdir", str(tmp_path / "run"), "--config.order=('instruct',)",
+            f"--config.stages.instruct.init.tokenizer_dir={tmp_path / 'tok'}",
+            "--config.stages.instruct.init.from_previous=False",
+            "--config.stages.instruct.data.batch_size=1",
+            "--config.stages.instruct.data.seq_len=64",
+            "--config.stages.instruct.data.worker_count=0",
+            "--config.stages.instruct.grad_accum_steps=1", *overrides]
+    assert run_command(train.main, argv) == 0
+    printed = capsys.readouterr().out
+    assert "every record of every source read 1 time(s)" in printed
+    for count, kind in zip((40, 3, 17, 5, 9, 11), kinds):
+        assert f"  {kind}: {count} records x 1 = {count} read  {tmp_path / kind}.jsonl" in printed
+    assert "  all sources: 85 records read" in printed
+    assert "  steps: 0 -> " in printed
