@@ -242,10 +242,10 @@ class SiglipDualEncoder(nn.Module):
                              f"projection_size to {self.vision.hidden_size}")
         self.vision_model = siglip.SiglipVisionModel(self.vision)
         self.text_model = SiglipTextModel(self.text)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(
-            self.logit_scale_init), (1,), jnp.float32)
-        self.logit_bias = self.param("logit_bias", nn.initializers.constant(
-            self.logit_bias_init), (1,), jnp.float32)
+        self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(self.logit_scale_init), (None,)), (1,), jnp.float32)
+        self.logit_bias = self.param("logit_bias", nn.with_logical_partitioning(
+            nn.initializers.constant(self.logit_bias_init), (None,)), (1,), jnp.float32)
 
     def __call__(self, pixel_values: jnp.ndarray, input_ids: jnp.ndarray) -> dict:
         image = l2_normalize(self.vision_model(pixel_values)["pooler_output"])
