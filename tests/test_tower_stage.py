@@ -67,6 +67,11 @@ def test_the_tower_stage_learns_and_exports_a_siglip_folder(tower_run):
     logits = json.loads((text_dir / objectives.LOGITS_FILE).read_text())
     assert logits["logit_bias"] != -10.0
     assert (final / runner.DONE_FILE).exists()
+    # the probe reads the exported folder (its scores on 48 scenes mean little)
+    from metamorph_jax.evaluation import probe
+    scores = probe.probe_tower(final, assets / "shapes", "train", "validation")
+    assert set(scores) == {"colour", "shape", "size", "position", "cell_colour", "cell_shape"}
+    assert all(0.0 <= s["accuracy"] <= 1.0 and s["test"] > 0 for s in scores.values())
 
 
 def _pairs_config(**changes):
