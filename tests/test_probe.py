@@ -77,3 +77,20 @@ def test_scene_labels_and_a_bad_target_is_named(tmp_path):
         probe.world_scenes(tmp_path, "train")
     with pytest.raises(probe.ProbeError, match="field 'target\\[0\\].colour'"):
         probe.scene_labels([dict(target[0], colour="pink")], "w")
+
+
+def test_principal_projection_keeps_the_dominant_directions():
+    """An attribute coded in a low-variance direction is lost on the top components; one
+    coded in the dominant direction is kept."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400)
+    loud = rng.standard_normal((400, 4)) * 10.0        # large variance, no information
+    quiet = (labels[:, None] - 0.5) * 0.2 + 0.01 * rng.standard_normal((400, 1))
+    features = np.concatenate([loud, quiet], 1)
+    top = features @ probe.principal_projection(features[:300], 4)
+    assert probe.probe_accuracy(features[:300], labels[:300], features[300:], labels[300:],
+                                2)["accuracy"] == 1.0
+    assert probe.probe_accuracy(top[:300], labels[:300], top[300:], labels[300:],
+                                2)["accuracy"] < 0.7
+    with pytest.raises(probe.ProbeError, match="components=9"):
+        probe.principal_projection(features, 9)

@@ -17,12 +17,16 @@ scored on the `test_split` scenes (the world's splits are disjoint by scene):
                                     attribute to a place, which multi-shape questions
                                     need; an occupied cell read as empty is wrong)
 
+With `components` K > 0 the features are first projected on the top K principal directions
+of the training scenes' features: whether an attribute lives in the directions that vary
+most (what a small adapter and LLM meet first), not merely somewhere in the tokens.
+
 The single-shape test set is small: the world holds 324 distinct single-shape scenes and
 about a tenth of them fall in the test split (38 in configs/shapes.py's world), so one
 scene is 2.6 points there; the cell probes score every test scene's shapes.
 
     python -m metamorph_jax.evaluation.probe --tower DIR --world WORLD [--train-split train]
-        [--test-split test] [--out probe.json]
+        [--test-split test] [--components K] [--out probe.json]
 """
 from __future__ import annotations
 
@@ -201,15 +205,30 @@ def tower_features(tower_dir: str | Path, image_paths: Sequence[str],
     return tokens.reshape(len(tokens), -1)
 
 
+def principal_projection(train_features: np.ndarray, components: int) -> np.ndarray:
+    """[d, components]: the top principal directions of the (centred) training features."""
+    centred = np.asarray(train_features, np.float64) - np.mean(train_features, 0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    if components > vt.shape[0]:
+        raise ProbeError(f"components={components} is more than the features' "
+                         f"{vt.shape[0]} directions")
+    return vt[:components].T
+
+
 def probe_tower(tower_dir: str | Path, world: str | Path, train_split: str = "train",
-                test_split: str = "test") -> dict:
-    """{attribute: probe_accuracy(...)} for SINGLE_ATTRIBUTES and CELL_ATTRIBUTES."""
+                test_split: str = "test", components: int = 0) -> dict:
+    """{attribute: probe_accuracy(...)} for SINGLE_ATTRIBUTES and CELL_ATTRIBUTES
+    (`components` > 0: on the top principal directions of the training features)."""
     data = {}
     for split in (train_split, test_split):
         scenes = world_scenes(world, split)
         labels = [scene_labels(target, f"{world}/{split}/text_to_image.jsonl scene {path}")
                   for path, target in scenes]
         data[split] = (tower_features(tower_dir, [path for path, _ in scenes]), labels)
+    if components:
+        projection = principal_projection(data[train_split][0], components)
+        data = {split: (features @ projection, labels)
+                for split, (features, labels) in data.items()}
     results = {}
     for name, classes in {**SINGLE_ATTRIBUTES, **CELL_ATTRIBUTES}.items():
         picked = {}
@@ -245,9 +264,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--world", required=True, help="the Shapes world folder")
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--test-split", default="test")
+    parser.add_argument("--components", type=int, default=0,
+                        help="probe the top K principal directions only (0: all features)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    results = {tower: probe_tower(tower, args.world, args.train_split, args.test_split)
+    results = {tower: probe_tower(tower, args.world, args.train_split, args.test_split,
+                                  args.components)
                for tower in args.tower}
     print(format_table(results))
     if args.out:
