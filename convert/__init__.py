@@ -14,6 +14,7 @@ if TYPE_CHECKING:   # convert.spec imports JAX; `python -m convert` decides the 
     from convert.spec import ModelSpec
 
 SPEC_MODULES = {"llama": "convert.llama", "siglip": "convert.siglip",
+                "siglip_text": "convert.siglip_text",
                 "unet": "convert.unet", "vae": "convert.vae", "metamorph": "convert.metamorph"}
 COMPOSITES = {"sd15": ("unet", "vae")}
 

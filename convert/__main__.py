@@ -5,7 +5,7 @@
   to-hf MODEL OUT_DIR HF_DIR [--tokenizer DIR] [--max-shard-size 5GB]
       Orbax model folder -> config.json + safetensors that transformers/diffusers load
 
-MODEL: llama, siglip, unet, vae, sd15 (a diffusers folder's unet/ and vae/), or metamorph
+MODEL: llama, siglip, siglip_text, unet, vae, sd15 (a diffusers folder's unet/ and vae/), or metamorph
 (the authors' MetaMorph folder; to-flax takes --vision-tower SIGLIP_DIR when the folder
 holds no SigLIP tower).
 """

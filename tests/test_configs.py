@@ -22,7 +22,7 @@ def load(name: str, *args: str):
 
 
 @pytest.mark.parametrize("name", ["tiny.py", "shapes.py", "text_tiny.py", "decoder_sd15.py",
-                                  "decoder_tiny.py"])
+                                  "decoder_tiny.py", "tower_tiny.py"])
 def test_every_config_passes_the_schema_check(name):
     runner.check_config(load(name))
 

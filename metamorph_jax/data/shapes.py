@@ -9,7 +9,8 @@ reads), one folder per split::
     OUT/clips/<split>/<clip>/    frame folders of one moving shape, frames named 000000ms.png
     OUT/crops/<split>/*.png      zoomed crops for visual thinking
     OUT/<split>/image_qa.jsonl       colour / shape / count / position / yes-no questions
-    OUT/<split>/text_to_image.jsonl  caption -> scene (records carry "target" for scoring)
+    OUT/<split>/text_to_image.jsonl  caption -> scene (records carry "caption", and
+                                     "target" for scoring)
     OUT/<split>/image_to_image.jsonl recolour / move / add / remove edits
     OUT/<split>/video.jsonl          forward / reverse / reorder / next_n / time_interval
     OUT/<split>/video_qa.jsonl       "which way does the shape move?"

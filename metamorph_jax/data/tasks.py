@@ -146,11 +146,15 @@ def text_to_image_request(caption: str) -> str:
 
 
 def text_to_image(record_id, image, caption: str, rng) -> dict:
-    """(image, caption) -> a text-to-image record; the image is the response."""
+    """(image, caption) -> a text-to-image record; the image is the response. The record
+    keeps the caption in its "caption" field: the image-caption pair the tower stage reads
+    (data/caption_pairs.py) without parsing a prompt's wording."""
     caption = _caption_text(caption)
-    return _record(record_id, [image], [
+    record = _record(record_id, [image], [
         ("human", choose(rng, "text_to_image", caption=caption)),
         ("gpt", choose(rng, "text_to_image_response"))])
+    record["caption"] = caption
+    return record
 
 
 def image_to_image(record_id, source, instruction: str, target, rng) -> dict:

@@ -12,6 +12,11 @@ Kinds (a stage's `kind` field):
               tower's tokens of the same images (computed inside the step); VAE and SigLIP
               are frozen.
     text      the LLM alone on text-only records.
+    tower     SigLIP's own pretraining for a small tower: the vision tower (with its
+              attention-pool head) and a text tower (models/siglip_text.py) train with the
+              sigmoid image-text loss (contrastive_loss.py) on image-caption pairs
+              (data/caption_pairs.py); the export is a `siglip` folder that VPiT stages
+              take as init.vision_dir (frozen there), the text tower beside it.
 
 An objective is built from a stage's config without touching parameters (`boxed_parts`
 gives the abstract trees the shardings and the --plan compile need); `load_parts` reads or
@@ -45,7 +50,7 @@ from metamorph_jax.input_errors import InputError
 Array = jax.Array
 logger = logging.getLogger("metamorph_jax.training")
 
-KINDS = ("adapter", "instruct", "decoder", "text")
+KINDS = ("adapter", "instruct", "decoder", "text", "tower")
 NEW_TOKEN_ROWS = "new_token_rows"
 ARCH_FIELDS = ("model_arch", "llm_arch", "vision_arch")
 
@@ -737,9 +742,185 @@ class DecoderObjective(Objective):
                                     "vision_dir": str(self.vision_dir)}, params)
 
 
+# --- tower ------------------------------------------------------------------------------------
+
+TOWER_MODEL_FIELDS = {
+    "vision": "SiglipConfig fields of a random tower (used only without init.vision_dir)",
+    "text": "SiglipTextConfig fields of the text tower; vocab_size defaults to the "
+            "tokenizer's, max_position_embeddings to data.seq_len, projection_size to the "
+            "vision tower's width",
+    "logit_scale_init": "t' (t = exp(t')); SigLIP's log 10",
+    "logit_bias_init": "b; SigLIP's -10",
+}
+TEXT_TOWER_DIR = "text_tower"     # beside the exported vision tower, for reference
+LOGITS_FILE = "logits.json"       # the learned logit scale and bias, in TEXT_TOWER_DIR
+
+
+class TowerObjective(Objective):
+    """SigLIP's sigmoid image-text pretraining of the vision tower; see the module docstring.
+
+    init.vision_dir: the siglip folder to start from (e.g. tiny.ensure_assets' random
+    tower); without it, a random tower of model.vision. A folder saved without the
+    attention-pool head (use_head false) gets a fresh one: the loss pools images with it.
+    init.tokenizer_dir: the captions' tokenizer. Every parameter trains; nothing is frozen.
+    """
+    kind = "tower"
+    batch_keys = ("images", "input_ids")
+
+    def __init__(self, stage, name, previous_dir, folders: Folders = RUN):
+        super().__init__(stage, name, previous_dir, folders)
+        import math
+        from metamorph_jax.models import siglip_text
+        from metamorph_jax.models.siglip import SiglipConfig
+        model = stage.get("model") or {}
+        model = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+        unknown = sorted(set(model) - set(TOWER_MODEL_FIELDS))
+        if unknown:
+            raise StageConfigError(f"{self.where}: field 'model' has unknown field(s) {unknown}; "
+                                   f"the tower stage's are {sorted(TOWER_MODEL_FIELDS)}")
+        self.vision_dir = self.initial_dir("vision_dir")
+        try:
+            if self.vision_dir is not None:
+                vision = SiglipConfig.from_dict(self.saved_config(
+                    self.vision_dir, "vision_arch", "siglip", "init.vision_dir")["config"])
+            else:
+                vision = SiglipConfig(**dict(model.get("vision") or {}))
+        except (TypeError, ValueError) as error:
+            raise StageConfigError(f"{self.where}: field 'model.vision': {error}") from None
+        self.had_head = vision.use_head
+        self.vision_config = vision.replace(use_head=True, dtype=stage.dtype,
+                                            param_dtype="float32", platform=folders.platform,
+                                            **folders.vision_changes())
+        self.tokenizer = None
+        tokenizer_dir = self.initial_dir("tokenizer_dir")
+        if tokenizer_dir is None and not self.planning:
+            raise StageConfigError(f"{self.where}: field 'init.tokenizer_dir' (the captions' "
+                                   "tokenizer) is missing")
+        self.tokenizer_dir = tokenizer_dir
+        text = dict(model.get("text") or {})
+        if tokenizer_dir is not None:
+            self.tokenizer = pretrained.load_tokenizer(tokenizer_dir)
+            text.setdefault("vocab_size", len(self.tokenizer))
+            text.setdefault("pad_token_id", self.tokenizer.pad_token_id
+                            if self.tokenizer.pad_token_id is not None
+                            else self.tokenizer.eos_token_id)
+            text.setdefault("bos_token_id", self.tokenizer.bos_token_id)
+            text.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        text.setdefault("max_position_embeddings", int(stage.data.seq_len))
+        text.setdefault("projection_size", self.vision_config.hidden_size)
+        text.update(dtype=stage.dtype, param_dtype="float32", remat_policy=stage.remat_policy,
+                    platform=folders.platform)
+        try:
+            self.text_config = siglip_text.SiglipTextConfig(**text)
+        except (TypeError, ValueError) as error:
+            raise StageConfigError(f"{self.where}: field 'model.text': {error}") from None
+        if self.text_config.vocab_size < (len(self.tokenizer) if self.tokenizer else 0):
+            raise StageConfigError(f"{self.where}: field 'model.text.vocab_size' = "
+                                   f"{self.text_config.vocab_size}, the tokenizer in "
+                                   f"{tokenizer_dir} has {len(self.tokenizer)} tokens")
+        try:
+            self.model = siglip_text.SiglipDualEncoder(
+                self.vision_config, self.text_config,
+                logit_scale_init=float(model.get("logit_scale_init", math.log(10.0))),
+                logit_bias_init=float(model.get("logit_bias_init", -10.0)))
+            self._boxed = jax.eval_shape(self._init, jax.random.key(0))
+        except ValueError as error:
+            raise StageConfigError(f"{self.where}: field 'model': {error}") from None
+
+    def _init(self, rng):
+        size = self.vision_config.image_size
+        return self.model.init(rng, jnp.zeros((1, size, size, self.vision_config.num_channels)),
+                               jnp.zeros((1, self.text_config.max_position_embeddings),
+                                         jnp.int32))["params"]
+
+    def boxed_parts(self):
+        return dict(self._boxed), {}
+
+    def load_parts(self, trainable_shardings, frozen_shardings):
+        from metamorph_jax.training.decoder_step import check_same_tree
+        rng = jax.random.key(int(self.stage.init.get("seed", 0)))
+        params = dict(_host(nn.unbox(jax.jit(self._init)(rng))))
+        if self.vision_dir is not None:
+            vision = dict(pretrained.load_params(self.vision_dir, dtype=np.float32))
+            if not self.had_head:   # a fresh attention-pool head for the loss
+                vision["head"] = params["vision_model"]["head"]
+            check_same_tree("vision_model", vision, params["vision_model"])
+            params["vision_model"] = vision
+        return place(params, trainable_shardings), {}
+
+    def batches(self, data, seed_offset: int = 0):
+        from metamorph_jax.data.caption_pairs import caption_batches
+        sources, config = data_from_config(data, f"{self.where}: data")
+        if seed_offset:
+            config = dataclasses.replace(config, seed=config.seed + seed_offset)
+        if config.image_size != self.vision_config.image_size:
+            raise StageConfigError(f"{self.where}: field 'data.image_size' = {config.image_size}, "
+                                   f"the vision tower's is {self.vision_config.image_size}")
+        if config.seq_len > self.text_config.max_position_embeddings:
+            raise StageConfigError(f"{self.where}: field 'data.seq_len' = {config.seq_len}, the "
+                                   "text tower's max_position_embeddings is "
+                                   f"{self.text_config.max_position_embeddings}")
+        return caption_batches(sources, self.tokenizer, config)
+
+    def batch_shapes(self, data, rows):
+        _, config = data_from_config(data, f"{self.where}: data")
+        size = config.image_size
+        return {"images": ((rows, size, size, self.vision_config.num_channels), np.float32),
+                "input_ids": ((rows, config.seq_len), np.int32)}
+
+    def tokens_in(self, batch):
+        return int(np.size(batch["input_ids"]))
+
+    def normalizers(self, batch):
+        # [micro-batches, rows, ...]: the pairs of the whole accumulated batch
+        shape = batch["input_ids"].shape
+        return {"pairs": jnp.asarray(shape[0] * shape[1], jnp.float32)}
+
+    def loss(self, params, batch, normalizers, rng):
+        from metamorph_jax.training import contrastive_loss as closs
+        logits = self.model.apply({"params": params}, batch["images"],
+                                  batch["input_ids"])["logits"]
+        total = closs.sigmoid_loss_sum(logits)
+        rows = jnp.asarray(logits.shape[0], jnp.float32)
+        sums = {"loss_sum": total, "pairs": rows, "micro_batches": 1.0,
+                "pair_correct": closs.pair_accuracy(logits) * rows * rows,
+                "pair_count": rows * rows,
+                "retrieval_correct": closs.retrieval_accuracy(logits) * rows,
+                "logit_scale": jnp.exp(params["logit_scale"][0]),
+                "logit_bias": params["logit_bias"][0]}
+        return total / normalizers["pairs"], sums
+
+    def summarize(self, sums):
+        loss = _safe_mean(sums["loss_sum"], sums["pairs"])
+        return loss, {"loss": loss,
+                      "pair_accuracy": _safe_mean(sums["pair_correct"], sums["pair_count"]),
+                      "retrieval_accuracy": _safe_mean(sums["retrieval_correct"], sums["pairs"]),
+                      "temperature": _safe_mean(sums["logit_scale"], sums["micro_batches"]),
+                      "bias": _safe_mean(sums["logit_bias"], sums["micro_batches"])}
+
+    def export(self, out_dir, trainable, frozen):
+        """out_dir: the vision tower as a `siglip` folder (with its head; a VPiT stage's
+        init.vision_dir); out_dir/text_tower: the text tower (`siglip_text`), its tokenizer
+        and logits.json (the learned t and b)."""
+        import json
+        vision = self.vision_config.replace(dtype="float32", remat_policy="none")
+        pretrained.save_pretrained(out_dir, "siglip", vision.to_dict(),
+                                   trainable["vision_model"], hf_config=vision.to_hf())
+        text = self.text_config.replace(dtype="float32", remat_policy="none")
+        text_dir = Path(out_dir) / TEXT_TOWER_DIR
+        pretrained.save_pretrained(text_dir, "siglip_text", text.to_dict(),
+                                   trainable["text_model"], hf_config=text.to_hf())
+        scalars = _host({k: trainable[k] for k in ("logit_scale", "logit_bias")})
+        if jax.process_index() == 0:
+            (text_dir / LOGITS_FILE).write_text(json.dumps(
+                {"logit_scale": float(scalars["logit_scale"][0]),
+                 "logit_bias": float(scalars["logit_bias"][0])}) + "\n")
+        _save_tokenizer(self.tokenizer, text_dir)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "adapter": AdapterObjective, "instruct": InstructObjective, "text": TextObjective,
-    "decoder": DecoderObjective,
+    "decoder": DecoderObjective, "tower": TowerObjective,
 }
 
 

@@ -4,7 +4,7 @@ checkpoints, metrics, periodic held-out evaluation -> export.
     python train.py --config configs/tiny.py [--workdir DIR] [--config.key=value ...]
 
 A run is a list of stages (`config.order`, names into `config.stages`); each stage names
-its `kind` (objectives.py: adapter, instruct, decoder, text). WORK_DIR holds::
+its `kind` (objectives.py: adapter, instruct, decoder, text, tower). WORK_DIR holds::
 
     config.json                  the run's config
     metrics.jsonl                one line per logged step (and per evaluation) of every stage
@@ -87,7 +87,7 @@ RUN_FIELDS = {
                   "(evaluation/shapes_eval.py: world + ShapesEvalConfig fields), or empty",
 }
 STAGE_FIELDS = {
-    "kind": "adapter | instruct | decoder | text",
+    "kind": "adapter | instruct | decoder | text | tower",
     "steps": "optimizer updates in the stage; 0: one pass over finite data (data.num_epochs "
              "epochs), the steps counted before the stage starts (epoch_steps.py)",
     "allow_short": "finite data that ends before `steps` finishes the stage marked incomplete "
@@ -104,7 +104,7 @@ STAGE_FIELDS = {
     "loss_chunk_tokens": "text and VPiT: the LM head and text loss run over chunks of this "
                          "many positions, so a micro-batch's logits never exist whole "
                          "(losses.chunked_cross_entropy); 0: off",
-    "model": "decoder: VisualizerConfig fields",
+    "model": "decoder: VisualizerConfig fields; tower: objectives.TOWER_MODEL_FIELDS",
     "noise": "decoder: the DDPM noise schedule",
     "cfg_prob": "decoder: probability of training without the condition",
     "sample": "decoder: sampling settings (sampler, num_steps, guidance_scale) for previews",

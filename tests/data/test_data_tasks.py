@@ -38,6 +38,7 @@ def test_text_to_image():
     assert (h_role, g_role) == ("human", "gpt") and record["images"] == ["t.png"]
     assert prompt in [p.format(caption="a red circle") for p in tasks.PROMPTS["text_to_image"]]
     assert reply == "Here is an image based on your request: " + IMG
+    assert record["caption"] == "a red circle"   # the pair, for the tower stage
     check_renders(record)
 
 
