@@ -47,7 +47,7 @@ SEQ_LEN = 256   # an image is 18 positions; a video record holds several
 # The text stage (stage 0): scenes of the corpus (tiny.ensure_assets writes it under
 # assets.root/text/), steps and learning rate measured on 2 CPU cores (README).
 TEXT_CORPUS_SCENES = 4000
-TEXT_STEPS, TEXT_LR = 600, 3e-3
+TEXT_STEPS, TEXT_LR = 400, 1e-2
 # Mostly image QA and text-to-image: the two kinds the evaluation scores.
 KIND_WEIGHTS = (("image_qa", 6.0), ("text_to_image", 4.0), ("video_qa", 0.5),
                 ("image_to_image", 0.5), ("video", 0.5), ("visual_thinking", 0.5))

@@ -264,7 +264,7 @@ def _scenes(rng, count: int, split: str) -> list:
 
 
 def corpus(seed: int = 0, scenes: int = 4000, questions_per_scene: int = 4,
-           motions: int = 1000, fact_repeats: int = 16, held_out_facts: bool = True
+           motions: int = 1000, fact_repeats: int = 48, held_out_facts: bool = True
            ) -> list[dict]:
     """The text stage's records, shuffled, deterministic from `seed`: per train-split
     scene a caption, `questions_per_scene` questions (chat, the first also plain text;
