@@ -228,12 +228,12 @@ def test_a_text_stage_on_the_corpus_learns_and_the_adapter_starts_from_it(tmp_pa
     exported = pretrained.load_params(text.final_dir)
     random = pretrained.load_params(root / "llm")
     adapted = pretrained.load_params(adapter.final_dir)
-    embed = ("model", "embed_tokens", "embedding")
-
     def leaf(tree):
-        for key in embed:
-            tree = tree[key]
-        return np.asarray(tree)
+        from flax import traverse_util
+        found = [v for k, v in traverse_util.flatten_dict(tree).items()
+                 if k[-2:] == ("embed_tokens", "embedding")]
+        assert len(found) == 1
+        return np.asarray(found[0])
     rows = leaf(exported).shape[0]
     assert not np.array_equal(leaf(exported), leaf(random))
     np.testing.assert_array_equal(leaf(adapted)[:rows], leaf(exported))
@@ -248,3 +248,15 @@ def test_a_text_corpus_added_to_old_assets_is_refused(tmp_path, tiny_assets):
         config.assets.text_corpus = 10
     with pytest.raises(ValueError, match=r"assets.text_corpus.*was made without the text corpus"):
         tiny.ensure_assets(config.assets)
+
+
+def test_answer_accuracy_scores_exactly_the_answer_tokens(tiny_assets):
+    from metamorph_jax import pretrained
+    from metamorph_jax.evaluation.answer_accuracy import answer_targets
+    tokenizer = pretrained.load_tokenizer(tiny_assets / "tokenizer")
+    record = {"id": "r", "conversations": [
+        {"from": "human", "value": "A scene with a small red circle in the top left.\nWhere is the red circle?"},
+        {"from": "gpt", "value": "top left"}]}
+    tokens, where = answer_targets(record, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(tokens[where + 1].tolist()) == ["top", "left"]
+    assert tokenizer.convert_ids_to_tokens(tokens[where[-1] + 2:].tolist()) == ["<|eot_id|>"]
