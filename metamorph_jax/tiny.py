@@ -61,12 +61,14 @@ def zero_background_patches(params, patch_size: int, background: float = 1.0):
     return params
 
 
-def _shapes_words(world: Path) -> list[str]:
-    """Every word and punctuation mark of the world's records, sorted."""
+def _shapes_words(world: Path, text: Path | None = None) -> list[str]:
+    """Every word and punctuation mark of the world's records (and of the text corpus's
+    records in `text`, when given), sorted."""
     import json
     import re
     words: set[str] = set()
-    for path in sorted(world.glob("*/*.jsonl")):
+    paths = sorted(world.glob("*/*.jsonl")) + (sorted(text.glob("*.jsonl")) if text else [])
+    for path in paths:
         for line in path.read_text().splitlines():
             for turn in json.loads(line).get("conversations", ()):
                 words.update(re.findall(r"\w+|[^\w\s]", turn["value"]))
@@ -87,6 +89,11 @@ def _build_into(target: Path, make) -> None:
     partial.rename(target)
 
 
+# The LLaMA sizes `assets.llm` may set (the rest follow the tokenizer).
+LLM_FIELDS = {"hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim"}
+
+
 def ensure_assets(assets) -> dict:
     """Make the inputs of configs/tiny.py under `assets.root` when absent: the Shapes world
     (`shapes/`), a word-level tokenizer over its words with the two image tokens
@@ -96,14 +103,21 @@ def ensure_assets(assets) -> dict:
     `assets.tower` (optional) sets the tower: SiglipConfig fields for tiny_siglip_config
     (e.g. `num_visual_tokens`, `patch_size`) and `zero_background` (True: the patch
     embedding's bias makes white patches embed to zero, zero_background_patches). Without
-    it the tower is tiny_siglip_config's at the world's image size, all parameters random."""
+    it the tower is tiny_siglip_config's at the world's image size, all parameters random.
+    `assets.llm` (optional) sets the LLaMA's sizes (LLM_FIELDS) over tiny_llama_config's.
+
+    `assets.text_corpus` (optional, a number of scenes; 0 or absent: none) also writes the
+    world's text corpus (data/shapes_text.py: corpus, finding 4's control without the
+    held-out facts, and evaluation questions about held-out scenes) under `text/`, and the
+    tokenizer then covers its words too (the text stage trains on it); `text_tokenizer/` is
+    that tokenizer without the image tokens, for the text stage."""
     import jax
     import flax.linen as nn
     import numpy as np
 
     from metamorph_jax import pretrained
     from metamorph_jax.data import conversation as conv
-    from metamorph_jax.data import shapes
+    from metamorph_jax.data import shapes, shapes_text
     from metamorph_jax.data.testing import build_tiny_tokenizer
     from metamorph_jax.models import siglip
     from metamorph_jax.models.llama import LlamaForCausalLM
@@ -122,6 +136,13 @@ def ensure_assets(assets) -> dict:
     except (TypeError, ValueError) as error:
         raise BadInput(f"config field 'assets.tower': {error}") from None
 
+    llm = assets.get("llm") or {}
+    llm = dict(llm.to_dict() if hasattr(llm, "to_dict") else llm)
+    unknown = sorted(set(llm) - LLM_FIELDS)
+    if unknown:
+        raise ValueError(f"config field 'assets.llm': unknown field(s) {unknown}; known: "
+                         f"{sorted(LLM_FIELDS)}")
+
     root = Path(assets.root)
     root.mkdir(parents=True, exist_ok=True)
     paths = {name: root / name for name in ("shapes", "tokenizer", "llm", "siglip")}
@@ -132,17 +153,34 @@ def ensure_assets(assets) -> dict:
         clips=(("train", int(assets.clips)), ("validation", max(1, int(assets.clips) // 4)),
                ("test", 0)))
     _build_into(paths["shapes"], lambda out: shapes.write_world(str(out), world, progress=False))
+    corpus_scenes = int(assets.get("text_corpus", 0) or 0)
+    if corpus_scenes:
+        paths["text"] = root / "text"
+        if not paths["text"].exists() and paths["tokenizer"].exists():
+            raise ValueError(
+                f"config field 'assets.text_corpus' = {corpus_scenes}: {paths['tokenizer']} "
+                f"was made without the text corpus, so it lacks the corpus's words; delete "
+                f"{root} (or choose another assets.root) to make the assets again")
+        _build_into(paths["text"], lambda out: shapes_text.write_text_world(
+            out, seed=world.seed, scenes=corpus_scenes))
 
     def make_tokenizer(out: Path) -> None:
-        tokenizer = build_tiny_tokenizer(_shapes_words(paths["shapes"]))
+        tokenizer = build_tiny_tokenizer(_shapes_words(paths["shapes"], paths.get("text")))
         conv.add_image_tokens(tokenizer)
         tokenizer.save_pretrained(str(out))
     _build_into(paths["tokenizer"], make_tokenizer)
+    if corpus_scenes:
+        # The text stage's tokenizer: the same words and ids without the image tokens, as a
+        # LLaMA's own tokenizer is before VPiT adds them (the LLM has no rows for them).
+        paths["text_tokenizer"] = root / "text_tokenizer"
+        _build_into(paths["text_tokenizer"], lambda out: build_tiny_tokenizer(
+            _shapes_words(paths["shapes"], paths["text"])).save_pretrained(str(out)))
 
     def make_llm(out: Path) -> None:
         tokenizer = pretrained.load_tokenizer(paths["tokenizer"])
         vocab = tokenizer.convert_tokens_to_ids(conv.IMAGE_START)
-        config = tiny_llama_config(tokenizer, vocab_size=vocab, max_position_embeddings=512)
+        config = tiny_llama_config(tokenizer, vocab_size=vocab, max_position_embeddings=512,
+                                   **llm)
         dummy = np.zeros((1, 1), np.int32)
         params = nn.unbox(LlamaForCausalLM(config).init(jax.random.key(1), dummy,
                                                         positions=dummy))["params"]

@@ -53,6 +53,8 @@ logger = logging.getLogger("metamorph_jax.training")
 KINDS = ("adapter", "instruct", "decoder", "text", "tower")
 NEW_TOKEN_ROWS = "new_token_rows"
 ARCH_FIELDS = ("model_arch", "llm_arch", "vision_arch")
+# An init folder field "@name" means stage `name`'s result in this run (Objective.initial_dir).
+STAGE_REFERENCE = "@"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,9 @@ class Folders:
     unroll: bool = False
     llm_layers: int | None = None
     vision_layers: int | None = None
+    # (name, final folder) of the stages that run before this one in the run's `order`:
+    # what a stage reference `@name` in an init folder field means (Objective.initial_dir).
+    earlier_stages: tuple[tuple[str, str], ...] = ()
 
     def llm_changes(self) -> dict:
         changes = {} if self.llm_layers is None else {"num_layers": self.llm_layers}
@@ -246,15 +251,43 @@ class Objective:
         raise NotImplementedError
 
     def initial_dir(self, field: str) -> Path | None:
-        """The folder a stage starts from: its init.`field`, else the previous stage's
-        export when init.from_previous."""
+        """The folder init.`field` names (None when empty). `@name` names the result
+        (WORK_DIR/name/final) of the run's stage `name`, which must run before this one
+        (e.g. `init.llm_dir="@text"`: the LLM the text stage exported)."""
         init = self.stage.init
         value = init.get(field)
+        if isinstance(value, str) and value.startswith(STAGE_REFERENCE):
+            value = self.stage_result(field, value)
+            if value is None:
+                return None
         if value:
             if self.planning and not Path(value).is_dir():
                 return None   # a plan takes the stage's architecture instead
             return _folder(value, f"{self.where}: field 'init.{field}'")
         return None
+
+    def stage_result(self, field: str, value: str) -> Path | None:
+        """The final folder of the stage `value` ("@name") refers to; an error naming the
+        field when that stage does not run before this one or has not finished. A plan
+        gets None for a result that does not exist yet (it takes the architecture)."""
+        from metamorph_jax.training.runner import DONE_FILE
+        name = value[len(STAGE_REFERENCE):]
+        where = f"{self.where}: field 'init.{field}' = {value!r}"
+        earlier = dict(self.folders.earlier_stages)
+        if name not in earlier:
+            if name == self.name:
+                raise StageConfigError(f"{where} names this stage itself; a stage starts "
+                                       "from the result of a stage that runs before it")
+            raise StageConfigError(
+                f"{where}: stage {name!r} does not run before stage {self.name!r} in the "
+                f"run's 'order' (stages before it: {', '.join(earlier) or 'none'})")
+        folder = Path(earlier[name])
+        if not (folder / DONE_FILE).exists():
+            if self.planning:
+                return None
+            raise StageConfigError(f"{where}: stage {name!r} has not finished ({folder} has "
+                                   f"no {DONE_FILE} file)")
+        return folder
 
     def saved_config(self, folder: Path | None, arch_field: str, model: str,
                      folder_fields: str) -> dict:
@@ -314,7 +347,7 @@ class VPiTObjective(Objective):
                 raise StageConfigError(f"{self.where}: {model_dir} holds a {saved['model']!r} "
                                        "model, expected 'metamorph'")
             config = metamorph.MetaMorphConfig.from_dict(saved["config"])
-            self.tokenizer_dir = (Path(init.get("tokenizer_dir") or model_dir)
+            self.tokenizer_dir = (self.initial_dir("tokenizer_dir") or model_dir
                                   if model_dir is not None else None)
         else:
             self.llm_dir = self.initial_dir("llm_dir")

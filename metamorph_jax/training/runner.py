@@ -304,7 +304,9 @@ class Stage:
         self.is_main = jax.process_index() == 0
         if folders is None:
             folders = objectives.Folders(platform=sharding.mesh_platform(mesh))
-        self.objective = objectives.build(self.stage, name, previous_dir, folders)
+        earlier = tuple((n, str(Path(config.work_dir) / n / "final")) for n in config.order[:index])
+        self.objective = objectives.build(self.stage, name, previous_dir,
+                                          dataclasses.replace(folders, earlier_stages=earlier))
         self.rules = self.objective.rules
         self.accum = int(self.stage.get("grad_accum_steps", 1))
         try:
