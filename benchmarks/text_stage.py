@@ -1,10 +1,10 @@
-"""What the main job's text stage (configs/shapes.py, stage 0) teaches, and what it costs.
+"""What the text stage of configs/shapes_pretrained.py (stage 0) teaches, and what it costs.
 
-  python -m benchmarks.text_stage [--assets runs/shapes_assets] [--work-dir /tmp/text_stage] \
+  python -m benchmarks.text_stage [--assets runs/shapes_pretrained_assets] [--work-dir /tmp/text_stage] \
       [--steps N] [--lr X] [--batch B] [--llm '{"num_layers": 4, "hidden_size": 128}']
 
-Makes the main job's assets when absent (tiny.ensure_assets, with the text corpus), runs
-the text stage alone (steps / lr default to configs/shapes.py's), and prints the
+Makes that config's assets when absent (tiny.ensure_assets, with the text corpus), runs
+the text stage alone (steps / lr default to the config's), and prints the
 answer-token accuracy (evaluation/answer_accuracy.py) of the LLM before (the random
 assets LLM) and after, on the text corpus's evaluation records (data/shapes_text.py
 eval_records): questions about held-out scenes (test-split scenes, never in the corpus) per
@@ -23,10 +23,11 @@ from pathlib import Path
 
 def shapes_config(assets: str):
     spec = importlib.util.spec_from_file_location(
-        "shapes_config", Path(__file__).resolve().parents[1] / "configs" / "shapes.py")
+        "shapes_pretrained",
+        Path(__file__).resolve().parents[1] / "configs" / "shapes_pretrained.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(assets)
+    return module.recipe(assets)
 
 
 def measure(llm_dir, tokenizer_dir, records) -> dict:
@@ -40,7 +41,7 @@ def measure(llm_dir, tokenizer_dir, records) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", default="runs/shapes_assets")
+    parser.add_argument("--assets", default="runs/shapes_pretrained_assets")
     parser.add_argument("--work-dir", default="/tmp/text_stage")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)

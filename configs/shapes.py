@@ -12,12 +12,9 @@ and the patch embedding's bias set so that white patches embed to zero
 (tiny.zero_background_patches). With the default zero bias the white background dominates
 every token and the tokens of different images are nearly parallel (per-token cosine
 0.96), so the LLM and the decoder have almost nothing to read; with it 0.68, and a linear
-probe reads 97% of the grid cells' contents from the tokens (docs/design.md). Stages: text
-(stage 0: the LLM alone on the world's text corpus, data/shapes_text.py: captions, questions
-and answers, edits, motions and the world-knowledge facts, so that VPiT starts from a
-pretrained LLM as the paper starts from LLaMA-3), the adapter (VPiT stage 1, image QA and
-text-to-image; its LLM is the text stage's result, `init.llm_dir="@text"`), instruct (VPiT
-stage 2, all six kinds) and the pixel-space decoder conditioned on the tower's tokens. Then train.py runs evaluation/shapes_eval.py on the
+probe reads 97% of the grid cells' contents from the tokens (docs/design.md). Stages: the adapter (VPiT stage 1, image QA
+and text-to-image), instruct (VPiT stage 2, all six kinds) and the pixel-space decoder
+conditioned on the tower's tokens. Then train.py runs evaluation/shapes_eval.py on the
 world's test split and writes WORK_DIR/final_metrics.json and WORK_DIR/samples.png.
 
 The schema is configs/tiny.py's; sizes and steps were chosen by measuring the run on 2 CPU
@@ -27,7 +24,6 @@ import importlib.util
 from pathlib import Path
 
 import ml_collections
-from ml_collections import config_dict
 
 
 def _tiny():
@@ -44,33 +40,9 @@ IMAGE_SIZE = 32
 TOWER = dict(patch_size=4, num_visual_tokens=16, zero_background=True)
 TOKENS = TOWER["num_visual_tokens"]
 SEQ_LEN = 256   # an image is 18 positions; a video record holds several
-# The text stage (stage 0): scenes of the corpus (tiny.ensure_assets writes it under
-# assets.root/text/), steps and learning rate measured on 2 CPU cores (README).
-TEXT_CORPUS_SCENES = 4000
-TEXT_STEPS, TEXT_LR = 400, 1e-2
 # Mostly image QA and text-to-image: the two kinds the evaluation scores.
 KIND_WEIGHTS = (("image_qa", 6.0), ("text_to_image", 4.0), ("video_qa", 0.5),
                 ("image_to_image", 0.5), ("video", 0.5), ("visual_thinking", 0.5))
-
-
-def text_stage(root: str) -> ml_collections.ConfigDict:
-    """The LLM (assets' random LLaMA) on the world's text corpus (data/shapes_text.py)."""
-    tiny = _tiny()
-    stage = ml_collections.ConfigDict()
-    stage.kind = "text"
-    stage.steps = TEXT_STEPS
-    stage.init = ml_collections.ConfigDict(dict(
-        llm_dir=f"{root}/llm", tokenizer_dir=f"{root}/text_tokenizer", from_previous=False))
-    stage.data = ml_collections.ConfigDict(dict(
-        sources=dict(corpus=dict(path=f"{root}/text/corpus.jsonl", weight=1.0)),
-        seq_len=SEQ_LEN, batch_size=16, template="llama3", seed=0,
-        num_epochs=config_dict.placeholder(int), worker_count=0, strict=False))
-    stage.eval_data = ml_collections.ConfigDict(dict(sources={}))
-    stage.optim = tiny.optim(TEXT_LR)
-    stage.grad_accum_steps = 1
-    stage.dtype = "float32"
-    stage.remat_policy = "none"
-    return stage
 
 
 def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
@@ -81,10 +53,7 @@ def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 20
     config.eval_every = 0
     config.assets.update(dict(image_size=IMAGE_SIZE, train=2000, validation=100, test=300,
-                              clips=40, tower=TOWER, text_corpus=TEXT_CORPUS_SCENES))
-    config.order = ("text", "adapter", "instruct", "decoder")
-    config.stages.text = text_stage(root)
-    config.stages.adapter.init.llm_dir = "@text"
+                              clips=40, tower=TOWER))
     for name, steps, lr in (("adapter", 100, 1e-2), ("instruct", 600, 3e-3)):
         stage = config.stages[name]
         stage.steps = steps
