@@ -389,10 +389,22 @@ def test_two_processes_encode_their_shares_into_one_store(world, stores, tmp_pat
                str(world["siglip"]), "--input", str(world["records"]), "--output", str(output),
                "--dtype", "float32", "--batch-size", "1", "--part-size", "2", "--no-progress",
                "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-    runs = [subprocess.Popen(command + ["--process-id", str(i)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(2)]
-    logs = [run.communicate(timeout=300)[0] for run in runs]
+    # Each process writes to its own file: a pipe read only after the other process ends
+    # could fill and stop its writer, while the reader waits for it in a barrier.
+    log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    runs = []
+    for i, log_path in enumerate(log_paths):
+        with open(log_path, "w") as log:
+            runs.append(subprocess.Popen(command + ["--process-id", str(i)], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for run in runs:
+            run.wait(timeout=900)
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    logs = [log_path.read_text()[-4000:] for log_path in log_paths]
     assert [run.returncode for run in runs] == [0, 0], logs
     store, single = token_store.TokenStore(output), token_store.TokenStore(stores["float32"])
     assert {name.split("-")[1] for name in store.index["parts"]} == {"00000", "00001"}

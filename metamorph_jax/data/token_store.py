@@ -86,7 +86,9 @@ def image_key(path: str) -> str:
 
 
 def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A temporary name of this process's own: every process of a multi-process encode
+    # writes the same settings file, and one's rename must not take another's half-file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)
 
