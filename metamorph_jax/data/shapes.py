@@ -11,8 +11,11 @@ reads), one folder per split::
     OUT/<split>/image_qa.jsonl       colour / shape / count / position / yes-no questions
     OUT/<split>/text_to_image.jsonl  caption -> scene (records carry "caption", and
                                      "target" for scoring)
-    OUT/<split>/image_to_image.jsonl recolour / move / add / remove edits
+    OUT/<split>/image_to_image.jsonl recolour / move / add / remove edits ("target": the
+                                     edited scene's shapes)
     OUT/<split>/video.jsonl          forward / reverse / reorder / next_n / time_interval
+                                     (records carry "targets": per predicted frame, its
+                                     shapes for scoring, or null where undefined)
     OUT/<split>/video_qa.jsonl       "which way does the shape move?"
     OUT/<split>/visual_thinking.jsonl  zoom into one cell, then answer
     OUT/world.json                   the settings the world was made with
@@ -310,6 +313,34 @@ def clip_frames(item: Shape, direction: str, frames: int, image_size: int) -> li
             for t in range(frames)]
 
 
+def clip_frame_shapes(item: Shape, direction: str, frames: int) -> list[Shape | None]:
+    """What each frame of clip_frames(item, direction, frames, ...) shows: the shape in the
+    grid cell that holds its centre (where the oracle reads it), or None for a frame whose
+    centre lies on a cell boundary (its position is not defined). Exact: positions are
+    counted in fractions of a cell, as clip_frames moves the shape."""
+    from fractions import Fraction
+
+    row, col = divmod(item.cell, GRID)
+    d_row, d_col = DIRECTIONS[direction]
+    shown = []
+    for t in range(frames):
+        moved = Fraction((GRID - 1) * t, max(frames - 1, 1))
+        y, x = Fraction(2 * row + 1, 2) + d_row * moved, Fraction(2 * col + 1, 2) + d_col * moved
+        if y.denominator == 1 or x.denominator == 1:
+            shown.append(None)
+        else:
+            shown.append(dataclasses.replace(item, cell=int(y) * GRID + int(x)))
+    return shown
+
+
+def _frame_targets(record: dict, frames: list[str], shown: list) -> list:
+    """A video record's "targets": per predicted image (the record's images after the
+    prompt's), the shapes its frame shows, or None where clip_frame_shapes has none."""
+    prompt_images = record["conversations"][0]["value"].count(tasks.IMG)
+    return [None if shown[frames.index(path)] is None else [shown[frames.index(path)].to_dict()]
+            for path in record["images"][prompt_images:]]
+
+
 def write_world(out: str, config: WorldConfig = WorldConfig(), progress: bool = True) -> dict:
     """Write the whole world under `out`; returns {split: {kind: record count}}."""
     from metamorph_jax.data import images as images_lib
@@ -371,9 +402,11 @@ def write_world(out: str, config: WorldConfig = WorldConfig(), progress: bool = 
                 rel = f"{folder}/{t * 1000:06d}ms.png"
                 images_lib.save_png(pixels, os.path.join(out, rel))
                 frames.append(rel)
+            shown = clip_frame_shapes(item, direction, config.clip_frames)
             for kind in tasks.VIDEO_KINDS:
                 record = tasks.video_task(f"{split}-video-{index}-{kind}", frames, kind, rng)
                 if record is not None:
+                    record["targets"] = _frame_targets(record, frames, shown)
                     records["video"].append(record)
             records["video_qa"].append({"id": f"{split}-vqa-{index}", "video": folder, "conversations": [
                 {"from": "human", "value": f"<video>\nWhich way does the {item.shape} move?"},

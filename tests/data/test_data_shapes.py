@@ -164,3 +164,50 @@ def test_data_shapes_config(world):
     assert next(iterator)["tokens"].shape == (2, 200)
     with pytest.raises(ValueError, match="unknown data config fields"):
         P.from_config({"sources": [], "sequence_length": 3})
+
+
+def test_a_clip_frame_shows_its_shape_in_the_cell_of_its_centre_none_on_a_boundary():
+    item = shapes.Shape("circle", "red", "small", 0)             # top left, moving right
+    # 4 frames: the centre moves 2/3 of a cell per frame: 0.5, 1.17, 1.83, 2.5 cells
+    assert [s.cell for s in shapes.clip_frame_shapes(item, "right", 4)] == [0, 1, 1, 2]
+    assert [s.cell for s in shapes.clip_frame_shapes(shapes.Shape("circle", "red", "small", 8),
+                                                     "up", 4)] == [8, 5, 5, 2]
+    # 5 frames: half a cell per frame, so frames 1 and 3 sit on cell boundaries
+    shown = shapes.clip_frame_shapes(item, "right", 5)
+    assert [None if s is None else s.cell for s in shown] == [0, None, 1, None, 2]
+    assert all(s is None or (s.shape, s.colour, s.size) == ("circle", "red", "small")
+               for s in shown)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_the_oracle_reads_every_clip_frame_s_position_and_colour_as_its_shapes_say(size):
+    """Every clip the world can draw (4 frames): the oracle's position and colour of each
+    frame are clip_frame_shapes'. (Shape and size of a triangle drawn at half-pixel offsets
+    are the oracle's own errors, which the evaluation reports on the true frames.)"""
+    starts = {"right": (0, 3, 6), "left": (2, 5, 8), "down": (0, 1, 2), "up": (6, 7, 8)}
+    for shape, colour, scale, direction, lane in itertools.product(
+            shapes.SHAPES, shapes.COLOURS, shapes.SIZES, shapes.DIRECTIONS, range(3)):
+        item = shapes.Shape(shape, colour, scale, starts[direction][lane])   # random_clip's
+        frames = shapes.clip_frames(item, direction, 4, size)
+        for pixels, shown in zip(frames, shapes.clip_frame_shapes(item, direction, 4)):
+            reading = shapes.read_shape(pixels)
+            assert (reading.position, reading.colour) == (shown.position, colour), (
+                item, direction)
+
+
+def test_video_records_carry_the_shapes_of_their_predicted_frames(world):
+    out, _ = world
+    for split in shapes.SPLITS:
+        records = read(out, split, "video")
+        assert records
+        for record in records:
+            prompt_images = record["conversations"][0]["value"].count(conv.IMAGE_PLACEHOLDER)
+            predicted = record["images"][prompt_images:]
+            assert len(record["targets"]) == len(predicted) >= 1
+            for path, target in zip(predicted, record["targets"]):
+                (shape,) = target      # 4 frames: no centre on a boundary
+                pixels = np.asarray(Image.open(os.path.join(out, path)).convert("RGB"))
+                reading = shapes.read_shape(pixels)
+                assert (reading.position, reading.colour) == (shape["position"], shape["colour"])
+                # the clip's folder names its shape, colour and size
+                assert f"{shape['shape']}{shape['colour']}{shape['size']}" in path
