@@ -63,6 +63,8 @@ def final_evaluation(config, results) -> dict:
     for name in ("vqa_accuracy", "visual_token_cosine", "generation_oracle_accuracy"):
         chance = metrics[shapes_eval.CHANCE_FIELDS[name]]
         print(f"{name}: {metrics[name]:.3f} (chance {chance:.3f})")
+    for line in shapes_eval.summary_lines(metrics):
+        print(line)
     print(f"seconds: {json.dumps(metrics['stage_seconds'])}; evaluation "
           f"{json.dumps({k: round(v, 1) for k, v in metrics['eval_seconds'].items()})}")
     for name, counts in metrics["incomplete_stages"].items():

@@ -150,9 +150,9 @@ def get_config(assets_root: str | None = None) -> ml_collections.ConfigDict:
                                         from_previous=True)
     config.stages.decoder = decoder_stage(root, 8)
     # The held-out evaluation train.py runs after the stages (evaluation/shapes_eval.py),
-    # here on a few validation records (the tiny world has no test split).
+    # here on a few validation records (the tiny world has no test scenes).
     config.final_eval = ml_collections.ConfigDict(dict(
         world=f"{root}/shapes", split="validation", max_questions=8, max_prompts=8,
         batch_size=8, max_answer_tokens=4, sampler="ddim", diffusion_steps=2,
-        guidance_scale=3.0, samples=4))
+        guidance_scale=3.0, samples=4, max_edits=4, max_video=4))
     return config

@@ -151,7 +151,7 @@ def ensure_assets(assets) -> dict:
         scenes=(("train", int(assets.train)), ("validation", int(assets.validation)),
                 ("test", int(assets.get("test", 0)))),
         clips=(("train", int(assets.clips)), ("validation", max(1, int(assets.clips) // 4)),
-               ("test", 0)))
+               ("test", max(1, int(assets.clips) // 4))))
     _build_into(paths["shapes"], lambda out: shapes.write_world(str(out), world, progress=False))
     corpus_scenes = int(assets.get("text_corpus", 0) or 0)
     if corpus_scenes:

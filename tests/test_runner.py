@@ -379,11 +379,15 @@ def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(ti
     assert metrics["counts"]["questions"] == config.final_eval.max_questions
     assert metrics["counts"]["text_to_image_prompts"] == config.final_eval.max_prompts
     assert metrics["generation_oracle_chance"] == 1 / (6 * 3 * 9)
-    assert set(metrics["eval_seconds"]) == {"vqa", "visual_tokens", "render_and_oracle"}
-    # only the oracle's single-shape prompts and the grid's rows are rendered
+    assert set(metrics["eval_seconds"]) == {"vqa", "visual_tokens", "render_and_oracle",
+                                            "frechet", "edits_and_video"}
+    assert all(seconds >= 0 for seconds in metrics["eval_seconds"].values())
+    # every prompt is rendered (the Frechet distance takes them all)
     counts = metrics["counts"]
-    assert counts["rendered"] == max(counts["single_shape_prompts"],
-                                     min(config.final_eval.samples, config.final_eval.max_prompts))
+    assert counts["rendered"] == counts["text_to_image_prompts"] == config.final_eval.max_prompts
+    check_new_metric_fields(metrics, config, assets)
+    for line in shapes_eval.summary_lines(metrics):
+        assert line in printed
     # the stages were run by the fixture: their times come from their DONE files
     for name in config.order:
         done = json.loads((work / name / "final" / runner.DONE_FILE).read_text())
@@ -396,6 +400,79 @@ def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(ti
         side = 4 * config.assets.image_size
         assert image.size[1] == 14 + 6 + config.final_eval.samples * (side + 6)
     assert metrics["samples"] == str(work / "samples.png")
+
+
+def check_new_metric_fields(metrics: dict, config, assets: Path) -> None:
+    """The per-kind chance, per-attribute, Frechet and predicted-frame fields: present, in
+    range, and counted from the world's records."""
+    from metamorph_jax.data import shapes
+    from metamorph_jax.evaluation import shapes_eval
+    world = Path(assets) / "shapes" / config.final_eval.split
+    records = {kind: [json.loads(line) for line in (world / f"{kind}.jsonl").read_text().splitlines()]
+               for kind in ("image_qa", "image_to_image", "video")}
+    kinds = metrics["vqa_accuracy_by_kind"].keys()
+    assert metrics["vqa_chance_by_kind"].keys() == kinds and kinds
+    assert all(0.0 <= v <= 1.0 for v in metrics["vqa_chance_by_kind"].values())
+    # the overall chance is the per-kind chances weighted by the questions of each kind
+    asked = [shapes_eval.question_kind(r["conversations"][0]["value"])
+             for r in records["image_qa"][:config.final_eval.max_questions]]
+    weighted = sum(metrics["vqa_chance_by_kind"][k] * asked.count(k) for k in kinds) / len(asked)
+    assert abs(weighted - metrics["vqa_chance"]) < 1e-9
+    assert metrics["generation_attribute_chance"] == {
+        "colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES),
+        "size": 1 / len(shapes.SIZES), "position": 1 / len(shapes.POSITIONS)}
+    if metrics["counts"]["single_shape_prompts"]:
+        assert set(metrics["generation_attribute_accuracy"]) == {"colour", "shape", "size",
+                                                                 "position"}
+        assert all(0.0 <= v <= 1.0 for v in metrics["generation_attribute_accuracy"].values())
+        assert metrics["generation_oracle_all_four"] <= metrics["generation_oracle_accuracy"]
+    for name in ("generation_frechet", "generation_frechet_reference", "generation_frechet_blank"):
+        assert np.isfinite(metrics[name]) and metrics[name] > 0.0, name
+    assert metrics["frechet_counts"] == {"generated": config.final_eval.max_prompts,
+                                         "reference": config.final_eval.max_prompts}
+    # predicted frames: the records whose first predicted image shows one shape, up to the limit
+    single_edits = [r for r in records["image_to_image"] if len(r["target"]) == 1]
+    single_video = [r for r in records["video"] if r["targets"][0] and len(r["targets"][0]) == 1]
+    for name, single, limit in (("edit_oracle", single_edits, config.final_eval.max_edits),
+                                ("video_oracle", single_video, config.final_eval.max_video)):
+        scored = metrics[name]
+        assert scored["records"] == min(len(single), limit) > 0, name
+        assert 0.0 <= scored["all_four"] <= scored["accuracy"] <= 1.0
+        assert set(scored["attributes"]) == {"colour", "shape", "size", "position"}
+        assert set(scored["true_frame"]) == set(scored["copy_prompt_image"]) == {
+            "accuracy", "all_four"}
+    assert metrics["counts"]["edits"] == metrics["edit_oracle"]["records"]
+    assert metrics["counts"]["video"] == metrics["video_oracle"]["records"]
+
+
+@pytest.mark.slow
+def test_a_world_written_before_video_targets_scores_no_video_and_says_why(tiny_run, tmp_path):
+    """A world whose video records carry no "targets" (written before they did) and one
+    without video records: video_oracle counts 0 with null scores and the reason, in
+    final_metrics.json and in the log; never a silent zero."""
+    import shutil
+    from metamorph_jax.evaluation import shapes_eval
+    config, _, assets, work = tiny_run
+    world = tmp_path / "shapes"
+    shutil.copytree(Path(assets) / "shapes", world)
+    videos = world / "validation" / "video.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k != "targets"}
+           for line in videos.read_text().splitlines()]
+    videos.write_text("".join(json.dumps(record) + "\n" for record in old))
+    fields = dict(config.final_eval.to_dict(), max_questions=2, max_prompts=2, samples=2,
+                  max_edits=1)
+    fields.pop("world")
+    logged = []
+    metrics = shapes_eval.evaluate_shapes(work, world, shapes_eval.ShapesEvalConfig(**fields),
+                                          out_dir=tmp_path / "out", log=logged.append)
+    written = json.loads((tmp_path / "out" / "final_metrics.json").read_text())
+    for scored in (metrics["video_oracle"], written["video_oracle"]):
+        assert scored["records"] == 0 and scored["accuracy"] is None
+        assert scored["attributes"] is None and "'targets'" in scored["reason"]
+    assert written["counts"]["video"] == 0 and written["edit_oracle"]["records"] == 1
+    assert any("video" in line and "'targets'" in line for line in logged)
+    assert any(line.startswith("video_oracle: none scored") for line in
+               shapes_eval.summary_lines(written))
 
 
 ONE_PASS = ("--config.order=('adapter',)", "--config.stages.adapter.data.num_epochs=1",

@@ -84,3 +84,18 @@ def test_train_py_runs_configs_shapes_by_default():
     assert train.DEFAULT_CONFIG.name == "shapes.py" and train.DEFAULT_CONFIG.is_file()
     given = ["train.py", "--config", "configs/tiny.py"]
     assert train.with_default_config(given) == given
+
+
+def test_the_tiny_assets_world_has_test_clips_with_video_records(tiny_assets):
+    """tiny.ensure_assets writes test clips (a quarter of the training clips, as for
+    validation), so the test split has video records for the evaluation to score."""
+    import json
+
+    from metamorph_jax.data import tasks
+    world = json.loads((tiny_assets / "shapes" / "world.json").read_text())
+    clips = dict(map(tuple, world["config"]["clips"]))
+    assert clips["test"] == clips["validation"] == max(1, clips["train"] // 4)
+    records = [json.loads(line) for line in
+               (tiny_assets / "shapes" / "test" / "video.jsonl").read_text().splitlines()]
+    assert len(records) == clips["test"] * len(tasks.VIDEO_KINDS)   # 4 frames: every kind
+    assert all(record["targets"] for record in records)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -35,11 +34,11 @@ import numpy as np
 from metamorph_jax import pretrained
 from metamorph_jax.data import conversation as conv
 from metamorph_jax.data import images as images_lib
-from metamorph_jax.data import shapes
-
-QUESTION_KINDS = (("colour", r"^What colour is the "), ("shape", r"^What shape is the "),
-                  ("count_all", r"^How many shapes are there"), ("count_shape", r"^How many "),
-                  ("position", r"^Where is the "), ("yesno", r"^Is there "))
+from metamorph_jax.evaluation import shapes_metrics as sm
+# The metric pieces, here under their old names too (train.py, eval.py and tests use them).
+from metamorph_jax.evaluation.shapes_metrics import (  # noqa: F401
+    ORACLE_CHANCE, QUESTION_KINDS, blind_vqa_accuracy, exact_match, majority_answers,
+    mismatched_cosine, normalize_answer, oracle_correct, question_kind, token_cosine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +52,8 @@ class ShapesEvalConfig:
     diffusion_steps: int = 25
     guidance_scale: float = 3.0
     samples: int = 8              # rows in samples.png
+    max_edits: int = 64           # single-shape edits scored (0: every one; each renders)
+    max_video: int = 64           # video records scored on their first predicted frame (0: all)
 
     @classmethod
     def from_config(cls, fields) -> "ShapesEvalConfig":
@@ -65,70 +66,8 @@ class ShapesEvalConfig:
         return cls(**values)
 
 
-# --- metric pieces (pure functions) ---------------------------------------------------------
-
-def normalize_answer(text: str) -> str:
-    """Lower case, surrounding white space and a final full stop dropped."""
-    return text.strip().lower().rstrip(".").strip()
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
-
-
-def question_kind(question: str) -> str:
-    text = question.replace(conv.IMAGE_PLACEHOLDER, "").strip()
-    for kind, pattern in QUESTION_KINDS:
-        if re.match(pattern, text):
-            return kind
-    raise ValueError(f"not a Shapes question: {question!r}")
-
-
-def majority_answers(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """{question kind: most frequent answer} over (question, answer) pairs (ties: the
-    alphabetically first)."""
-    counts: dict[str, dict[str, int]] = {}
-    for question, answer in pairs:
-        kind_counts = counts.setdefault(question_kind(question), {})
-        kind_counts[normalize_answer(answer)] = kind_counts.get(normalize_answer(answer), 0) + 1
-    return {kind: sorted(c.items(), key=lambda item: (-item[1], item[0]))[0][0]
-            for kind, c in counts.items()}
-
-
-def blind_vqa_accuracy(train: Sequence[tuple[str, str]], held_out: Sequence[tuple[str, str]]
-                       ) -> float:
-    """Accuracy on `held_out` of the majority training answer of each question's kind."""
-    majority = majority_answers(train)
-    hits = [majority.get(question_kind(q)) == normalize_answer(a) for q, a in held_out]
-    return float(np.mean(hits)) if hits else 0.0
-
-
-def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine along the last axis of two [..., C] arrays."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return np.sum(a * b, axis=-1) / np.maximum(norms, 1e-12)
-
-
-def mismatched_cosine(generated: np.ndarray, true: np.ndarray) -> float:
-    """Mean cosine of prompt i's generated tokens with the true tokens of prompt i+1 (a
-    cyclic shift): what the cosine is when the tokens do not depend on the prompt."""
-    if len(generated) < 2:
-        raise ValueError("the mismatched-pair chance level needs at least two prompts")
-    return float(token_cosine(generated, np.roll(true, 1, axis=0)).mean())
-
-
-def oracle_correct(pixels: np.ndarray, target: dict) -> bool:
-    """The oracle reads colour, shape and position of `pixels` (uint8 HWC) as `target` says."""
-    reading = shapes.read_shape(pixels)
-    return reading is not None and (reading.colour, reading.shape, reading.position) == (
-        target["colour"], target["shape"], target["position"])
-
-
 CHANCE_FIELDS = {"vqa_accuracy": "vqa_chance", "visual_token_cosine": "visual_token_cosine_chance",
                  "generation_oracle_accuracy": "generation_oracle_chance"}
-ORACLE_CHANCE = 1.0 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.POSITIONS))
 
 
 # --- reading the world ----------------------------------------------------------------------
@@ -149,6 +88,51 @@ def _qa_pair(record: dict, where: str) -> tuple[str, str, str]:
 
 def _limit(items: list, count: int) -> list:
     return items[:count] if count else items
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameCase:
+    """A record whose first predicted image shows one shape: its user turn (with the
+    prompt's `<image>` placeholders), the prompt's images, the reply up to that image, the
+    true image and what the oracle should read there."""
+    record_id: str
+    request: str
+    prompt_images: tuple
+    reply_prefix: str
+    true_image: str
+    target: dict
+
+
+def frame_cases(records: list[dict], kind: str, where: str
+                ) -> tuple[list[FrameCase], str | None]:
+    """The FrameCases of image_to_image records (their "target": the edited scene's shapes)
+    or video records ("targets": per predicted frame); the first predicted image is scored
+    where it shows one shape. Returns (cases, why there are none or None)."""
+    if kind not in ("image_to_image", "video"):
+        raise ValueError(f"frame_cases: kind {kind!r} is not image_to_image or video")
+    if not records:
+        return [], f"{where} has no records"
+    video = kind == "video"
+    field = "targets" if video else "target"
+    if not any(field in record for record in records):
+        return [], (f"{where}: no record has the field {field!r} (a world written before the "
+                    "records carried it; delete the world folder to write it again)")
+    cases = []
+    for record in records:
+        turns = record.get("conversations")
+        if (field not in record or not isinstance(turns, list) or len(turns) != 2
+                or [t.get("from") for t in turns] != ["human", "gpt"]):
+            raise ValueError(f"{where}: record {record.get('id')!r}: needs field {field!r} and "
+                             "field 'conversations' with one human and one gpt turn")
+        request, reply = turns[0]["value"], turns[1]["value"]
+        shown = request.count(conv.IMAGE_PLACEHOLDER)
+        target = record[field][0] if video else record[field]
+        if target is None or len(target) != 1:
+            continue
+        cases.append(FrameCase(str(record.get("id")), request, tuple(record["images"][:shown]),
+                               reply.split(conv.IMAGE_PLACEHOLDER)[0],
+                               record["images"][shown], target[0]))
+    return cases, None if cases else f"{where}: no record's predicted image shows one shape"
 
 
 # --- the evaluation -------------------------------------------------------------------------
@@ -237,14 +221,66 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
     cosine_mean_image = float(token_cosine(mean_token[None], true_tokens).mean())
     t2i_seconds = time.time() - started - vqa_seconds
 
-    # Only the single-shape prompts (the oracle's) and the grid's rows are rendered.
+    # Every prompt is rendered: the Frechet distance takes them all, the oracle the
+    # single-shape ones, the grid its rows.
     single = [i for i, r in enumerate(t2i) if len(r["target"]) == 1]
     shown = (single + [i for i in range(len(t2i)) if i not in set(single)])[:config.samples]
-    drawn = sorted(set(single) | set(shown))
-    rendered = dict(zip(drawn, renderer.render(generated[drawn]))) if drawn else {}
+    rendered = renderer.render(generated)
     oracle_hits = [oracle_correct(rendered[i], t2i[i]["target"][0]) for i in single]
     oracle_accuracy = float(np.mean(oracle_hits)) if oracle_hits else 0.0
+    single_scores = sm.oracle_scores([rendered[i] for i in single],
+                                     [t2i[i]["target"][0] for i in single])
     render_seconds = time.time() - started - vqa_seconds - t2i_seconds
+
+    side = rendered.shape[1]
+
+    def truth(rel: str) -> np.ndarray:   # uint8 at the rendered images' size
+        return images_lib.resize_uint8(images_lib.open_image(world_dir / rel), side)
+
+    true_images = [truth(r["images"][0]) for r in t2i]
+    reference = [truth(r["images"][0]) for r in train_t2i[:len(t2i)]]
+    frechet = {"generation_frechet": sm.frechet_image_distance(rendered, true_images),
+               "generation_frechet_reference": sm.frechet_image_distance(reference, true_images),
+               "generation_frechet_blank": sm.frechet_image_distance(
+                   np.full_like(rendered, 255), true_images),
+               "frechet_feature_space": sm.FRECHET_FEATURE_SPACE,
+               "frechet_counts": {"generated": len(rendered), "reference": len(reference)}}
+    frechet_seconds = time.time() - started - vqa_seconds - t2i_seconds - render_seconds
+
+    # Edits and video records: the first predicted image where it shows one shape, all
+    # generated in one pass and rendered in one call (the fewest compiles).
+    cases, reasons = {}, {}
+    for kind, limit in (("image_to_image", config.max_edits), ("video", config.max_video)):
+        path = split_dir / f"{kind}.jsonl"
+        found, reasons[kind] = frame_cases(_records(path), kind, str(path))
+        cases[kind] = _limit(found, limit)
+    every_case = cases["image_to_image"] + cases["video"]
+    frame_tokens = []
+    for part in _batches(every_case, config.batch_size):
+        prompts = [vg.image_prompt(case.request, tokenizer, template, mconfig, pad,
+                                   images=[pixels(rel) for rel in case.prompt_images],
+                                   reply_prefix=case.reply_prefix) for case in part]
+        frame_tokens += [g.visual_tokens[0] for g in generator.generate(prompts, image_sampling)]
+    frames = iter(renderer.render(np.stack(frame_tokens)) if frame_tokens else ())
+    predicted = {}
+    for kind, scored in cases.items():
+        if not scored:
+            log(f"{kind}: no predicted frame scored: {reasons[kind]}")
+            predicted[kind] = {"records": 0, "accuracy": None, "all_four": None,
+                               "attributes": None, "true_frame": None,
+                               "copy_prompt_image": None, "reason": reasons[kind]}
+            continue
+        targets = [case.target for case in scored]
+        brief = lambda images: {k: v for k, v in sm.oracle_scores(images, targets).items()  # noqa: E731
+                                if k != "attributes"}
+        predicted[kind] = {
+            "records": len(scored),
+            **sm.oracle_scores([next(frames) for _ in scored], targets),
+            "true_frame": brief([truth(case.true_image) for case in scored]),
+            "copy_prompt_image": brief([truth(case.prompt_images[-1]) for case in scored])}
+    edits, video = predicted["image_to_image"], predicted["video"]
+    frames_seconds = (time.time() - started - vqa_seconds - t2i_seconds - render_seconds
+                      - frechet_seconds)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.png"
@@ -252,25 +288,63 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
                   [rendered[i] for i in shown],
                   [images_lib.resize_uint8(images_lib.open_image(world_dir / t2i[i]["images"][0]),
                                            rendered[i].shape[0]) for i in shown])
+    kinds = sorted(by_kind)
     metrics = {
         "vqa_accuracy": vqa_accuracy, "vqa_chance": vqa_chance,
         "visual_token_cosine": cosine, "visual_token_cosine_chance": cosine_chance,
         "visual_token_cosine_mean_image": cosine_mean_image,
         "generation_oracle_accuracy": oracle_accuracy,
         "generation_oracle_chance": ORACLE_CHANCE,
-        "vqa_accuracy_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "vqa_accuracy_by_kind": {k: float(np.mean(by_kind[k])) for k in kinds},
+        "vqa_chance_by_kind": {k: blind_vqa_accuracy(train_qa, [(q, a) for _, q, a in qa
+                                                                if question_kind(q) == k])
+                               for k in kinds},
+        "generation_oracle_all_four": single_scores["all_four"],
+        "generation_attribute_accuracy": single_scores["attributes"],
+        "generation_attribute_chance": dict(sm.ATTRIBUTE_CHANCE),
+        **frechet,
+        "edit_oracle": edits,
+        "video_oracle": video,
         "counts": {"questions": len(qa), "text_to_image_prompts": len(t2i),
-                   "single_shape_prompts": len(single), "rendered": len(drawn)},
+                   "single_shape_prompts": len(single), "rendered": len(rendered),
+                   "edits": edits["records"], "video": video["records"]},
         "split": config.split,
         "stage_seconds": dict(stage_seconds or {}),
         "incomplete_stages": dict(incomplete_stages or {}),
         "eval_seconds": {"vqa": vqa_seconds, "visual_tokens": t2i_seconds,
-                         "render_and_oracle": render_seconds},
+                         "render_and_oracle": render_seconds, "frechet": frechet_seconds,
+                         "edits_and_video": frames_seconds},
         "samples": str(samples_path),
         "devices": jax.device_count(),
     }
     (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The per-kind, per-attribute, Frechet and predicted-frame numbers, compactly (each
+    beside its chance or reference in brackets)."""
+    def pairs(values: dict | None, chances: dict) -> str:
+        return ", ".join(f"{k} {v:.2f} ({chances[k]:.2f})" for k, v in (values or {}).items())
+
+    lines = ["vqa by kind: " + pairs(metrics["vqa_accuracy_by_kind"], metrics["vqa_chance_by_kind"])]
+    if metrics["generation_attribute_accuracy"]:
+        lines.append("generation attributes: " + pairs(metrics["generation_attribute_accuracy"],
+                                                       metrics["generation_attribute_chance"])
+                     + f"; all four {metrics['generation_oracle_all_four']:.3f}")
+    lines.append(f"generation frechet: {metrics['generation_frechet']:.3f} (true vs true "
+                 f"{metrics['generation_frechet_reference']:.3f}, blank "
+                 f"{metrics['generation_frechet_blank']:.3f})")
+    for name in ("edit_oracle", "video_oracle"):
+        scored = metrics[name]
+        if scored["records"]:
+            lines.append(f"{name}: {scored['accuracy']:.3f} of {scored['records']} (true frame "
+                         f"{scored['true_frame']['accuracy']:.3f}, copy of the prompt's image "
+                         f"{scored['copy_prompt_image']['accuracy']:.3f}); " +
+                         ", ".join(f"{k} {v:.2f}" for k, v in scored["attributes"].items()))
+        else:
+            lines.append(f"{name}: none scored ({scored['reason']})")
+    return lines
 
 
 def write_samples(path: Path, prompts: Sequence[str], generated: Sequence[np.ndarray],

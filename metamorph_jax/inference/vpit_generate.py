@@ -143,21 +143,25 @@ def prompt_from_turns(turns: Sequence[conv.Turn], images: Sequence[np.ndarray], 
 
 
 def image_prompt(request: str, tokenizer, template: str, config: MetaMorphConfig,
-                 placeholder_id: int = 0) -> VPiTPrompt:
-    """A text-only prompt whose reply is an image: the user turn `request`, the assistant
-    header, the text every text-to-image training record's reply starts with
-    (tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX) and `<image_start>`; the tokens of a rendered
+                 placeholder_id: int = 0, images: Sequence[np.ndarray] = (),
+                 reply_prefix: str = tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX) -> VPiTPrompt:
+    """A prompt whose reply is an image: the user turn `request`, the assistant header, the
+    text every text-to-image training record's reply starts with (`reply_prefix`, default
+    tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX) and `<image_start>`; the tokens of a rendered
     text-to-image record up to its image, so the generator continues with that image's
-    visual tokens as training taught it."""
-    prompt = prompt_from_turns([conv.Turn("user", request)], [], tokenizer, template, config,
-                               placeholder_id)
+    visual tokens as training taught it. An edit or a video record's prompt: `request`
+    holds its `<image>` placeholders, `images` fill them (as prompt_from_turns), and
+    `reply_prefix` is the record's reply up to its first image ("" for a video record)."""
+    prompt = prompt_from_turns([conv.Turn("user", request)], images, tokenizer, template,
+                               config, placeholder_id)
     # The reply's text is its own piece in training (conversation.render cuts it at the
     # image), so it is tokenized on its own here too.
-    prefix = tokenizer(tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX, add_special_tokens=False)["input_ids"]
+    prefix = (tokenizer(reply_prefix, add_special_tokens=False)["input_ids"]
+              if reply_prefix else [])
     extra = np.asarray(list(prefix) + [config.image_start_id], np.int32)
     return VPiTPrompt(np.concatenate([prompt.tokens, extra]),
                       np.concatenate([prompt.image_index, np.full(len(extra), -1, np.int32)]),
-                      ())
+                      prompt.images)
 
 
 class _State(NamedTuple):
