@@ -133,7 +133,8 @@ def test_a_world_without_video_targets_or_records_gives_no_cases_and_says_why(wo
     cases, reason = se.frame_cases(video, "video", "old/video.jsonl")
     assert cases == [] and "old/video.jsonl" in reason and "'targets'" in reason
     cases, reason = se.frame_cases([], "video", "old/video.jsonl")
-    assert cases == [] and reason == "old/video.jsonl has no records"
+    assert cases == [] and reason.startswith("old/video.jsonl has no records (")
+    assert "delete the world folder" in reason
     # a record without the field among records with it is bad input, named
     mixed = _read(world, "video")[:1] + video[:1]
     with pytest.raises(ValueError, match="old/video.jsonl: record .*'targets'"):

@@ -17,9 +17,36 @@ Each comes with a prompt-blind chance level:
          prompt-blind reference;
     oracle: guessing colour, shape and position uniformly, 1 / (6 * 3 * 9).
 
+Beside them (pure pieces in evaluation/shapes_metrics.py):
+    vqa_accuracy_by_kind / vqa_chance_by_kind  per question kind, with its majority chance
+    generation_attribute_accuracy / _chance    the oracle per attribute (colour, shape, size,
+                               position) on the single-shape prompts; chance 1 / the
+                               world's number of values; generation_oracle_all_four: all
+                               four right (generation_oracle_accuracy leaves out the size)
+    generation_frechet         Frechet distance between the images rendered for every
+                               held-out text-to-image prompt and their true images, in a
+                               fixed random conv net's features (shapes_metrics: numpy
+                               seed 0, trained on nothing); generation_frechet_reference:
+                               as many true training images against the same true images
+                               (the floor two samples of the world reach), and
+                               generation_frechet_blank: white images (a decoder that
+                               draws nothing)
+    edit_oracle, video_oracle  the oracle on the first image generated for each
+                               image_to_image record whose edited scene has one shape
+                               (max_edits) and each video record whose first predicted
+                               frame shows one (max_video): records, accuracy, all_four,
+                               attributes, and for reading them the same scores of the
+                               true frame (the oracle's own ceiling) and of the prompt's
+                               last image copied (a model that changes nothing). With no
+                               such records (a world written before video records carried
+                               "targets" or had test clips), records 0, nulls and the
+                               reason, also logged.
+
 Text-to-image prompts are the user turn followed by the assistant's fixed response prefix
 (data/tasks.TEXT_TO_IMAGE_RESPONSE_PREFIX) and `<image_start>` (inference/vpit_generate's
-image_prompt, as eval.py --generation prompts): the image is always generated.
+image_prompt, as eval.py --generation prompts): the image is always generated. An edit or
+video prompt is its record's user turn with its images and the record's reply up to the
+predicted image, then `<image_start>`: the training record's tokens up to that image.
 """
 from __future__ import annotations
 
@@ -110,9 +137,11 @@ def frame_cases(records: list[dict], kind: str, where: str
     where it shows one shape. Returns (cases, why there are none or None)."""
     if kind not in ("image_to_image", "video"):
         raise ValueError(f"frame_cases: kind {kind!r} is not image_to_image or video")
-    if not records:
-        return [], f"{where} has no records"
     video = kind == "video"
+    if not records:
+        return [], f"{where} has no records" + (
+            " (tiny.ensure_assets wrote no test clips before issue 23: delete the world "
+            "folder to write it again)" if video else "")
     field = "targets" if video else "target"
     if not any(field in record for record in records):
         return [], (f"{where}: no record has the field {field!r} (a world written before the "
