@@ -76,6 +76,8 @@ def test_the_blind_vqa_chance_answers_the_majority_of_each_kind():
 def test_final_eval_fields_are_checked():
     with pytest.raises(ValueError, match="final_eval.*nope"):
         se.ShapesEvalConfig.from_config({"nope": 1})
+    with pytest.raises(ValueError, match="final_eval.max_frechet_prompts' = 1: .*at least 2"):
+        se.ShapesEvalConfig.from_config({"max_frechet_prompts": 1})
 
 
 def test_train_py_runs_configs_shapes_by_default():

@@ -23,8 +23,9 @@ Beside them (pure pieces in evaluation/shapes_metrics.py):
                                position) on the single-shape prompts; chance 1 / the
                                world's number of values; generation_oracle_all_four: all
                                four right (generation_oracle_accuracy leaves out the size)
-    generation_frechet         Frechet distance between the images rendered for every
-                               held-out text-to-image prompt and their true images, in a
+    generation_frechet         Frechet distance between the images rendered for the
+                               held-out text-to-image prompts (the first
+                               max_frechet_prompts; 0: all) and their true images, in a
                                fixed random conv net's features (shapes_metrics: numpy
                                seed 0, trained on nothing); generation_frechet_reference:
                                as many true training images against the same true images
@@ -81,6 +82,13 @@ class ShapesEvalConfig:
     samples: int = 8              # rows in samples.png
     max_edits: int = 64           # single-shape edits scored (0: every one; each renders)
     max_video: int = 64           # video records scored on their first predicted frame (0: all)
+    max_frechet_prompts: int = 0  # prompts in generation_frechet (0: every one; each renders)
+
+    def __post_init__(self):
+        if self.max_frechet_prompts == 1 or self.max_frechet_prompts < 0:
+            raise ValueError(f"config field 'final_eval.max_frechet_prompts' = "
+                             f"{self.max_frechet_prompts}: a Frechet distance needs at least 2 "
+                             "images (0: every prompt)")
 
     @classmethod
     def from_config(cls, fields) -> "ShapesEvalConfig":
@@ -250,30 +258,33 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
     cosine_mean_image = float(token_cosine(mean_token[None], true_tokens).mean())
     t2i_seconds = time.time() - started - vqa_seconds
 
-    # Every prompt is rendered: the Frechet distance takes them all, the oracle the
-    # single-shape ones, the grid its rows.
+    # Rendered: the Frechet distance's prompts (the first max_frechet_prompts, 0: all), the
+    # oracle's single-shape ones and the grid's rows.
     single = [i for i, r in enumerate(t2i) if len(r["target"]) == 1]
     shown = (single + [i for i in range(len(t2i)) if i not in set(single)])[:config.samples]
-    rendered = renderer.render(generated)
+    compared = list(range(len(_limit(t2i, config.max_frechet_prompts))))
+    drawn = sorted(set(single) | set(shown) | set(compared))
+    rendered = dict(zip(drawn, renderer.render(generated[drawn])))
     oracle_hits = [oracle_correct(rendered[i], t2i[i]["target"][0]) for i in single]
     oracle_accuracy = float(np.mean(oracle_hits)) if oracle_hits else 0.0
     single_scores = sm.oracle_scores([rendered[i] for i in single],
                                      [t2i[i]["target"][0] for i in single])
     render_seconds = time.time() - started - vqa_seconds - t2i_seconds
 
-    side = rendered.shape[1]
+    side = rendered[drawn[0]].shape[0]
 
     def truth(rel: str) -> np.ndarray:   # uint8 at the rendered images' size
         return images_lib.resize_uint8(images_lib.open_image(world_dir / rel), side)
 
-    true_images = [truth(r["images"][0]) for r in t2i]
-    reference = [truth(r["images"][0]) for r in train_t2i[:len(t2i)]]
-    frechet = {"generation_frechet": sm.frechet_image_distance(rendered, true_images),
+    true_images = [truth(t2i[i]["images"][0]) for i in compared]
+    reference = [truth(r["images"][0]) for r in train_t2i[:len(compared)]]
+    frechet = {"generation_frechet": sm.frechet_image_distance([rendered[i] for i in compared],
+                                                               true_images),
                "generation_frechet_reference": sm.frechet_image_distance(reference, true_images),
                "generation_frechet_blank": sm.frechet_image_distance(
-                   np.full_like(rendered, 255), true_images),
+                   [np.full_like(true_images[0], 255)] * len(compared), true_images),
                "frechet_feature_space": sm.FRECHET_FEATURE_SPACE,
-               "frechet_counts": {"generated": len(rendered), "reference": len(reference)}}
+               "frechet_counts": {"generated": len(compared), "reference": len(reference)}}
     frechet_seconds = time.time() - started - vqa_seconds - t2i_seconds - render_seconds
 
     # Edits and video records: the first predicted image where it shows one shape, all
@@ -335,7 +346,7 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
         "edit_oracle": edits,
         "video_oracle": video,
         "counts": {"questions": len(qa), "text_to_image_prompts": len(t2i),
-                   "single_shape_prompts": len(single), "rendered": len(rendered),
+                   "single_shape_prompts": len(single), "rendered": len(drawn),
                    "edits": edits["records"], "video": video["records"]},
         "split": config.split,
         "stage_seconds": dict(stage_seconds or {}),
