@@ -139,6 +139,9 @@ def test_a_world_without_video_targets_or_records_gives_no_cases_and_says_why(wo
     mixed = _read(world, "video")[:1] + video[:1]
     with pytest.raises(ValueError, match="old/video.jsonl: record .*'targets'"):
         se.frame_cases(mixed, "video", "old/video.jsonl")
+    short = [dict(r, images=r["images"][:1]) for r in _read(world, "image_to_image")]
+    with pytest.raises(ValueError, match="i2i.jsonl: record .*field 'images' needs"):
+        se.frame_cases(short, "image_to_image", "i2i.jsonl")
 
 
 def test_an_edit_or_video_prompt_is_the_training_record_s_tokens_up_to_its_image(world):

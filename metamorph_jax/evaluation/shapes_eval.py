@@ -163,6 +163,9 @@ def frame_cases(records: list[dict], kind: str, where: str
                              "field 'conversations' with one human and one gpt turn")
         request, reply = turns[0]["value"], turns[1]["value"]
         shown = request.count(conv.IMAGE_PLACEHOLDER)
+        if len(record.get("images") or ()) <= shown:
+            raise ValueError(f"{where}: record {record.get('id')!r}: field 'images' needs the "
+                             f"prompt's {shown} images and then the predicted one")
         target = record[field][0] if video else record[field]
         if target is None or len(target) != 1:
             continue
