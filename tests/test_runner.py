@@ -425,7 +425,11 @@ def check_new_metric_fields(metrics: dict, config, assets: Path) -> None:
         assert set(metrics["generation_attribute_accuracy"]) == {"colour", "shape", "size",
                                                                  "position"}
         assert all(0.0 <= v <= 1.0 for v in metrics["generation_attribute_accuracy"].values())
-        assert metrics["generation_oracle_all_four"] <= metrics["generation_oracle_accuracy"]
+        assert metrics["generation_oracle_accuracy"] <= metrics["generation_oracle_without_size"]
+        # the decoder alone, on the true tokens of the same single-shape prompts
+        alone = metrics["decoder_true_token_oracle"]
+        assert 0.0 <= alone["accuracy"] <= alone["without_size"] <= 1.0
+        assert set(alone["attributes"]) == {"colour", "shape", "size", "position"}
     for name in ("generation_frechet", "generation_frechet_reference", "generation_frechet_blank"):
         assert np.isfinite(metrics[name]) and metrics[name] > 0.0, name
     assert metrics["frechet_counts"] == {"generated": config.final_eval.max_prompts,
@@ -437,10 +441,10 @@ def check_new_metric_fields(metrics: dict, config, assets: Path) -> None:
                                 ("video_oracle", single_video, config.final_eval.max_video)):
         scored = metrics[name]
         assert scored["records"] == min(len(single), limit) > 0, name
-        assert 0.0 <= scored["all_four"] <= scored["accuracy"] <= 1.0
+        assert 0.0 <= scored["accuracy"] <= scored["without_size"] <= 1.0
         assert set(scored["attributes"]) == {"colour", "shape", "size", "position"}
         assert set(scored["true_frame"]) == set(scored["copy_prompt_image"]) == {
-            "accuracy", "all_four"}
+            "accuracy", "without_size"}
     assert metrics["counts"]["edits"] == metrics["edit_oracle"]["records"]
     assert metrics["counts"]["video"] == metrics["video_oracle"]["records"]
 

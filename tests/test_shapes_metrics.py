@@ -24,22 +24,24 @@ def test_the_oracle_scores_each_attribute_of_a_drawn_shape_on_its_own():
     pixels = shapes.render_scene((ITEM,), 32)
     right = ITEM.to_dict()
     assert sm.oracle_scores([pixels], [right]) == {
-        "accuracy": 1.0, "all_four": 1.0,
+        "accuracy": 1.0, "without_size": 1.0,
         "attributes": {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0}}
     for name, other in (("colour", "red"), ("shape", "circle"), ("size", "small"),
                         ("position", "bottom")):
         scores = sm.oracle_scores([pixels], [dict(right, **{name: other})])
         assert scores["attributes"] == {k: float(k != name) for k in sm.ATTRIBUTES}, name
-        assert scores["all_four"] == 0.0
-        # `accuracy` is generation_oracle_accuracy's rule: the size does not count
-        assert scores["accuracy"] == float(name == "size")
-        assert scores["accuracy"] == float(se.oracle_correct(pixels, dict(right, **{name: other})))
+        # `accuracy` is generation_oracle_accuracy's rule: all four attributes count
+        assert scores["accuracy"] == 0.0
+        assert not se.oracle_correct(pixels, dict(right, **{name: other}))
+        # the score reported before issue 23 leaves the size out
+        assert scores["without_size"] == float(name == "size")
     blank = np.full((32, 32, 3), 255, np.uint8)
     assert sm.oracle_scores([blank], [right])["attributes"] == dict.fromkeys(sm.ATTRIBUTES, 0.0)
     # two images: the means
     two = sm.oracle_scores([pixels, blank], [right, right])
     assert two["accuracy"] == 0.5 and two["attributes"]["size"] == 0.5
-    assert sm.oracle_scores([], []) == {"accuracy": None, "all_four": None, "attributes": None}
+    assert sm.oracle_scores([], []) == {"accuracy": None, "without_size": None,
+                                        "attributes": None}
     with pytest.raises(ValueError, match="1 images for 2 targets"):
         sm.oracle_scores([pixels], [right, right])
 
@@ -51,10 +53,11 @@ def test_each_attribute_chance_is_a_fixed_guess_s_accuracy_over_every_one_shape_
         guess = getattr(scenes[0], name)
         hits = [getattr(scene, name) == guess for scene in scenes]
         assert sm.ATTRIBUTE_CHANCE[name] == pytest.approx(np.mean(hits)), name
-    # and the whole-image oracle's chance is colour x shape x position
-    assert sm.ORACLE_CHANCE == pytest.approx(sm.ATTRIBUTE_CHANCE["colour"] *
-                                             sm.ATTRIBUTE_CHANCE["shape"] *
-                                             sm.ATTRIBUTE_CHANCE["position"])
+    # and the whole-image oracle's chance is the product over the four (three without size)
+    assert sm.ORACLE_CHANCE == pytest.approx(np.prod([sm.ATTRIBUTE_CHANCE[name]
+                                                      for name in sm.ATTRIBUTES]))
+    assert sm.ORACLE_CHANCE_WITHOUT_SIZE == pytest.approx(
+        sm.ORACLE_CHANCE / sm.ATTRIBUTE_CHANCE["size"])
 
 
 def _scenes(seed: int, count: int, max_objects: int = 3, size: int = 32) -> list:

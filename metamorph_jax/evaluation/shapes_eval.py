@@ -5,8 +5,13 @@ the stages when the config has `final_eval`):
     visual_token_cosine        mean cosine between the visual tokens generated for held-out
                                text-to-image prompts and the SigLIP tokens of the true images
     generation_oracle_accuracy share of rendered images for held-out single-shape prompts
-                               whose colour, shape and position the oracle
-                               (data/shapes.read_shape) reads right
+                               whose colour, shape, size and position the oracle
+                               (data/shapes.read_shape) reads right (issue 23 §2);
+                               generation_oracle_without_size: colour, shape and position,
+                               the score reported before issue 23
+    decoder_true_token_oracle  the same oracle on the decoder's images of the true SigLIP
+                               tokens of the same prompts' images: the decoder's share of
+                               the error, apart from the LLM's
 
 Each comes with a prompt-blind chance level:
     VQA: answering every question with the most frequent training answer of its kind
@@ -15,14 +20,13 @@ Each comes with a prompt-blind chance level:
          prompt (mismatched pairs); also reported, `visual_token_cosine_mean_image`: the
          mean training SigLIP token (per position) for every prompt, a stronger
          prompt-blind reference;
-    oracle: guessing colour, shape and position uniformly, 1 / (6 * 3 * 9).
+    oracle: guessing colour, shape, size and position uniformly, 1 / (6 * 3 * 2 * 9).
 
 Beside them (pure pieces in evaluation/shapes_metrics.py):
     vqa_accuracy_by_kind / vqa_chance_by_kind  per question kind, with its majority chance
     generation_attribute_accuracy / _chance    the oracle per attribute (colour, shape, size,
                                position) on the single-shape prompts; chance 1 / the
-                               world's number of values; generation_oracle_all_four: all
-                               four right (generation_oracle_accuracy leaves out the size)
+                               world's number of values
     generation_frechet         Frechet distance between the images rendered for the
                                held-out text-to-image prompts (the first
                                max_frechet_prompts; 0: all) and their true images, in a
@@ -35,7 +39,7 @@ Beside them (pure pieces in evaluation/shapes_metrics.py):
     edit_oracle, video_oracle  the oracle on the first image generated for each
                                image_to_image record whose edited scene has one shape
                                (max_edits) and each video record whose first predicted
-                               frame shows one (max_video): records, accuracy, all_four,
+                               frame shows one (max_video): records, accuracy, without_size,
                                attributes, and for reading them the same scores of the
                                true frame (the oracle's own ceiling) and of the prompt's
                                last image copied (a model that changes nothing). With no
@@ -268,10 +272,11 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
     compared = list(range(len(_limit(t2i, config.max_frechet_prompts))))
     drawn = sorted(set(single) | set(shown) | set(compared))
     rendered = dict(zip(drawn, renderer.render(generated[drawn])))
-    oracle_hits = [oracle_correct(rendered[i], t2i[i]["target"][0]) for i in single]
-    oracle_accuracy = float(np.mean(oracle_hits)) if oracle_hits else 0.0
-    single_scores = sm.oracle_scores([rendered[i] for i in single],
-                                     [t2i[i]["target"][0] for i in single])
+    single_targets = [t2i[i]["target"][0] for i in single]
+    single_scores = sm.oracle_scores([rendered[i] for i in single], single_targets)
+    # The decoder alone: the same prompts' true tokens rendered and read.
+    true_token_scores = sm.oracle_scores(
+        list(renderer.render(true_tokens[single])) if single else [], single_targets)
     render_seconds = time.time() - started - vqa_seconds - t2i_seconds
 
     side = rendered[drawn[0]].shape[0]
@@ -309,7 +314,7 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
     for kind, scored in cases.items():
         if not scored:
             log(f"{kind}: no predicted frame scored: {reasons[kind]}")
-            predicted[kind] = {"records": 0, "accuracy": None, "all_four": None,
+            predicted[kind] = {"records": 0, "accuracy": None, "without_size": None,
                                "attributes": None, "true_frame": None,
                                "copy_prompt_image": None, "reason": reasons[kind]}
             continue
@@ -336,13 +341,15 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
         "vqa_accuracy": vqa_accuracy, "vqa_chance": vqa_chance,
         "visual_token_cosine": cosine, "visual_token_cosine_chance": cosine_chance,
         "visual_token_cosine_mean_image": cosine_mean_image,
-        "generation_oracle_accuracy": oracle_accuracy,
+        "generation_oracle_accuracy": single_scores["accuracy"] or 0.0,
         "generation_oracle_chance": ORACLE_CHANCE,
+        "generation_oracle_without_size": single_scores["without_size"] or 0.0,
+        "generation_oracle_without_size_chance": sm.ORACLE_CHANCE_WITHOUT_SIZE,
+        "decoder_true_token_oracle": true_token_scores,
         "vqa_accuracy_by_kind": {k: float(np.mean(by_kind[k])) for k in kinds},
         "vqa_chance_by_kind": {k: blind_vqa_accuracy(train_qa, [(q, a) for _, q, a in qa
                                                                 if question_kind(q) == k])
                                for k in kinds},
-        "generation_oracle_all_four": single_scores["all_four"],
         "generation_attribute_accuracy": single_scores["attributes"],
         "generation_attribute_chance": dict(sm.ATTRIBUTE_CHANCE),
         **frechet,
@@ -374,7 +381,11 @@ def summary_lines(metrics: dict) -> list[str]:
     if metrics["generation_attribute_accuracy"]:
         lines.append("generation attributes: " + pairs(metrics["generation_attribute_accuracy"],
                                                        metrics["generation_attribute_chance"])
-                     + f"; all four {metrics['generation_oracle_all_four']:.3f}")
+                     + f"; colour, shape and position {metrics['generation_oracle_without_size']:.3f}")
+    true_tokens = metrics["decoder_true_token_oracle"]
+    if true_tokens["accuracy"] is not None:
+        lines.append(f"decoder alone on the true tokens: oracle {true_tokens['accuracy']:.3f}; "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in true_tokens["attributes"].items()))
     lines.append(f"generation frechet: {metrics['generation_frechet']:.3f} (true vs true "
                  f"{metrics['generation_frechet_reference']:.3f}, blank "
                  f"{metrics['generation_frechet_blank']:.3f})")
