@@ -89,6 +89,25 @@ def _build_into(target: Path, make) -> None:
     partial.rename(target)
 
 
+def _check_world(folder: Path, world) -> None:
+    """An existing world folder must have been written with the settings asked for now (a
+    folder kept from an older config would otherwise be trained on silently)."""
+    import dataclasses
+    import json
+    settings = folder / "world.json"
+    if not settings.is_file():
+        raise BadInput(f"{settings}: missing; {folder} is not a finished Shapes world (delete it "
+                       "to write it again)")
+    written = json.loads(settings.read_text()).get("config", {})
+    wanted = json.loads(json.dumps(dataclasses.asdict(world)))
+    differ = sorted(k for k in set(written) | set(wanted) if written.get(k) != wanted.get(k))
+    if differ:
+        raise BadInput(
+            f"{settings}: field(s) {differ} are {[written.get(k) for k in differ]}, but the "
+            f"config asks for {[wanted.get(k) for k in differ]} (config fields 'assets.*'); "
+            f"delete {folder.parent} or choose another assets.root to write the world again")
+
+
 # The LLaMA sizes `assets.llm` may set (the rest follow the tokenizer).
 LLM_FIELDS = {"hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
               "head_dim"}
@@ -153,6 +172,7 @@ def ensure_assets(assets) -> dict:
         clips=(("train", int(assets.clips)), ("validation", max(1, int(assets.clips) // 4)),
                ("test", max(1, int(assets.clips) // 4))))
     _build_into(paths["shapes"], lambda out: shapes.write_world(str(out), world, progress=False))
+    _check_world(paths["shapes"], world)
     corpus_scenes = int(assets.get("text_corpus", 0) or 0)
     if corpus_scenes:
         paths["text"] = root / "text"

@@ -101,3 +101,19 @@ def test_the_tiny_assets_world_has_test_clips_with_video_records(tiny_assets):
                (tiny_assets / "shapes" / "test" / "video.jsonl").read_text().splitlines()]
     assert len(records) == clips["test"] * len(tasks.VIDEO_KINDS)   # 4 frames: every kind
     assert all(record["targets"] for record in records)
+
+
+def test_assets_made_with_other_world_settings_are_refused_naming_the_fields(tmp_path):
+    """A world kept from an older config (other image size or scene counts) is an input
+    error naming world.json and the fields, not a run on the wrong data."""
+    import ml_collections
+    from metamorph_jax import tiny
+    from metamorph_jax.input_errors import BadInput
+    assets = ml_collections.ConfigDict(dict(kind="tiny_shapes", root=str(tmp_path), image_size=16,
+                                            train=6, validation=2, test=0, clips=2, seed=0))
+    tiny.ensure_assets(assets)
+    tiny.ensure_assets(assets)   # the same settings: reused
+    assets.image_size = 32
+    assets.train = 7
+    with pytest.raises(BadInput, match=r"world\.json: field\(s\) \['image_size', 'scenes'\]"):
+        tiny.ensure_assets(assets)
