@@ -1,6 +1,6 @@
-"""What the text stage of configs/shapes_pretrained.py (stage 0) teaches, and what it costs.
+"""What the text stage of configs/shapes.py (stage 0) teaches, and what it costs.
 
-  python -m benchmarks.text_stage [--assets runs/shapes_pretrained_assets] [--work-dir /tmp/text_stage] \
+  python -m benchmarks.text_stage [--assets runs/shapes_assets_v2] [--work-dir /tmp/text_stage] \
       [--steps N] [--lr X] [--batch B] [--llm '{"num_layers": 4, "hidden_size": 128}']
 
 Makes that config's assets when absent (tiny.ensure_assets, with the text corpus), runs
@@ -23,8 +23,7 @@ from pathlib import Path
 
 def shapes_config(assets: str):
     spec = importlib.util.spec_from_file_location(
-        "shapes_pretrained",
-        Path(__file__).resolve().parents[1] / "configs" / "shapes_pretrained.py")
+        "shapes_config", Path(__file__).resolve().parents[1] / "configs" / "shapes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.recipe(assets)
@@ -41,7 +40,7 @@ def measure(llm_dir, tokenizer_dir, records) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", default="runs/shapes_pretrained_assets")
+    parser.add_argument("--assets", default="runs/shapes_assets_v2")
     parser.add_argument("--work-dir", default="/tmp/text_stage")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)

@@ -1,6 +1,6 @@
 """The Shapes world's text corpus (data/shapes_text.py), its knowledge facts and finding 4's
 prompts; the `@stage` reference of init folder fields (objectives.Objective.initial_dir);
-a text stage on the corpus whose export the adapter starts from (configs/shapes_pretrained.py's order).
+a text stage on the corpus whose export the adapter starts from (configs/shapes.py's order).
 """
 import json
 import re
@@ -185,10 +185,10 @@ def test_the_runner_refuses_a_reference_to_a_later_stage(tiny_assets, tmp_path):
 
 def text_assets_config(root: Path, work: Path):
     """configs/tiny.py's assets with a small text corpus, a text stage first
-    (configs/shapes_pretrained.py's text_stage, shortened) and the adapter starting from its
+    (configs/shapes.py's text_stage, shortened) and the adapter starting from its
     export."""
     from importlib.util import module_from_spec, spec_from_file_location
-    spec = spec_from_file_location("shapes_pretrained", REPO / "configs" / "shapes_pretrained.py")
+    spec = spec_from_file_location("shapes_config", REPO / "configs" / "shapes.py")
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
     config = runner.parse_flags(["train.py", "--config", f"{TINY}:{root}", "--workdir", str(work)])
