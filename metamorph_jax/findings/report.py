@@ -45,6 +45,16 @@ def _f(value: float) -> str:
     return f"{value:.3f}"
 
 
+def _with_chance(entry: dict, field: str) -> str:
+    """The value, and its chance level where that is the run's own (the token cosine of
+    mismatched pairs: a cosine at its chance does not depend on the prompt)."""
+    metric = BY_FIELD[field]
+    value = _f(entry["metrics"][field])
+    if metric.chance_per_run:
+        return f"{value} (chance {_f(entry['metrics'][metric.chance])})"
+    return value
+
+
 # --- verdicts per finding ------------------------------------------------------------------
 
 def verdicts1(entries: list[dict]) -> list[dict]:
@@ -56,7 +66,8 @@ def verdicts1(entries: list[dict]) -> list[dict]:
                  for a in amounts]
         wins = [a for a, joint, alone in pairs if joint - alone > TIE]
         agrees = len(wins) == len(amounts)
-        detail = "; ".join(f"{a}: {_f(j)} vs {_f(g)}" for a, j, g in pairs)
+        detail = "; ".join(f"{a}: {_with_chance(by[('joint', a)], field)} vs "
+                           f"{_with_chance(by[('generation_only', a)], field)}" for a in amounts)
         out.append({"metric": field, "agrees": agrees, "text": (
             f"{BY_FIELD[field].label}: joint above generation-only at {len(wins)} of "
             f"{len(amounts)} generation amounts (joint vs generation-only, {detail}); the "
@@ -194,16 +205,26 @@ def build_results(findings, out: Path, scale, base, shared: dict) -> dict:
     return results
 
 
+def varying_chance(entries: list[dict]) -> list:
+    """The metrics whose chance level differs between runs (the token cosine's mismatched
+    pairs are the run's own tokens): the table gives those per run."""
+    return [m for m in METRICS if len({e["metrics"][m.chance] for e in entries}) > 1]
+
+
 def _table(entries: list[dict], role_keys, knowledge: bool) -> list[str]:
-    fields = [m for m in METRICS]
-    head = role_keys + [m.label for m in fields]
+    columns = []
+    for metric in METRICS:
+        columns.append((metric.label, metric.field))
+        if metric in varying_chance(entries):
+            columns.append((f"{metric.label} chance", metric.chance))
+    head = role_keys + [label for label, _ in columns]
     if knowledge:
         head += [m.label for m in metrics_lib.KNOWLEDGE_METRICS]
     head += ["instruct steps", "paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for e in entries:
         row = [str(e["role"].get(k, "")) for k in role_keys]
-        row += [_f(e["metrics"][m.field]) for m in fields]
+        row += [_f(e["metrics"][field]) for _, field in columns]
         if knowledge:
             row += [_f(e["knowledge"][m.field]) for m in metrics_lib.KNOWLEDGE_METRICS]
         row.append(", ".join(str(v) for v in e["definition"]["steps"].values()))
@@ -242,7 +263,8 @@ def write_report(results: dict, out: Path, seconds: float | None = None) -> Path
         lines.append("")
         lines += _table(finding["runs"], ROLE_KEYS[int(number)], int(number) == 4)
         first = finding["runs"][0]["metrics"]
-        lines += ["", "Chance: " + ", ".join(f"{m.label} {_f(first[m.chance])}" for m in METRICS)
+        fixed = [m for m in METRICS if m not in varying_chance(finding["runs"])]
+        lines += ["", "Chance: " + ", ".join(f"{m.label} {_f(first[m.chance])}" for m in fixed)
                   + ".", ""]
         lines += [f"![finding {number}]({name})" for name in finding["figures"]] + [""]
     path = Path(out) / REPORT_FILE
