@@ -220,14 +220,20 @@ def _entry(metrics, **role):
 
 
 def test_finding2_verdict_names_the_axis_that_moves_a_metric_more():
+    from metamorph_jax.findings.metrics import METRICS
+
     def cell(vqa, gen, value):
-        return _entry({"vqa_accuracy": value, "visual_token_cosine": value,
-                       "generation_oracle_accuracy": value}, part="grid", vqa=vqa,
-                      generation=gen)
-    # the VQA axis adds 0.2, the generation axis 0.05: the paper's direction
+        metrics = {m.field: value for m in METRICS}
+        metrics.update({m.chance: 0.1 for m in METRICS})
+        return _entry(metrics, part="grid", vqa=vqa, generation=gen)
+    # the VQA axis adds 0.2, the generation axis 0.05: the paper's direction, for every
+    # metric and for the token cosine's margin over its chance
     entries = [cell(v, g, 0.2 * (v == 2) + 0.05 * (g == 2)) for v in (1, 2) for g in (1, 2)]
     verdicts = report.verdicts2(entries)
-    assert [v["agrees"] for v in verdicts] == [True, True, True]
+    assert [v["metric"] for v in verdicts] == [
+        "vqa_accuracy", "visual_token_cosine", "visual_token_cosine_above_chance",
+        "generation_oracle_accuracy"]
+    assert all(v["agrees"] for v in verdicts)
     assert "the VQA axis improves it more" in verdicts[0]["text"]
     # no difference at all: no direction, so no agreement
     flat = report.verdicts2([cell(v, g, 0.5) for v in (1, 2) for g in (1, 2)])

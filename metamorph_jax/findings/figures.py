@@ -39,8 +39,14 @@ def figure1(entries: list[dict], out: Path) -> list[str]:
         for setting, style in (("joint", "o-"), ("generation_only", "s--")):
             rows = sorted((e["role"]["generation"], e["metrics"][field]) for e in entries
                           if e["role"]["setting"] == setting)
-            ax.plot([r[0] for r in rows], [r[1] for r in rows], style, label=setting)
-        _chance_line(ax, entries, field)
+            line, = ax.plot([r[0] for r in rows], [r[1] for r in rows], style, label=setting)
+            if BY_FIELD[field].chance_per_run:   # each run's own chance level
+                chance = sorted((e["role"]["generation"], e["metrics"][BY_FIELD[field].chance])
+                                for e in entries if e["role"]["setting"] == setting)
+                ax.plot([c[0] for c in chance], [c[1] for c in chance], ":",
+                        color=line.get_color(), label=f"{setting} chance")
+        if not BY_FIELD[field].chance_per_run:
+            _chance_line(ax, entries, field)
         ax.set_xscale("log")
         amounts = sorted({e["role"]["generation"] for e in entries})
         ax.set_xticks(amounts, [str(a) for a in amounts])

@@ -23,14 +23,17 @@ class Metric:
     higher_is_better: bool = True
     # the chance level is computed from the run's own outputs (so it differs between runs)
     chance_per_run: bool = False
+    # the key in the file's "counts" of the items the metric is a share of (for "k of N")
+    denominator: str | None = None
 
 
 # Held-out evaluation of every run (final_metrics.json).
 METRICS = (
-    Metric("vqa_accuracy", "VQA accuracy", "vqa_chance"),
+    Metric("vqa_accuracy", "VQA accuracy", "vqa_chance", denominator="questions"),
     Metric("visual_token_cosine", "visual-token cosine", "visual_token_cosine_chance",
            chance_per_run=True),
-    Metric("generation_oracle_accuracy", "generation oracle accuracy", "generation_oracle_chance"),
+    Metric("generation_oracle_accuracy", "generation oracle accuracy", "generation_oracle_chance",
+           denominator="single_shape_prompts"),
 )
 # The metrics that measure generation (findings 1 and 2's kinds row).
 GENERATION_METRICS = ("visual_token_cosine", "generation_oracle_accuracy")
@@ -39,13 +42,41 @@ DETAILS = ("vqa_accuracy_by_kind", "counts")
 # Knowledge prompts (finding 4, knowledge_metrics.json).
 KNOWLEDGE_METRICS = (
     Metric("fact_attribute_accuracy", "fact attribute accuracy", "fact_attribute_chance",
-           KNOWLEDGE_FILE),
+           KNOWLEDGE_FILE, denominator="prompts"),
     Metric("knowledge_oracle_accuracy", "knowledge oracle accuracy", "knowledge_oracle_chance",
-           KNOWLEDGE_FILE),
+           KNOWLEDGE_FILE, denominator="prompts"),
 )
 KNOWLEDGE_DETAILS = ("fact_attribute_accuracy_by_thing", "counts")
 
 BY_FIELD = {m.field: m for m in METRICS + KNOWLEDGE_METRICS}
+
+# A metric whose chance level is the run's own also compares as its margin over that level
+# (a token cosine at its chance does not depend on the prompt): "<field>_above_chance".
+ABOVE_CHANCE = "_above_chance"
+def with_margins(fields) -> tuple:
+    """The fields, each followed by its margin over chance where its chance is per run."""
+    return tuple(key for field in fields for key in (
+        (field, field + ABOVE_CHANCE) if BY_FIELD[field].chance_per_run else (field,)))
+
+
+# What the verdicts compare: generation (findings 1, 2's kinds) and every metric (2, 3).
+GENERATION_COMPARISONS = with_margins(GENERATION_METRICS)
+COMPARISONS = with_margins(m.field for m in METRICS)
+
+
+def value(metrics: dict, key: str) -> float:
+    """A field of `metrics` (a run's metrics as extract() gives them) or its derived margin
+    over chance (ABOVE_CHANCE)."""
+    if key.endswith(ABOVE_CHANCE):
+        field = key[:-len(ABOVE_CHANCE)]
+        return metrics[field] - metrics[BY_FIELD[field].chance]
+    return metrics[key]
+
+
+def label(key: str) -> str:
+    if key.endswith(ABOVE_CHANCE):
+        return f"{BY_FIELD[key[:-len(ABOVE_CHANCE)]].label} above its chance"
+    return BY_FIELD[key].label
 
 
 def read_json(path: Path) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 
 from metamorph_jax.findings import metrics as metrics_lib
 from metamorph_jax.findings import paper, runs as runs_lib
-from metamorph_jax.findings.metrics import BY_FIELD, GENERATION_METRICS, METRICS
+from metamorph_jax.findings.metrics import BY_FIELD, METRICS
 
 RESULTS_FILE = "results.json"
 # Differences smaller than this are ties (no direction).
@@ -46,13 +46,21 @@ def _f(value: float) -> str:
 
 
 def _with_chance(entry: dict, field: str) -> str:
-    """The value, and its chance level where that is the run's own (the token cosine of
-    mismatched pairs: a cosine at its chance does not depend on the prompt)."""
+    """The value, with how many items it counts (a share of few items is coarse) and its
+    chance level where that is the run's own (the token cosine of mismatched pairs: a
+    cosine at its chance does not depend on the prompt)."""
+    if field not in BY_FIELD:   # a derived value (metrics.value)
+        return f"{metrics_lib.value(entry['metrics'], field):+.3f}"
     metric = BY_FIELD[field]
-    value = _f(entry["metrics"][field])
+    values = entry["knowledge"] if metric.file != metrics_lib.FINAL_FILE else entry["metrics"]
+    text = _f(values[field])
+    notes = []
+    total = values.get("counts", {}).get(metric.denominator) if metric.denominator else None
+    if total:
+        notes.append(f"{round(values[field] * total)} of {total}")
     if metric.chance_per_run:
-        return f"{value} (chance {_f(entry['metrics'][metric.chance])})"
-    return value
+        notes.append(f"chance {_f(values[metric.chance])}")
+    return f"{text} ({', '.join(notes)})" if notes else text
 
 
 # --- verdicts per finding ------------------------------------------------------------------
@@ -61,15 +69,16 @@ def verdicts1(entries: list[dict]) -> list[dict]:
     by = {(e["role"]["setting"], e["role"]["generation"]): e for e in entries}
     amounts = sorted({e["role"]["generation"] for e in entries})
     out = []
-    for field in GENERATION_METRICS:
-        pairs = [(a, by[("joint", a)]["metrics"][field], by[("generation_only", a)]["metrics"][field])
+    for field in metrics_lib.GENERATION_COMPARISONS:
+        pairs = [(a, metrics_lib.value(by[("joint", a)]["metrics"], field),
+                  metrics_lib.value(by[("generation_only", a)]["metrics"], field))
                  for a in amounts]
         wins = [a for a, joint, alone in pairs if joint - alone > TIE]
         agrees = len(wins) == len(amounts)
         detail = "; ".join(f"{a}: {_with_chance(by[('joint', a)], field)} vs "
                            f"{_with_chance(by[('generation_only', a)], field)}" for a in amounts)
         out.append({"metric": field, "agrees": agrees, "text": (
-            f"{BY_FIELD[field].label}: joint above generation-only at {len(wins)} of "
+            f"{metrics_lib.label(field)}: joint above generation-only at {len(wins)} of "
             f"{len(amounts)} generation amounts (joint vs generation-only, {detail}); the "
             f"paper has joint better at every amount (FID 19.2 vs 116.4 at 5k): "
             f"{_agree(agrees)}.")})
@@ -103,17 +112,17 @@ def verdicts2(entries: list[dict]) -> list[dict]:
     gens = sorted({e["role"]["generation"] for e in grid})
     theirs = paper_axis_effects(vqas, gens)
     out = []
-    for metric in METRICS:
-        values = {(e["role"]["vqa"], e["role"]["generation"]): e["metrics"][metric.field]
+    for key in metrics_lib.COMPARISONS:
+        values = {(e["role"]["vqa"], e["role"]["generation"]): metrics_lib.value(e["metrics"], key)
                   for e in grid}
         by_vqa, by_gen = _axis_effects(values, vqas, gens)
-        paper_name = "vqa_average" if metric.field == "vqa_accuracy" else "fid"
+        paper_name = "vqa_average" if key == "vqa_accuracy" else "fid"
         p_vqa, p_gen = theirs[paper_name]
         winner = ("neither" if abs(by_vqa - by_gen) < TIE else
                   "the VQA axis" if by_vqa > by_gen else "the generation axis")
         agrees = winner != "neither" and (by_vqa > by_gen) == (p_vqa > p_gen)
-        out.append({"metric": metric.field, "agrees": agrees, "text": (
-            f"{metric.label}: more VQA data ({vqas[0]} -> {vqas[-1]}) improves it by "
+        out.append({"metric": key, "agrees": agrees, "text": (
+            f"{metrics_lib.label(key)}: more VQA data ({vqas[0]} -> {vqas[-1]}) improves it by "
             f"{by_vqa:+.3f}, more generation data ({gens[0]} -> {gens[-1]}) by {by_gen:+.3f} "
             f"(means over the other axis): {winner} improves it more; the paper's "
             f"rank-matched Table 6 cells "
@@ -124,9 +133,9 @@ def verdicts2(entries: list[dict]) -> list[dict]:
         added = [k for k in kinds if k not in ("none", "all")]
         paper_order = sorted((k for k in added if k in paper.TABLE5["fid"]),
                              key=lambda k: paper.TABLE5["fid"][k])
-        for field in GENERATION_METRICS:
-            base = kinds["none"]["metrics"][field]
-            gains = {k: kinds[k]["metrics"][field] - base for k in added}
+        for field in metrics_lib.GENERATION_COMPARISONS:
+            base = metrics_lib.value(kinds["none"]["metrics"], field)
+            gains = {k: metrics_lib.value(kinds[k]["metrics"], field) - base for k in added}
             order = sorted(added, key=lambda k: -gains[k])
             # the paper's best kind must help, and more than every other kind
             agrees = (bool(order) and bool(paper_order) and order[0] == paper_order[0]
@@ -135,8 +144,9 @@ def verdicts2(entries: list[dict]) -> list[dict]:
             listing = ", ".join(f"{k} {gains[k]:+.3f}" for k in order)
             every = sum(1 for k in added if gains[k] > 0)
             out.append({"metric": field, "agrees": agrees, "text": (
-                f"{BY_FIELD[field].label} over generation alone ({_f(base)}): {listing}"
-                + (f"; all data {kinds['all']['metrics'][field] - base:+.3f}" if "all" in kinds
+                f"{metrics_lib.label(field)} over generation alone ({_f(base)}): {listing}"
+                + (f"; all data {metrics_lib.value(kinds['all']['metrics'], field) - base:+.3f}"
+                   if "all" in kinds
                    else "")
                 + f". {every} of {len(added)} kinds help; the most: {order[0] if order else '-'}; "
                 f"the paper's most (Table 5 FID): {paper_order[0] if paper_order else '-'} "
@@ -148,12 +158,12 @@ def verdicts3(entries: list[dict]) -> list[dict]:
     by = {e["role"]["llm"]: e for e in entries}
     out = []
     rows = paper.TABLE7["rows"]
-    for metric in METRICS:
-        values = {llm: by[llm]["metrics"][metric.field] for llm in by}
+    for key in metrics_lib.COMPARISONS:
+        values = {llm: metrics_lib.value(by[llm]["metrics"], key) for llm in by}
         ordered = [llm for llm, _, _ in runs_lib.LLM_ROLES if llm in values]
         rising = all(values[b] - values[a] > TIE for a, b in zip(ordered, ordered[1:]))
-        shown = ", ".join(f"{llm} {_f(values[llm])}" for llm in ordered)
-        if metric.field == "vqa_accuracy":
+        shown = ", ".join(f"{llm} {_with_chance(by[llm], key)}" for llm in ordered)
+        if key == "vqa_accuracy":
             theirs = (f"average VQA LLaMA-3 8B {rows['LLaMA-3 8B']['vqa_average']} < 3.1 8B "
                       f"{rows['LLaMA-3.1 8B']['vqa_average']} < 70B "
                       f"{rows['LLaMA-3 70B']['vqa_average']}")
@@ -161,8 +171,8 @@ def verdicts3(entries: list[dict]) -> list[dict]:
             theirs = (f"FID LLaMA-3 8B {rows['LLaMA-3 8B']['fid']}, 3.1 8B "
                       f"{rows['LLaMA-3.1 8B']['fid']}, 70B {rows['LLaMA-3 70B']['fid']} "
                       "(both larger or newer LLMs better than LLaMA-3 8B)")
-        out.append({"metric": metric.field, "agrees": rising, "text": (
-            f"{metric.label}: {shown}; "
+        out.append({"metric": key, "agrees": rising, "text": (
+            f"{metrics_lib.label(key)}: {shown}; "
             + ("rises with the LLM" if rising else "does not rise with the LLM at every step")
             + f"; the paper: {theirs}: {_agree(rising)}.")})
     return out
@@ -176,8 +186,9 @@ def verdicts4(entries: list[dict]) -> list[dict]:
         chance = by["text"]["knowledge"][metric.chance]
         agrees = text - control > TIE and text - chance > TIE
         out.append({"metric": metric.field, "agrees": agrees, "text": (
-            f"{metric.label} on prompts naming held-out facts: text-pretrained {_f(text)}, "
-            f"control (text stage without those facts) {_f(control)}, chance {_f(chance)}; "
+            f"{metric.label} on prompts naming held-out facts: text-pretrained "
+            f"{_with_chance(by['text'], metric.field)}, control (text stage without those "
+            f"facts) {_with_chance(by['control'], metric.field)}, chance {_f(chance)}; "
             f"the paper shows knowledge reaching generation (Figs. 9-10, examples): "
             f"{_agree(agrees)}.")})
     return out
