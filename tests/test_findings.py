@@ -103,12 +103,13 @@ def test_a_second_command_trains_nothing_again_and_finishes_an_interrupted_run(m
     run_dirs = sorted((out / "runs").iterdir())
     stamps = {p: p.stat().st_mtime_ns for d in run_dirs + sorted((out / "shared").iterdir())
               for p in d.rglob("*") if p.is_file()}
-    # an evaluation cut short: the run's training is done, its metrics and run.json are not
-    cut = run_dirs[0]
+    # an evaluation cut short: a grid run's training is done, its metrics and run.json not
+    grid_run = runs.findings((2,), SCALES["mini"])[0].cells[0].run
+    cut = runs.run_dir(out, grid_run)
     (cut / "final_metrics.json").unlink()
     (cut / orchestrate.RUN_FILE).unlink()
     done_file = cut / "instruct" / "final" / "DONE"
-    result = findings_command("--scale", "mini", "--out", str(out))
+    result = findings_command("--scale", "mini", "--out", str(out), "--finding", "2")
     # no stage ran: no stage's progress bar
     assert not re.search(r"(^|[\r\n])(text|tower|adapter|instruct|decoder): +\d+%", result.stderr)
     assert (cut / "final_metrics.json").is_file() and (cut / orchestrate.RUN_FILE).is_file()
@@ -117,6 +118,16 @@ def test_a_second_command_trains_nothing_again_and_finishes_an_interrupted_run(m
                if p.exists() and p.stat().st_mtime_ns != stamp and p.parent != cut]
     # runner.run rewrites each work directory's config.json; nothing else changed
     assert all(p.name == "config.json" for p in changed), changed
+    # the report keeps the findings the first command finished
+    assert sorted(results_of(out)["findings"]) == ["1", "2", "3", "4"]
+
+
+def test_an_output_folder_made_at_another_scale_is_refused(tmp_path):
+    orchestrate.claim_output(tmp_path, SCALES["mini"])
+    result = findings_command("--scale", "laptop", "--out", str(tmp_path), check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--scale mini" in lines[0] and "scale.json" in lines[0], lines
 
 
 # --- the command line -----------------------------------------------------------------------

@@ -73,10 +73,16 @@ def main(argv=None) -> int:
     if args.dry_run:
         return dry_run(findings, base, out, scale)
     started = time.time()
+    orchestrate.claim_output(out, scale)
     plan = orchestrate.Plan.of(findings)
     shared = orchestrate.train_shared(base, out, plan, scale)
     for name in orchestrate.tqdm(sorted(plan.runs), desc="finding runs", unit="run"):
         orchestrate.train_and_evaluate(base, out, plan.runs[name], name in plan.knowledge, scale)
+    # the report also keeps the findings an earlier command finished in OUT
+    earlier = [f for f in runs_lib.findings(sorted(set(runs_lib.FINDINGS) - set(numbers)), scale)
+               if orchestrate.is_finished(out, f)]
+    findings = sorted(findings + earlier, key=lambda f: f.number)
+    shared = {llm: str(runs_lib.shared_dir(out, llm)) for llm in orchestrate.Plan.of(findings).llms()}
     results = report.build_results(findings, out, scale, base, shared)
     results_path = report.write_results(results, out)
     report_path = report.write_report(results, out, time.time() - started)

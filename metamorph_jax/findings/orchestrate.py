@@ -60,6 +60,31 @@ def is_done(work_dir: Path, knowledge: bool) -> bool:
     return all((Path(work_dir) / name).is_file() for name in files)
 
 
+def is_finished(out: Path, finding) -> bool:
+    """Every run of `finding` is done in OUT (an earlier command's)."""
+    return all(is_done(runs_lib.run_dir(out, cell.run), finding.knowledge)
+               for cell in finding.cells)
+
+
+SCALE_FILE = "scale.json"
+
+
+def claim_output(out: Path, scale: Scale) -> None:
+    """OUT/scale.json names the scale OUT was made at; another scale's command is refused
+    (its world and shared stages would not fit the runs)."""
+    from metamorph_jax.input_errors import BadInput
+    path = Path(out) / SCALE_FILE
+    if path.is_file():
+        made = json.loads(path.read_text()).get("scale")
+        if made != scale.name:
+            raise BadInput(f"{out} was made at --scale {made} ({path}); give --scale {made} "
+                           f"or another --out for --scale {scale.name}")
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"scale": scale.name, "fields": scale.describe()}, indent=1)
+                    + "\n")
+
+
 def write_large_llm(base, out: Path, scale: Scale) -> Path:
     """Finding 3's larger random LLM: the base LLM's width and depth times the scale's
     factors (kept when it exists)."""
