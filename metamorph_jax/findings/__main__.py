@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     started = time.time()
     orchestrate.claim_output(out, scale)
     plan = orchestrate.Plan.of(findings)
-    shared = orchestrate.train_shared(base, out, plan, scale)
+    orchestrate.train_shared(base, out, plan, scale)
     for name in orchestrate.tqdm(sorted(plan.runs), desc="finding runs", unit="run"):
         orchestrate.train_and_evaluate(base, out, plan.runs[name], name in plan.knowledge, scale)
     # the report also keeps the findings an earlier command finished in OUT

@@ -12,7 +12,8 @@
 
 A run whose metrics files exist is never trained or evaluated again; an interrupted one
 resumes (the runner restores its stage's newest checkpoint; an evaluation that did not
-finish runs again).
+finish runs again). Nothing compares a finished run or stage with a changed recipe or
+scale: after changing them, use a new OUT (OUT/scale.json refuses another --scale).
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def eval_config(base):
     return shapes_eval.ShapesEvalConfig.from_config(fields)
 
 
-def train_and_evaluate(base, out: Path, run, knowledge: bool, scale: Scale, log=print) -> dict:
+def train_and_evaluate(base, out: Path, run, knowledge: bool, scale: Scale) -> dict:
     """One run (resumed; skipped when done); returns its run.json content."""
     from metamorph_jax.evaluation import knowledge_eval, shapes_eval
     from metamorph_jax.training import runner
