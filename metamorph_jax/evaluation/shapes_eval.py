@@ -258,9 +258,16 @@ def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
 
     # text to image
     t2i = _limit(_records(split_dir / "text_to_image.jsonl"), config.max_prompts)
-    generated = generated_image_tokens(models, [r["conversations"][0]["value"] for r in t2i],
-                                       config.batch_size)
-    true_tokens = np.stack([generator.encode_images(pixels(r["images"][0])) for r in t2i])
+    image_sampling = vg.VPiTSampling(max_new_tokens=1, max_new_images=1)
+    generated, true_tokens = [], []
+    for part in _batches(t2i, config.batch_size):
+        prompts = [vg.image_prompt(record["conversations"][0]["value"], tokenizer, template,
+                                   mconfig, pad) for record in part]
+        for generation in generator.generate(prompts, image_sampling):
+            generated.append(generation.visual_tokens[0])
+        true_tokens += [generator.encode_images(pixels(r["images"][0])) for r in part]
+    generated = np.stack(generated)
+    true_tokens = np.stack(true_tokens)
     cosine = float(token_cosine(generated, true_tokens).mean())
     cosine_chance = mismatched_cosine(generated, true_tokens)
     train_t2i = _records(world_dir / "train" / "text_to_image.jsonl")
