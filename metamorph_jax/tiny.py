@@ -113,6 +113,34 @@ LLM_FIELDS = {"hidden_size", "intermediate_size", "num_layers", "num_heads", "nu
               "head_dim"}
 
 
+def write_random_llm(out, tokenizer_dir, sizes: dict | None = None) -> None:
+    """A random LLaMA (tiny_llama_config with `sizes`, LLM_FIELDS) into the model folder
+    `out`, its vocabulary the tokenizer's words stopping just before the image tokens (as a
+    text LLM's, before VPiT adds them), with that tokenizer. The assets' `llm/`, and the
+    larger LLM of finding 3 (metamorph_jax/findings)."""
+    import jax
+    import flax.linen as nn
+    import numpy as np
+
+    from metamorph_jax import pretrained
+    from metamorph_jax.data import conversation as conv
+    from metamorph_jax.models.llama import LlamaForCausalLM
+
+    sizes = dict(sizes or {})
+    unknown = sorted(set(sizes) - LLM_FIELDS)
+    if unknown:
+        raise ValueError(f"LLaMA sizes: unknown field(s) {unknown}; known: {sorted(LLM_FIELDS)}")
+    tokenizer = pretrained.load_tokenizer(tokenizer_dir)
+    vocab = tokenizer.convert_tokens_to_ids(conv.IMAGE_START)
+    config = tiny_llama_config(tokenizer, vocab_size=vocab, max_position_embeddings=512,
+                               **sizes)
+    dummy = np.zeros((1, 1), np.int32)
+    params = nn.unbox(LlamaForCausalLM(config).init(jax.random.key(1), dummy,
+                                                    positions=dummy))["params"]
+    pretrained.save_pretrained(out, "llama", config.to_dict(), jax.tree.map(np.asarray, params))
+    tokenizer.save_pretrained(str(out))
+
+
 def ensure_assets(assets) -> dict:
     """Make the inputs of configs/tiny.py under `assets.root` when absent: the Shapes world
     (`shapes/`), a word-level tokenizer over its words with the two image tokens
@@ -139,7 +167,6 @@ def ensure_assets(assets) -> dict:
     from metamorph_jax.data import shapes, shapes_text
     from metamorph_jax.data.testing import build_tiny_tokenizer
     from metamorph_jax.models import siglip
-    from metamorph_jax.models.llama import LlamaForCausalLM
 
     if assets.get("kind") != "tiny_shapes":
         raise BadInput(f"config field 'assets.kind' = {assets.get('kind')!r}: the only kind "
@@ -196,18 +223,7 @@ def ensure_assets(assets) -> dict:
         _build_into(paths["text_tokenizer"], lambda out: build_tiny_tokenizer(
             _shapes_words(paths["shapes"], paths["text"])).save_pretrained(str(out)))
 
-    def make_llm(out: Path) -> None:
-        tokenizer = pretrained.load_tokenizer(paths["tokenizer"])
-        vocab = tokenizer.convert_tokens_to_ids(conv.IMAGE_START)
-        config = tiny_llama_config(tokenizer, vocab_size=vocab, max_position_embeddings=512,
-                                   **llm)
-        dummy = np.zeros((1, 1), np.int32)
-        params = nn.unbox(LlamaForCausalLM(config).init(jax.random.key(1), dummy,
-                                                        positions=dummy))["params"]
-        pretrained.save_pretrained(out, "llama", config.to_dict(),
-                                   jax.tree.map(np.asarray, params))
-        tokenizer.save_pretrained(str(out))
-    _build_into(paths["llm"], make_llm)
+    _build_into(paths["llm"], lambda out: write_random_llm(out, paths["tokenizer"], llm))
 
     def make_siglip(out: Path) -> None:
         config = tiny_siglip_config(image_size=int(assets.image_size), **tower)

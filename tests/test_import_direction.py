@@ -21,7 +21,8 @@ FORBIDDEN = {
 # Command-line modules: nothing in the library imports them.
 CLI_MODULES = ("metamorph_jax.inference.text_cli", "metamorph_jax.inference.vpit_cli",
                "metamorph_jax.evaluation.score_cli", "metamorph_jax.evaluation.eval_cli",
-               "metamorph_jax.data.encode", "convert.__main__")
+               "metamorph_jax.data.encode", "metamorph_jax.findings.__main__",
+               "convert.__main__")
 # A command that lives in a lower layer for its name's sake (`python -m
 # metamorph_jax.data.encode`, issue 13) may import the one library module that runs it; being
 # a leaf (above), nothing in `data` can reach models through it.

@@ -186,39 +186,78 @@ def _batches(items: list, size: int):
         yield items[begin:begin + size]
 
 
-def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
-                    config: ShapesEvalConfig = ShapesEvalConfig(),
-                    stage_seconds: dict | None = None, out_dir: str | Path | None = None,
-                    log=print, incomplete_stages: dict | None = None) -> dict:
-    """Evaluate the work directory's latest MetaMorph (and visualiser) on the world's
-    held-out split; writes final_metrics.json and samples.png into out_dir (default:
-    work_dir) and returns the metrics. incomplete_stages: {stage: {"steps",
-    "planned_steps"}} of stages whose data ran out early (allow_short), recorded as such."""
-    import jax
+@dataclasses.dataclass
+class EvalModels:
+    """What an evaluation of a work directory decodes and renders with (load_models)."""
+    generator: object          # inference/vpit_generate.VPiTGenerator
+    renderer: object           # inference/render.ImageRenderer
+    tokenizer: object
+    template: str
+    mconfig: object            # the MetaMorph model's config
+    pad: int
 
+
+def load_models(work_dir: str | Path, config: ShapesEvalConfig,
+                visualizer_dir: str | Path | None = None) -> EvalModels:
+    """The work directory's latest MetaMorph and a renderer with its visualiser, or with
+    `visualizer_dir` (a decoder stage's folder trained elsewhere, e.g. shared by several
+    runs: metamorph_jax/findings) when given."""
     from metamorph_jax.inference import checkpoints
     from metamorph_jax.inference import vpit_generate as vg
     from metamorph_jax.inference.render import ImageRenderer, RenderConfig
 
-    started = time.time()
-    world_dir = Path(world_dir)
-    out_dir = Path(out_dir or work_dir)
-    model_dir, visualizer_dir = checkpoints.resolve(work_dir)
+    model_dir, visualizer_dir = checkpoints.resolve(work_dir, visualizer_dir)
     if visualizer_dir is None:
         raise FileNotFoundError(f"{work_dir}: no finished decoder stage (visualizer folder)")
     model, params, _ = checkpoints.load_metamorph(model_dir)
     tokenizer = pretrained.load_tokenizer(model_dir)
-    template = pretrained.chat_template(model_dir)
     mconfig = model.config
     eos = set(int(t) for t in mconfig.llm.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    generator = vg.VPiTGenerator(model, params, sorted(eos), pad)
     vis_model, vis_params, schedule = checkpoints.load_visualizer(visualizer_dir)
     renderer = ImageRenderer(vis_model, vis_params, schedule, RenderConfig(
         sampler=config.sampler, num_steps=config.diffusion_steps,
         guidance_scale=config.guidance_scale, max_batch=config.batch_size))
+    return EvalModels(vg.VPiTGenerator(model, params, sorted(eos), pad), renderer, tokenizer,
+                      pretrained.chat_template(model_dir), mconfig, pad)
+
+
+def generated_image_tokens(models: EvalModels, requests: Sequence[str],
+                           batch_size: int) -> np.ndarray:
+    """[len(requests), V, C]: the visual tokens generated for each text-to-image request
+    (a user turn; vpit_generate.image_prompt: the image is always generated)."""
+    from metamorph_jax.inference import vpit_generate as vg
+    sampling = vg.VPiTSampling(max_new_tokens=1, max_new_images=1)
+    generated = []
+    for part in _batches(list(requests), batch_size):
+        prompts = [vg.image_prompt(request, models.tokenizer, models.template, models.mconfig,
+                                   models.pad) for request in part]
+        generated += [g.visual_tokens[0] for g in models.generator.generate(prompts, sampling)]
+    return np.stack(generated)
+
+
+def evaluate_shapes(work_dir: str | Path, world_dir: str | Path,
+                    config: ShapesEvalConfig = ShapesEvalConfig(),
+                    stage_seconds: dict | None = None, out_dir: str | Path | None = None,
+                    log=print, incomplete_stages: dict | None = None,
+                    visualizer_dir: str | Path | None = None) -> dict:
+    """Evaluate the work directory's latest MetaMorph (and visualiser, or the one in
+    `visualizer_dir` when given) on the world's held-out split; writes final_metrics.json
+    and samples.png into out_dir (default: work_dir) and returns the metrics.
+    incomplete_stages: {stage: {"steps", "planned_steps"}} of stages whose data ran out
+    early (allow_short), recorded as such."""
+    import jax
+
+    from metamorph_jax.inference import vpit_generate as vg
+
+    started = time.time()
+    world_dir = Path(world_dir)
+    out_dir = Path(out_dir or work_dir)
+    models = load_models(work_dir, config, visualizer_dir)
+    generator, renderer, tokenizer = models.generator, models.renderer, models.tokenizer
+    template, mconfig, pad = models.template, models.mconfig, models.pad
     size = mconfig.vision.image_size
 
     def pixels(rel: str) -> np.ndarray:
