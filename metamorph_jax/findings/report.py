@@ -203,7 +203,7 @@ def build_results(findings, out: Path, scale, base, shared: dict) -> dict:
     """results.json's content (module docstring); draws each finding's figures."""
     from metamorph_jax.findings import figures
     results = {"scale": scale.name, "scale_fields": scale.describe(),
-               "base_recipe": "configs/shapes_pretrained.py recipe(tower=True) "
+               "base_recipe": "configs/shapes.py recipe() "
                               "(metamorph_jax/findings/runs.py main_recipe)",
                "paper": paper.SOURCE, "shared": {k: str(v) for k, v in shared.items()},
                "decoder": str(runs_lib.decoder_dir(base, out)), "findings": {}}

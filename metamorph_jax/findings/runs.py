@@ -1,7 +1,7 @@
 """The findings' runs: every run is a variation of ONE base recipe (`base_config`).
 
-The base recipe is `main_recipe`: today configs/shapes_pretrained.py's `recipe(...,
-tower=True)` (text stage -> tower stage -> adapter -> instruct -> decoder). Everything
+The base recipe is `main_recipe`: the main job's, configs/shapes.py's `recipe(...)` (text
+stage -> tower stage -> adapter -> instruct -> decoder). Everything
 else is read from it by stage kind, so pointing `main_recipe` at the final main job is
 the one change a new recipe needs. From it:
 
@@ -67,7 +67,7 @@ def load_config_file(name: str):
 
 def main_recipe(assets_root: str) -> ml_collections.ConfigDict:
     """The recipe every finding varies (retarget here when the main job changes)."""
-    return load_config_file("shapes_pretrained").recipe(assets_root, tower=True)
+    return load_config_file("shapes").recipe(assets_root, pretrained=True)
 
 
 def base_config(assets_root: str, scale: Scale) -> ml_collections.ConfigDict:
