@@ -95,7 +95,9 @@ def _vpit_and_decoder(config: ml_collections.ConfigDict) -> None:
     for kind, weight in KIND_WEIGHTS:   # sampling shares (its eval data is read once)
         config.stages.instruct.data.sources[kind].weight = weight
     decoder = config.stages.decoder
-    decoder.steps = 800
+    # 1600 steps: the decoder alone on the true tokens of the 38 single-shape test prompts
+    # read 0.39 of them right (all four attributes) after 800 steps, 0.92 after 1600 (README).
+    decoder.steps = 1600
     for data in (decoder.data, decoder.eval_data):
         data.image_size = IMAGE_SIZE
         data.batch_size = 16
