@@ -33,7 +33,8 @@ Beside them (pure pieces in evaluation/shapes_metrics.py):
                                fixed random conv net's features (shapes_metrics: numpy
                                seed 0, trained on nothing); generation_frechet_reference:
                                as many true training images against the same true images
-                               (the floor two samples of the world reach), and
+                               (another sample of the world's scenes; not a floor, since the
+                               generated images follow the same prompts as the true ones), and
                                generation_frechet_blank: white images (a decoder that
                                draws nothing)
     edit_oracle, video_oracle  the oracle on the first image generated for each
