@@ -378,7 +378,9 @@ def test_train_py_evaluates_the_tiny_run_and_writes_final_metrics_and_samples(ti
         assert f"{name}: {metrics[name]:.3f} (chance {metrics[chance]:.3f})" in printed
     assert metrics["counts"]["questions"] == config.final_eval.max_questions
     assert metrics["counts"]["text_to_image_prompts"] == config.final_eval.max_prompts
-    assert metrics["generation_oracle_chance"] == 1 / (6 * 3 * 9)
+    # guessing each attribute of the world: 6 colours, 3 shapes, 2 sizes, 9 cells
+    assert metrics["generation_oracle_chance"] == pytest.approx(1 / (6 * 3 * 2 * 9))
+    assert metrics["generation_oracle_without_size_chance"] == pytest.approx(1 / (6 * 3 * 9))
     assert set(metrics["eval_seconds"]) == {"vqa", "visual_tokens", "render_and_oracle",
                                             "frechet", "edits_and_video"}
     assert all(seconds >= 0 for seconds in metrics["eval_seconds"].values())
